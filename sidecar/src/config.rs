@@ -1,0 +1,162 @@
+//! Command line and environment. Every `serve` flag also has an env var so the sidecar can be
+//! configured from a container spec without a wrapper script.
+
+use std::net::SocketAddr;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+#[derive(Debug, Parser)]
+#[command(
+    name = "eventwire-sidecar",
+    version,
+    about = "Receives CloudEvents over HTTP and produces them to Kafka"
+)]
+// Without a subcommand the top-level flags are the `serve` flags.
+#[command(args_conflicts_with_subcommands = true)]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Option<Command>,
+    #[command(flatten)]
+    pub serve: ServeArgs,
+    /// Log line format (logs go to stderr).
+    #[arg(long, env = "EVENTWIRE_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, global = true)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the HTTP server (the default).
+    Serve(ServeArgs),
+    /// Print the records of a topic as JSON lines (CloudEvents in structured form).
+    Tail(TailArgs),
+    /// Manage topics.
+    Topic {
+        #[command(subcommand)]
+        action: TopicCommand,
+    },
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct KafkaArgs {
+    /// Kafka bootstrap servers.
+    #[arg(long, env = "EVENTWIRE_BROKERS", default_value = "127.0.0.1:9092")]
+    pub brokers: String,
+    /// Extra librdkafka property KEY=VALUE (repeatable; env: comma-separated).
+    #[arg(long = "kafka", env = "EVENTWIRE_KAFKA", value_name = "KEY=VALUE", value_delimiter = ',', value_parser = parse_key_value)]
+    pub kafka: Vec<(String, String)>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on.
+    #[arg(long, env = "EVENTWIRE_LISTEN", default_value = "127.0.0.1:8090")]
+    pub listen: SocketAddr,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    /// Producer delivery timeout (librdkafka message.timeout.ms); keep it below the filter's
+    /// callout timeout (5000 ms by default) so the filter hears the outcome.
+    #[arg(long, env = "EVENTWIRE_DELIVERY_TIMEOUT_MS", default_value_t = 4000, value_parser = clap::value_parser!(u64).range(1..=900_000))]
+    pub delivery_timeout_ms: u64,
+    /// Largest accepted request body.
+    #[arg(long, env = "EVENTWIRE_MAX_BODY_BYTES", default_value_t = 1_048_576)]
+    pub max_body_bytes: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum StartAt {
+    Earliest,
+    Latest,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TailArgs {
+    /// Topic to read (all partitions).
+    #[arg(long)]
+    pub topic: String,
+    #[command(flatten)]
+    pub kafka: KafkaArgs,
+    /// Where to start in each partition.
+    #[arg(long = "from", value_enum, default_value_t = StartAt::Earliest)]
+    pub from: StartAt,
+    /// Exit after this many records.
+    #[arg(long)]
+    pub count: Option<u64>,
+    /// Exit after this long without a record.
+    #[arg(long)]
+    pub idle_exit_ms: Option<u64>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum TopicCommand {
+    /// Create a topic (succeeds if it already exists).
+    Create {
+        name: String,
+        #[arg(long, default_value_t = 3)]
+        partitions: i32,
+        #[arg(long, default_value_t = 1)]
+        replication_factor: i32,
+        #[command(flatten)]
+        kafka: KafkaArgs,
+    },
+}
+
+fn parse_key_value(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.trim().is_empty() => Ok((k.trim().to_owned(), v.to_owned())),
+        _ => Err(format!("expected KEY=VALUE, got {s:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_and_subcommands() {
+        let cli = Cli::try_parse_from(["eventwire-sidecar"]).unwrap();
+        assert!(cli.command.is_none());
+        assert_eq!(cli.serve.listen.to_string(), "127.0.0.1:8090");
+        assert_eq!(cli.serve.delivery_timeout_ms, 4000);
+        assert_eq!(cli.serve.max_body_bytes, 1_048_576);
+
+        let cli = Cli::try_parse_from([
+            "x",
+            "--kafka",
+            "a=b",
+            "--kafka",
+            "c=d=e",
+            "--log-format",
+            "json",
+        ])
+        .unwrap();
+        assert_eq!(
+            cli.serve.kafka.kafka,
+            vec![("a".into(), "b".into()), ("c".into(), "d=e".into())]
+        );
+        assert_eq!(cli.log_format, LogFormat::Json);
+
+        let cli = Cli::try_parse_from(["x", "tail", "--topic", "t", "--count", "2"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::Tail(TailArgs {
+                count: Some(2),
+                from: StartAt::Earliest,
+                ..
+            }))
+        ));
+        let cli = Cli::try_parse_from(["x", "topic", "create", "orders"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Some(Command::Topic {
+                action: TopicCommand::Create { partitions: 3, .. }
+            })
+        ));
+        assert!(Cli::try_parse_from(["x", "--kafka", "novalue"]).is_err());
+    }
+}

@@ -1,0 +1,494 @@
+//! The HTTP API: `POST /v1/events`, health and readiness. Every error is problem+json.
+
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use http_body_util::{BodyExt, LengthLimitError, Limited};
+use serde::Serialize;
+use serde_json::json;
+
+use crate::cloudevent::{
+    self, BATCH_CONTENT_TYPE, CloudEvent, ParseError, STRUCTURED_CONTENT_TYPE, percent, validate,
+};
+use crate::problem::{IngestError, KEY_HEADER, TOPIC_HEADER};
+use crate::publish::{Delivered, EventSink, OutRecord};
+
+#[derive(Clone)]
+pub struct AppState {
+    pub sink: Arc<dyn EventSink>,
+    pub max_body_bytes: usize,
+}
+
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/events", post(post_event))
+        .route("/healthz", get(healthz))
+        .route("/readyz", get(readyz))
+        .fallback(|| async { IngestError::NotFound })
+        .method_not_allowed_fallback(|| async { IngestError::MethodNotAllowed })
+        // We enforce --max-body-bytes ourselves so the 413 is problem+json, not axum's text.
+        .layer(DefaultBodyLimit::disable())
+        .with_state(state)
+}
+
+async fn healthz() -> Json<serde_json::Value> {
+    Json(json!({"status": "ok"}))
+}
+
+async fn readyz(State(state): State<AppState>) -> Response {
+    if state.sink.is_ready() {
+        Json(json!({"status": "ready"})).into_response()
+    } else {
+        IngestError::NotReady.into_response()
+    }
+}
+
+/// The success body the filter relays verbatim; field order is the wire order.
+#[derive(Serialize)]
+struct Accepted<'a> {
+    id: &'a str,
+    source: &'a str,
+    topic: &'a str,
+    partition: i32,
+    offset: i64,
+    status: &'static str,
+}
+
+enum Mode {
+    Binary,
+    Structured,
+}
+
+async fn post_event(State(state): State<AppState>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let topic = match topic(&parts.headers) {
+        Ok(t) => t,
+        Err(e) => return reject(e, None),
+    };
+    let event = match read_event(&state, &parts.headers, body).await {
+        Ok(event) => event,
+        // Binary mode names the id in a header even when the event is invalid.
+        Err(e) => return reject(e, parts.headers.get("ce-id").and_then(|v| v.to_str().ok())),
+    };
+    let record = match out_record(&parts.headers, &event, &topic) {
+        Ok(r) => r,
+        Err(e) => return reject(e, Some(&event.id)),
+    };
+    match state.sink.publish(record).await {
+        Ok(delivered) => accepted(&event, &topic, delivered),
+        Err(e) => reject(e.into(), Some(&event.id)),
+    }
+}
+
+async fn read_event(
+    state: &AppState,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<CloudEvent, IngestError> {
+    let mode = mode(headers)?;
+    let body = read_body(headers, body, state.max_body_bytes).await?;
+    let event = match mode {
+        Mode::Structured => cloudevent::parse_structured(&body)?,
+        Mode::Binary => binary(headers, &body)?,
+    };
+    Ok(event)
+}
+
+fn mode(headers: &HeaderMap) -> Result<Mode, IngestError> {
+    let content_type = headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .map(validate::essence);
+    match content_type.as_deref() {
+        Some(STRUCTURED_CONTENT_TYPE) => Ok(Mode::Structured),
+        Some(BATCH_CONTENT_TYPE) => Err(IngestError::BatchUnsupported),
+        _ if headers.contains_key("ce-specversion") => Ok(Mode::Binary),
+        _ => Err(IngestError::NotACloudEvent),
+    }
+}
+
+fn binary(headers: &HeaderMap, body: &[u8]) -> Result<CloudEvent, IngestError> {
+    let content_type = match headers.get(header::CONTENT_TYPE) {
+        Some(v) => Some(header_text(header::CONTENT_TYPE.as_str(), v.as_bytes())?),
+        None => None,
+    };
+    let pairs = headers
+        .iter()
+        .map(|(name, value)| (name.as_str(), value.as_bytes()));
+    Ok(cloudevent::parse_binary(pairs, content_type, body)?)
+}
+
+fn header_text<'a>(name: &str, raw: &'a [u8]) -> Result<&'a str, IngestError> {
+    std::str::from_utf8(raw).map_err(|_| header_error(name, "value is not UTF-8".into()))
+}
+
+fn header_error(name: &str, reason: String) -> IngestError {
+    IngestError::Parse(ParseError::Header {
+        header: name.to_owned(),
+        reason,
+    })
+}
+
+/// Reads the body, refusing it early by Content-Length and again while streaming (a client
+/// can lie about the length or use chunked encoding).
+async fn read_body(headers: &HeaderMap, body: Body, max: usize) -> Result<Bytes, IngestError> {
+    let too_large =
+        || IngestError::BodyTooLarge(format!("the body exceeds the limit of {max} bytes"));
+    let declared = headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+    if declared.is_some_and(|len| len > max as u64) {
+        return Err(too_large());
+    }
+    match Limited::new(body, max).collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
+        Err(e) => Err(IngestError::BodyRead(e.to_string())),
+    }
+}
+
+/// Kafka's legal topic names: 1-249 of `[a-zA-Z0-9._-]`, not `.` or `..`.
+pub fn validate_topic(name: &str) -> Result<(), String> {
+    if name.is_empty() || name.len() > 249 {
+        return Err("a topic name has 1 to 249 characters".into());
+    }
+    if name == "." || name == ".." {
+        return Err("`.` and `..` are not topic names".into());
+    }
+    match name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
+    {
+        Some(c) => Err(format!(
+            "character {c:?} is not allowed (use a-z A-Z 0-9 . _ -)"
+        )),
+        None => Ok(()),
+    }
+}
+
+fn topic(headers: &HeaderMap) -> Result<String, IngestError> {
+    let raw = headers.get(TOPIC_HEADER).ok_or(IngestError::MissingTopic)?;
+    let name = std::str::from_utf8(raw.as_bytes())
+        .map_err(|_| IngestError::InvalidTopic("not UTF-8".into()))?;
+    validate_topic(name).map_err(IngestError::InvalidTopic)?;
+    Ok(name.to_owned())
+}
+
+fn out_record(
+    headers: &HeaderMap,
+    event: &CloudEvent,
+    topic: &str,
+) -> Result<OutRecord, IngestError> {
+    let key = match headers.get(KEY_HEADER) {
+        Some(raw) => {
+            let text = header_text(KEY_HEADER, raw.as_bytes())?;
+            Some(percent::decode(text).map_err(|e| header_error(KEY_HEADER, e.to_string()))?)
+        }
+        None => None,
+    };
+    let record = event.to_kafka(key);
+    Ok(OutRecord {
+        topic: topic.to_owned(),
+        key: record.key,
+        headers: record.headers,
+        value: record.value,
+    })
+}
+
+fn accepted(event: &CloudEvent, topic: &str, delivered: Delivered) -> Response {
+    tracing::debug!(event_id = %event.id, topic, partition = delivered.partition, offset = delivered.offset, "event published");
+    let body = Accepted {
+        id: &event.id,
+        source: &event.source,
+        topic,
+        partition: delivered.partition,
+        offset: delivered.offset,
+        status: "published",
+    };
+    let json = serde_json::to_vec(&body).unwrap_or_default();
+    (
+        StatusCode::ACCEPTED,
+        [(header::CONTENT_TYPE, "application/json")],
+        json,
+    )
+        .into_response()
+}
+
+/// Logs a rejection (client faults at info, server-side trouble at warn) and renders it.
+fn reject(error: IngestError, event_id: Option<&str>) -> Response {
+    let (status, slug) = (error.status().as_u16(), error.slug());
+    if error.status().is_server_error() {
+        tracing::warn!(event_id, status, slug, detail = %error, "event not published");
+    } else {
+        tracing::info!(event_id, status, slug, detail = %error, "event rejected");
+    }
+    error.into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::publish::{BoxFuture, PublishError};
+    use axum::http::Request as HttpRequest;
+    use serde_json::Value;
+    use std::sync::Mutex;
+    use tower::ServiceExt;
+
+    /// Records what would have been produced; topic "missing" does not exist.
+    #[derive(Default)]
+    struct FakeSink {
+        records: Mutex<Vec<OutRecord>>,
+    }
+
+    impl EventSink for FakeSink {
+        fn publish(&self, record: OutRecord) -> BoxFuture<'_, Result<Delivered, PublishError>> {
+            Box::pin(async move {
+                if record.topic == "missing" {
+                    return Err(PublishError::UnknownTopic(record.topic));
+                }
+                let mut records = self.records.lock().unwrap();
+                records.push(record);
+                Ok(Delivered {
+                    partition: 2,
+                    offset: records.len() as i64 - 1,
+                })
+            })
+        }
+        fn is_ready(&self) -> bool {
+            false
+        }
+    }
+
+    fn app(sink: Arc<FakeSink>) -> Router {
+        router(AppState {
+            sink,
+            max_body_bytes: 128,
+        })
+    }
+
+    async fn send(app: Router, req: HttpRequest<Body>) -> (StatusCode, HeaderMap, String) {
+        let resp = app.oneshot(req).await.unwrap();
+        let (parts, body) = resp.into_parts();
+        let bytes = body.collect().await.unwrap().to_bytes();
+        (
+            parts.status,
+            parts.headers,
+            String::from_utf8(bytes.to_vec()).unwrap(),
+        )
+    }
+
+    fn binary_request(topic: &str) -> axum::http::request::Builder {
+        HttpRequest::post("/v1/events")
+            .header(TOPIC_HEADER, topic)
+            .header("ce-specversion", "1.0")
+            .header("ce-id", "e1")
+            .header("ce-source", "/src")
+            .header("ce-type", "t")
+    }
+
+    fn slug(body: &str) -> String {
+        let v: Value = serde_json::from_str(body).unwrap();
+        v["type"]
+            .as_str()
+            .unwrap()
+            .trim_start_matches("urn:eventwire:problem:")
+            .to_owned()
+    }
+
+    #[tokio::test]
+    async fn binary_event_is_published() {
+        let sink = Arc::new(FakeSink::default());
+        let req = binary_request("orders")
+            .header("content-type", "text/plain")
+            .header(KEY_HEADER, "k%C3%A9")
+            .body(Body::from("hello"))
+            .unwrap();
+        let (status, headers, body) = send(app(sink.clone()), req).await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+        assert_eq!(headers[header::CONTENT_TYPE], "application/json");
+        assert_eq!(
+            body,
+            r#"{"id":"e1","source":"/src","topic":"orders","partition":2,"offset":0,"status":"published"}"#
+        );
+        let record = sink.records.lock().unwrap()[0].clone();
+        assert_eq!(record.key.as_deref(), Some("ké"));
+        assert_eq!(record.value.as_deref(), Some(b"hello".as_slice()));
+        assert!(
+            record
+                .headers
+                .contains(&("content-type".into(), "text/plain".into()))
+        );
+    }
+
+    #[tokio::test]
+    async fn structured_event_is_published() {
+        let sink = Arc::new(FakeSink::default());
+        let body = r#"{"specversion":"1.0","id":"s1","source":"/s","type":"t","data":{"a":1}}"#;
+        let req = HttpRequest::post("/v1/events")
+            .header(TOPIC_HEADER, "orders")
+            .header(
+                "content-type",
+                "application/cloudevents+json; charset=utf-8",
+            )
+            .body(Body::from(body))
+            .unwrap();
+        let (status, _, _) = send(app(sink.clone()), req).await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+        assert_eq!(
+            sink.records.lock().unwrap()[0].value.as_deref(),
+            Some(br#"{"a":1}"#.as_slice())
+        );
+    }
+
+    #[tokio::test]
+    async fn rejections() {
+        let post = || HttpRequest::post("/v1/events");
+        let cases: Vec<(HttpRequest<Body>, StatusCode, &str)> = vec![
+            (
+                post().body(Body::empty()).unwrap(),
+                StatusCode::BAD_REQUEST,
+                "missing-topic",
+            ),
+            (
+                post()
+                    .header(TOPIC_HEADER, "..")
+                    .body(Body::empty())
+                    .unwrap(),
+                StatusCode::BAD_REQUEST,
+                "invalid-topic",
+            ),
+            (
+                post()
+                    .header(TOPIC_HEADER, "t")
+                    .body(Body::empty())
+                    .unwrap(),
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "not-a-cloudevent",
+            ),
+            (
+                post()
+                    .header(TOPIC_HEADER, "t")
+                    .header("content-type", BATCH_CONTENT_TYPE)
+                    .body(Body::empty())
+                    .unwrap(),
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "batch-unsupported",
+            ),
+            (
+                post()
+                    .header(TOPIC_HEADER, "t")
+                    .header("content-type", STRUCTURED_CONTENT_TYPE)
+                    .body(Body::from("{"))
+                    .unwrap(),
+                StatusCode::BAD_REQUEST,
+                "invalid-json",
+            ),
+            (
+                binary_request("t")
+                    .body(Body::from(vec![b'x'; 129]))
+                    .unwrap(),
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body-too-large",
+            ),
+            (
+                binary_request("t")
+                    .header("content-length", "1000")
+                    .body(Body::from("x"))
+                    .unwrap(),
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "body-too-large",
+            ),
+            (
+                binary_request("t")
+                    .header("ce-time", "lunchtime")
+                    .body(Body::empty())
+                    .unwrap(),
+                StatusCode::BAD_REQUEST,
+                "invalid-cloudevent",
+            ),
+            (
+                binary_request("t")
+                    .header("ce-x", "%zz")
+                    .body(Body::empty())
+                    .unwrap(),
+                StatusCode::BAD_REQUEST,
+                "invalid-header",
+            ),
+            (
+                binary_request("missing").body(Body::empty()).unwrap(),
+                StatusCode::NOT_FOUND,
+                "unknown-topic",
+            ),
+            (
+                HttpRequest::get("/nope").body(Body::empty()).unwrap(),
+                StatusCode::NOT_FOUND,
+                "not-found",
+            ),
+            (
+                HttpRequest::get("/v1/events").body(Body::empty()).unwrap(),
+                StatusCode::METHOD_NOT_ALLOWED,
+                "method-not-allowed",
+            ),
+            (
+                HttpRequest::get("/readyz").body(Body::empty()).unwrap(),
+                StatusCode::SERVICE_UNAVAILABLE,
+                "not-ready",
+            ),
+        ];
+        for (req, want_status, want_slug) in cases {
+            let (status, headers, body) = send(app(Arc::new(FakeSink::default())), req).await;
+            assert_eq!(
+                (status, slug(&body).as_str()),
+                (want_status, want_slug),
+                "{body}"
+            );
+            assert_eq!(headers[header::CONTENT_TYPE], "application/problem+json");
+        }
+    }
+
+    #[tokio::test]
+    async fn invalid_cloudevent_names_attribute() {
+        let req = binary_request("t")
+            .header("ce-subject", "a%0Ab")
+            .body(Body::empty())
+            .unwrap();
+        let (_, _, body) = send(app(Arc::new(FakeSink::default())), req).await;
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(v["attribute"], "subject");
+        let req = binary_request("t")
+            .header(KEY_HEADER, "%")
+            .body(Body::empty())
+            .unwrap();
+        let (_, _, body) = send(app(Arc::new(FakeSink::default())), req).await;
+        let v: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            (v["status"].as_u64(), v["attribute"].as_str()),
+            (Some(400), Some(KEY_HEADER))
+        );
+    }
+
+    #[tokio::test]
+    async fn healthz_is_ok() {
+        let req = HttpRequest::get("/healthz").body(Body::empty()).unwrap();
+        let (status, _, body) = send(app(Arc::new(FakeSink::default())), req).await;
+        assert_eq!(
+            (status, body.as_str()),
+            (StatusCode::OK, r#"{"status":"ok"}"#)
+        );
+    }
+
+    #[test]
+    fn topic_names() {
+        for ok in ["orders", "a.b_c-D9", &"x".repeat(249)] {
+            assert!(validate_topic(ok).is_ok(), "{ok}");
+        }
+        for bad in ["", ".", "..", "a b", "a/b", "é", &"x".repeat(250)] {
+            assert!(validate_topic(bad).is_err(), "{bad}");
+        }
+    }
+}

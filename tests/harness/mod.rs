@@ -1,0 +1,113 @@
+//! End-to-end harness: starts the real broker (Tansu, sqlite storage), the sidecar, Envoy
+//! with the built `.wasm`, and an in-process upstream, each on its own loopback ports and
+//! directories so tests run in parallel. Every process is stopped when its handle drops,
+//! also when the test fails (and, via PR_SET_PDEATHSIG, when the test process dies).
+
+pub mod broker;
+pub mod envoy;
+pub mod proc;
+pub mod upstream;
+
+pub use broker::{Broker, Record};
+pub use envoy::{Envoy, EnvoyConfig};
+pub use proc::{Proc, free_port, repo_root};
+pub use upstream::{Received, Upstream};
+
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+/// Where the built artefacts and installed tools are; `make test` sets these.
+pub struct Paths {
+    pub envoy: PathBuf,
+    pub tansu: PathBuf,
+    pub sidecar: PathBuf,
+    pub wasm: PathBuf,
+}
+
+pub fn paths() -> Paths {
+    let root = repo_root();
+    let env =
+        |name: &str, default: PathBuf| std::env::var_os(name).map(PathBuf::from).unwrap_or(default);
+    let cache = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var("HOME").unwrap_or_default()).join(".cache"));
+    Paths {
+        envoy: env("EVENTWIRE_ENVOY", root.join(".venv/bin/envoy")),
+        tansu: env(
+            "EVENTWIRE_TANSU",
+            cache.join("eventwire/tansu-0.6.0/bin/tansu"),
+        ),
+        sidecar: env(
+            "EVENTWIRE_SIDECAR",
+            root.join("target/release/eventwire-sidecar"),
+        ),
+        wasm: env(
+            "EVENTWIRE_WASM",
+            root.join("target/wasm32-wasip1/wasm/eventwire.wasm"),
+        ),
+    }
+}
+
+/// The sidecar process on its own port.
+pub struct Sidecar {
+    pub proc: Proc,
+    pub port: u16,
+}
+
+impl Sidecar {
+    pub async fn start(brokers: &str) -> Sidecar {
+        Self::start_on(brokers, free_port()).await
+    }
+
+    pub async fn start_on(brokers: &str, port: u16) -> Sidecar {
+        let listen = format!("127.0.0.1:{port}");
+        let proc = Proc::spawn(
+            "sidecar",
+            std::process::Command::new(paths().sidecar).args([
+                "serve",
+                "--listen",
+                &listen,
+                "--brokers",
+                brokers,
+            ]),
+        );
+        let url = format!("http://{listen}/readyz");
+        let ready = wait_until(Duration::from_secs(30), || async {
+            reqwest::get(&url).await.is_ok_and(|r| r.status() == 200)
+        })
+        .await;
+        assert!(
+            ready,
+            "sidecar not ready on {listen}; log:\n{}",
+            proc.log_tail()
+        );
+        Sidecar { proc, port }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+}
+
+/// Polls `check` every 50 ms until it holds or `limit` passes.
+pub async fn wait_until<F, Fut>(limit: Duration, mut check: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let start = Instant::now();
+    loop {
+        if check().await {
+            return true;
+        }
+        if start.elapsed() > limit {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// A unique topic name per test, so tests sharing nothing can also share no names.
+pub fn topic(prefix: &str) -> String {
+    format!("{prefix}-{}-{}", std::process::id(), free_port())
+}
