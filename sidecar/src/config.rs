@@ -59,13 +59,44 @@ pub struct ServeArgs {
     pub listen: SocketAddr,
     #[command(flatten)]
     pub kafka: KafkaArgs,
-    /// Producer delivery timeout (librdkafka message.timeout.ms); keep it below the filter's
-    /// callout timeout (5000 ms by default) so the filter hears the outcome.
-    #[arg(long, env = "EVENTWIRE_DELIVERY_TIMEOUT_MS", default_value_t = 4000, value_parser = clap::value_parser!(u64).range(1..=900_000))]
-    pub delivery_timeout_ms: u64,
     /// Largest accepted request body.
     #[arg(long, env = "EVENTWIRE_MAX_BODY_BYTES", default_value_t = 1_048_576)]
     pub max_body_bytes: usize,
+    #[command(flatten)]
+    pub durability: DurabilityArgs,
+}
+
+/// When an event counts as accepted, and where it waits while Kafka is away.
+#[derive(Debug, Clone, Args)]
+pub struct DurabilityArgs {
+    /// `broker`: answer after the broker's ack, or after spooling when the broker does not ack
+    /// within --ack-timeout-ms. `spool`: answer once the event is in the spool.
+    #[arg(long, env = "EVENTWIRE_ACK", value_enum, default_value_t = crate::durable::AckMode::Broker)]
+    pub ack: crate::durable::AckMode,
+    /// How long a request waits for the broker before the event is spooled instead; keep it
+    /// well below the filter's callout timeout (5000 ms by default).
+    #[arg(long, env = "EVENTWIRE_ACK_TIMEOUT_MS", default_value_t = 2000, value_parser = clap::value_parser!(u64).range(1..=60_000))]
+    pub ack_timeout_ms: u64,
+    /// How long the producer retries one record (librdkafka message.timeout.ms) before the
+    /// spool forwarder takes over.
+    #[arg(long, env = "EVENTWIRE_DELIVERY_TIMEOUT_MS", default_value_t = 120_000, value_parser = clap::value_parser!(u64).range(1..=900_000))]
+    pub delivery_timeout_ms: u64,
+    /// Directory for the spool, the status log and the dead-letter file.
+    #[arg(long, env = "EVENTWIRE_DATA_DIR", default_value = "eventwire-data")]
+    pub data_dir: std::path::PathBuf,
+    /// Bytes of spooled events waiting for the broker before new events get 503.
+    #[arg(long, env = "EVENTWIRE_SPOOL_MAX_BYTES", default_value_t = 256 * 1024 * 1024)]
+    pub spool_max_bytes: u64,
+    /// How long an event id is remembered for idempotency and delivery status.
+    #[arg(long, env = "EVENTWIRE_IDEMPOTENCY_WINDOW_S", default_value_t = 86_400)]
+    pub idempotency_window_s: u64,
+    /// At most this many ids are remembered (the oldest are forgotten first).
+    #[arg(
+        long,
+        env = "EVENTWIRE_IDEMPOTENCY_MAX_ENTRIES",
+        default_value_t = 100_000
+    )]
+    pub idempotency_max_entries: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -122,7 +153,9 @@ mod tests {
         let cli = Cli::try_parse_from(["eventwire-sidecar"]).unwrap();
         assert!(cli.command.is_none());
         assert_eq!(cli.serve.listen.to_string(), "127.0.0.1:8090");
-        assert_eq!(cli.serve.delivery_timeout_ms, 4000);
+        assert_eq!(cli.serve.durability.delivery_timeout_ms, 120_000);
+        assert_eq!(cli.serve.durability.ack_timeout_ms, 2000);
+        assert_eq!(cli.serve.durability.ack, crate::durable::AckMode::Broker);
         assert_eq!(cli.serve.max_body_bytes, 1_048_576);
 
         let cli = Cli::try_parse_from([

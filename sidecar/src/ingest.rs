@@ -3,30 +3,32 @@
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use http_body_util::{BodyExt, LengthLimitError, Limited};
-use serde::Serialize;
 use serde_json::json;
 
 use crate::cloudevent::{
     self, BATCH_CONTENT_TYPE, CloudEvent, ParseError, STRUCTURED_CONTENT_TYPE, percent, validate,
 };
 use crate::problem::{IngestError, KEY_HEADER, TOPIC_HEADER};
-use crate::publish::{Delivered, EventSink, OutRecord};
+use crate::publish::{EventRecord, EventSink, OutRecord};
+use crate::status::{self, Begin, Snapshot, StatusStore};
 
 #[derive(Clone)]
 pub struct AppState {
     pub sink: Arc<dyn EventSink>,
+    pub status: Arc<StatusStore>,
     pub max_body_bytes: usize,
 }
 
 pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/events", post(post_event))
+        .route("/v1/events/{id}", get(get_event))
         .route("/healthz", get(healthz))
         .route("/readyz", get(readyz))
         .fallback(|| async { IngestError::NotFound })
@@ -46,17 +48,6 @@ async fn readyz(State(state): State<AppState>) -> Response {
     } else {
         IngestError::NotReady.into_response()
     }
-}
-
-/// The success body the filter relays verbatim; field order is the wire order.
-#[derive(Serialize)]
-struct Accepted<'a> {
-    id: &'a str,
-    source: &'a str,
-    topic: &'a str,
-    partition: i32,
-    offset: i64,
-    status: &'static str,
 }
 
 enum Mode {
@@ -79,9 +70,73 @@ async fn post_event(State(state): State<AppState>, request: Request) -> Response
         Ok(r) => r,
         Err(e) => return reject(e, Some(&event.id)),
     };
-    match state.sink.publish(record).await {
-        Ok(delivered) => accepted(&event, &topic, delivered),
-        Err(e) => reject(e.into(), Some(&event.id)),
+    let event = EventRecord {
+        id: event.id,
+        source: event.source,
+        record,
+    };
+    // A task of its own: a client that hangs up must not cut an accepted event's bookkeeping
+    // short (the duplicates waiting on it would wait forever).
+    match tokio::spawn(publish_once(state, event)).await {
+        Ok(response) => response,
+        Err(e) => reject(
+            IngestError::BrokerUnavailable(format!("publish task failed: {e}")),
+            None,
+        ),
+    }
+}
+
+/// Publishes an event unless the same `source` + `id` was accepted before, in which case
+/// the first answer is repeated.
+async fn publish_once(state: AppState, event: EventRecord) -> Response {
+    let fingerprint = status::fingerprint(&event);
+    loop {
+        match state.status.begin(&event, fingerprint) {
+            Begin::New => break,
+            Begin::Known(snapshot) => return accepted(&snapshot),
+            Begin::Conflict(first) => {
+                let detail = format!(
+                    "event id `{}` from `{}` was already accepted for topic `{}` with another payload",
+                    first.id, first.source, first.topic
+                );
+                return reject(IngestError::IdempotencyConflict(detail), Some(&event.id));
+            }
+            Begin::Wait(mut done) => {
+                let _ = done.wait_for(|d| *d).await;
+            }
+        }
+    }
+    match state.sink.publish(event.clone()).await {
+        Ok(outcome) => {
+            state.status.finish(&event.id, &event.source, Some(outcome));
+            accepted(&Snapshot {
+                id: event.id,
+                source: event.source,
+                topic: event.record.topic,
+                state: outcome.into(),
+            })
+        }
+        Err(e) => {
+            state.status.finish(&event.id, &event.source, None);
+            reject(e.into(), Some(&event.id))
+        }
+    }
+}
+
+#[derive(serde::Deserialize)]
+struct StatusQuery {
+    source: Option<String>,
+}
+
+/// `GET /v1/events/<id>[?source=...]`: where an accepted event is now.
+async fn get_event(
+    State(state): State<AppState>,
+    Path(id): Path<String>,
+    Query(q): Query<StatusQuery>,
+) -> Response {
+    match state.status.get(&id, q.source.as_deref()) {
+        Some(snapshot) => Json(snapshot).into_response(),
+        None => IngestError::UnknownEvent(id).into_response(),
     }
 }
 
@@ -200,23 +255,33 @@ fn out_record(
     })
 }
 
-fn accepted(event: &CloudEvent, topic: &str, delivered: Delivered) -> Response {
-    tracing::debug!(event_id = %event.id, topic, partition = delivered.partition, offset = delivered.offset, "event published");
-    let body = Accepted {
-        id: &event.id,
-        source: &event.source,
-        topic,
-        partition: delivered.partition,
-        offset: delivered.offset,
-        status: "published",
-    };
-    let json = serde_json::to_vec(&body).unwrap_or_default();
+/// The 202 the filter relays verbatim, with where to ask for the event's status later.
+fn accepted(snapshot: &Snapshot) -> Response {
+    tracing::debug!(event_id = %snapshot.id, topic = %snapshot.topic, state = ?snapshot.state, "event accepted");
+    let json = serde_json::to_vec(snapshot).unwrap_or_default();
+    let location = format!("/v1/events/{}", path_segment(&snapshot.id));
     (
         StatusCode::ACCEPTED,
-        [(header::CONTENT_TYPE, "application/json")],
+        [
+            (header::CONTENT_TYPE, "application/json".to_owned()),
+            (header::LOCATION, location),
+        ],
         json,
     )
         .into_response()
+}
+
+/// Percent-encodes everything but RFC 3986 unreserved characters, for one path segment.
+fn path_segment(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for b in s.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(b as char);
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// Logs a rejection (client faults at info, server-side trouble at warn) and renders it.
@@ -233,10 +298,11 @@ fn reject(error: IngestError, event_id: Option<&str>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::publish::{BoxFuture, PublishError};
+    use crate::publish::{BoxFuture, Delivered, Outcome, PublishError};
     use axum::http::Request as HttpRequest;
     use serde_json::Value;
     use std::sync::Mutex;
+    use std::time::Duration;
     use tower::ServiceExt;
 
     /// Records what would have been produced; topic "missing" does not exist.
@@ -246,17 +312,18 @@ mod tests {
     }
 
     impl EventSink for FakeSink {
-        fn publish(&self, record: OutRecord) -> BoxFuture<'_, Result<Delivered, PublishError>> {
+        fn publish(&self, event: EventRecord) -> BoxFuture<'_, Result<Outcome, PublishError>> {
             Box::pin(async move {
+                let record = event.record;
                 if record.topic == "missing" {
                     return Err(PublishError::UnknownTopic(record.topic));
                 }
                 let mut records = self.records.lock().unwrap();
                 records.push(record);
-                Ok(Delivered {
+                Ok(Outcome::Published(Delivered {
                     partition: 2,
                     offset: records.len() as i64 - 1,
-                })
+                }))
             })
         }
         fn is_ready(&self) -> bool {
@@ -267,6 +334,7 @@ mod tests {
     fn app(sink: Arc<FakeSink>) -> Router {
         router(AppState {
             sink,
+            status: Arc::new(StatusStore::open(None, Duration::from_secs(60), 100).unwrap()),
             max_body_bytes: 128,
         })
     }
@@ -313,8 +381,9 @@ mod tests {
         assert_eq!(headers[header::CONTENT_TYPE], "application/json");
         assert_eq!(
             body,
-            r#"{"id":"e1","source":"/src","topic":"orders","partition":2,"offset":0,"status":"published"}"#
+            r#"{"id":"e1","source":"/src","topic":"orders","status":"published","partition":2,"offset":0}"#
         );
+        assert_eq!(headers[header::LOCATION], "/v1/events/e1");
         let record = sink.records.lock().unwrap()[0].clone();
         assert_eq!(record.key.as_deref(), Some("ké"));
         assert_eq!(record.value.as_deref(), Some(b"hello".as_slice()));

@@ -3,9 +3,12 @@
 
 mod cloudevent;
 mod config;
+mod durable;
 mod ingest;
 mod problem;
 mod publish;
+mod spool;
+mod status;
 mod tail;
 mod topic;
 
@@ -18,12 +21,17 @@ use thiserror::Error;
 use tracing_subscriber::EnvFilter;
 
 use config::{Cli, Command, LogFormat, ServeArgs, TopicCommand};
+use durable::DurableSink;
 use publish::{KafkaPublisher, KafkaSettings};
+use spool::Spool;
+use status::StatusStore;
 
 /// The filter's callout timeout default; the delivery timeout must stay below it so the filter
 /// receives our answer instead of timing out itself.
 const FILTER_CALLOUT_TIMEOUT_MS: u64 = 5000;
-const SHUTDOWN_FLUSH: Duration = Duration::from_secs(10);
+/// Everything the broker has not acknowledged is already in the spool, so the flush on
+/// shutdown only saves the next start some re-sends; keep it short.
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(3);
 
 #[derive(Debug, Error)]
 pub enum AppError {
@@ -31,6 +39,8 @@ pub enum AppError {
     Kafka(#[from] rdkafka::error::KafkaError),
     #[error("{0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Spool(#[from] spool::SpoolError),
     #[error("{0}")]
     Other(String),
 }
@@ -82,30 +92,54 @@ fn init_tracing(format: LogFormat) {
 }
 
 async fn serve(args: ServeArgs) -> Result<(), AppError> {
-    if args.delivery_timeout_ms >= FILTER_CALLOUT_TIMEOUT_MS {
+    let d = &args.durability;
+    if d.ack_timeout_ms >= FILTER_CALLOUT_TIMEOUT_MS {
         tracing::warn!(
-            delivery_timeout_ms = args.delivery_timeout_ms,
-            "delivery timeout is not below the filter's default callout timeout ({FILTER_CALLOUT_TIMEOUT_MS} ms)"
+            ack_timeout_ms = d.ack_timeout_ms,
+            "ack timeout is not below the filter's default callout timeout ({FILTER_CALLOUT_TIMEOUT_MS} ms)"
         );
     }
     let settings = KafkaSettings {
         brokers: args.kafka.brokers.clone(),
-        delivery_timeout: Duration::from_millis(args.delivery_timeout_ms),
+        delivery_timeout: Duration::from_millis(d.delivery_timeout_ms),
         overrides: args.kafka.kafka.clone(),
     };
     let publisher = Arc::new(KafkaPublisher::new(&settings)?);
     let probe = publisher.spawn_health_probe();
+    std::fs::create_dir_all(&d.data_dir)?;
+    let spool = Spool::open(&d.data_dir.join("spool"), d.spool_max_bytes)?;
+    let status = Arc::new(StatusStore::open(
+        Some(&d.data_dir.join("status.log")),
+        Duration::from_secs(d.idempotency_window_s),
+        d.idempotency_max_entries,
+    )?);
+    let sink = Arc::new(DurableSink::new(
+        publisher.clone(),
+        spool,
+        status.clone(),
+        d.ack,
+        Duration::from_millis(d.ack_timeout_ms),
+    ));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let forwarder = sink.spawn_forwarder(stopped);
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
-    tracing::info!(listen = %args.listen, brokers = %args.kafka.brokers, "eventwire sidecar listening");
+    tracing::info!(listen = %args.listen, brokers = %args.kafka.brokers, data_dir = %d.data_dir.display(), ack = ?d.ack, "eventwire sidecar listening");
     let app = ingest::router(ingest::AppState {
-        sink: publisher.clone(),
+        sink,
+        status,
         max_body_bytes: args.max_body_bytes,
     });
     axum::serve(listener, app)
         .with_graceful_shutdown(shutdown_signal())
         .await?;
+    // Flush while the forwarder still records what gets delivered, then stop it; whatever is
+    // not in Kafka by then stays in the spool for the next start.
+    if publisher.is_ready() {
+        flush(publisher.clone()).await;
+    }
+    let _ = stop.send(true);
+    let _ = forwarder.await;
     probe.abort();
-    flush(publisher).await;
     tracing::info!("stopped");
     Ok(())
 }

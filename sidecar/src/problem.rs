@@ -39,6 +39,12 @@ pub enum IngestError {
     BrokerUnavailable(String),
     #[error("the producer queue is full; retry shortly")]
     QueueFull,
+    #[error("{0}; retry shortly")]
+    SpoolFull(String),
+    #[error("{0}")]
+    IdempotencyConflict(String),
+    #[error("no event with id `{0}` is known (or it is older than the status window)")]
+    UnknownEvent(String),
     #[error("no such resource")]
     NotFound,
     #[error("method not allowed for this resource")]
@@ -54,6 +60,7 @@ impl From<PublishError> for IngestError {
             PublishError::QueueFull => IngestError::QueueFull,
             PublishError::TooLarge(why) => IngestError::BodyTooLarge(why),
             PublishError::Unavailable(why) => IngestError::BrokerUnavailable(why),
+            PublishError::SpoolFull(why) => IngestError::SpoolFull(why),
         }
     }
 }
@@ -65,9 +72,12 @@ impl IngestError {
             MissingTopic | InvalidTopic(_) | BodyRead(_) | Parse(_) => StatusCode::BAD_REQUEST,
             NotACloudEvent | BatchUnsupported => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            UnknownTopic(_) | NotFound => StatusCode::NOT_FOUND,
+            UnknownTopic(_) | NotFound | UnknownEvent(_) => StatusCode::NOT_FOUND,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            BrokerUnavailable(_) | QueueFull | NotReady => StatusCode::SERVICE_UNAVAILABLE,
+            IdempotencyConflict(_) => StatusCode::CONFLICT,
+            BrokerUnavailable(_) | QueueFull | SpoolFull(_) | NotReady => {
+                StatusCode::SERVICE_UNAVAILABLE
+            }
         }
     }
 
@@ -86,6 +96,9 @@ impl IngestError {
             UnknownTopic(_) => "unknown-topic",
             BrokerUnavailable(_) => "broker-unavailable",
             QueueFull => "queue-full",
+            SpoolFull(_) => "spool-full",
+            IdempotencyConflict(_) => "idempotency-conflict",
+            UnknownEvent(_) => "unknown-event",
             NotFound => "not-found",
             MethodNotAllowed => "method-not-allowed",
             NotReady => "not-ready",
@@ -107,6 +120,9 @@ impl IngestError {
             UnknownTopic(_) => "Unknown topic",
             BrokerUnavailable(_) => "Broker unavailable",
             QueueFull => "Queue full",
+            SpoolFull(_) => "Spool full",
+            IdempotencyConflict(_) => "Event id reused with another payload",
+            UnknownEvent(_) => "Unknown event",
             NotFound => "Not found",
             MethodNotAllowed => "Method not allowed",
             NotReady => "Not ready",

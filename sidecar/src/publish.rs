@@ -1,5 +1,5 @@
-//! Producing records to Kafka. The HTTP layer only sees the `EventSink` trait, so a spool
-//! (publish to disk when Kafka is down) or idempotency layer can wrap `KafkaPublisher` later.
+//! Producing records to Kafka. The HTTP layer only sees the `EventSink` trait; the durable
+//! sink (`durable.rs`) puts the spool in front of `KafkaPublisher`.
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -11,6 +11,7 @@ use rdkafka::ClientConfig;
 use rdkafka::error::{KafkaError, KafkaResult, RDKafkaErrorCode};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::metadata::Metadata;
+use rdkafka::producer::future_producer::DeliveryFuture;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use thiserror::Error;
 
@@ -21,6 +22,14 @@ pub struct OutRecord {
     pub key: Option<String>,
     pub headers: Vec<(String, String)>,
     pub value: Option<Vec<u8>>,
+}
+
+/// An accepted event: the record to produce plus the identity idempotency and status use.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EventRecord {
+    pub id: String,
+    pub source: String,
+    pub record: OutRecord,
 }
 
 /// Where the broker stored the record.
@@ -40,14 +49,54 @@ pub enum PublishError {
     TooLarge(String),
     #[error("{0}")]
     Unavailable(String),
+    #[error("{0}")]
+    SpoolFull(String),
+}
+
+impl PublishError {
+    /// Errors that retrying the same record can never fix.
+    pub fn is_permanent(&self) -> bool {
+        matches!(
+            self,
+            PublishError::UnknownTopic(_) | PublishError::TooLarge(_)
+        )
+    }
+}
+
+/// Where an accepted event is now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Outcome {
+    /// The broker acknowledged it.
+    Published(Delivered),
+    /// Durable in the local spool; the forwarder will publish it.
+    Spooled,
+}
+
+/// A delivery still in flight in the producer.
+pub struct Pending(Pin<Box<DeliveryFuture>>);
+
+impl Pending {
+    /// Resolves when the broker acknowledged the record or the producer gave up on it.
+    pub async fn wait(&mut self) -> Result<Delivered, PublishError> {
+        match (&mut self.0).await {
+            Ok(Ok(d)) => Ok(Delivered {
+                partition: d.partition,
+                offset: d.offset,
+            }),
+            Ok(Err((e, _))) => Err(classify("", e)),
+            Err(_) => Err(PublishError::Unavailable(
+                "the producer shut down before delivery".into(),
+            )),
+        }
+    }
 }
 
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// The one thing the HTTP layer needs from the backend.
 pub trait EventSink: Send + Sync {
-    /// Resolves once the broker acknowledged the record (or it definitely failed).
-    fn publish(&self, record: OutRecord) -> BoxFuture<'_, Result<Delivered, PublishError>>;
+    /// Resolves once the event is durable: acknowledged by the broker or in the spool.
+    fn publish(&self, event: EventRecord) -> BoxFuture<'_, Result<Outcome, PublishError>>;
     /// Whether the backend answered recently (for `/readyz`).
     fn is_ready(&self) -> bool;
 }
@@ -61,7 +110,6 @@ const METADATA_TIMEOUT: Duration = Duration::from_secs(2);
 /// `/readyz` stays green this long after the last successful metadata answer.
 const READY_WINDOW: Duration = Duration::from_secs(3);
 const HEALTH_PROBE_INTERVAL: Duration = Duration::from_secs(1);
-const REPORT_GRACE: Duration = Duration::from_millis(250);
 
 pub struct KafkaSettings {
     pub brokers: String,
@@ -71,7 +119,6 @@ pub struct KafkaSettings {
 
 pub struct KafkaPublisher {
     producer: FutureProducer,
-    delivery_timeout: Duration,
     topics: Mutex<HashMap<String, (bool, Instant)>>,
     last_metadata_ok: Mutex<Option<Instant>>,
 }
@@ -88,15 +135,15 @@ impl KafkaPublisher {
                 "message.timeout.ms",
                 settings.delivery_timeout.as_millis().to_string(),
             );
-        // Known interop issue: Tansu 0.6.0 (sqlite) panics in storage when an idempotent
-        // producer bumps its epoch after an in-flight request timed out (broker stalled longer
-        // than the delivery timeout); `--kafka enable.idempotence=false` avoids it in tests.
+        // The delivery timeout is long on purpose: requests stop waiting after the ack
+        // timeout and spool the event, while the producer keeps retrying idempotently. (Tansu
+        // 0.6.0's sqlite storage also panics when an idempotent producer bumps its epoch after
+        // a timed-out in-flight request, which a long timeout avoids.)
         for (key, value) in &settings.overrides {
             config.set(key, value);
         }
         Ok(Self {
             producer: config.create()?,
-            delivery_timeout: settings.delivery_timeout,
             topics: Mutex::new(HashMap::new()),
             last_metadata_ok: Mutex::new(None),
         })
@@ -140,7 +187,7 @@ impl KafkaPublisher {
 
     /// Answers unknown topics at once: the broker may not auto-create them, and a produce to
     /// one would only fail after the whole delivery timeout.
-    async fn check_topic(&self, topic: &str) -> Result<(), PublishError> {
+    pub async fn check_topic(&self, topic: &str) -> Result<(), PublishError> {
         let exists = match self.cached_topic(topic) {
             Some(exists) => exists,
             None => {
@@ -156,7 +203,8 @@ impl KafkaPublisher {
         }
     }
 
-    fn cached_topic(&self, topic: &str) -> Option<bool> {
+    /// What the cache knows of a topic without asking the broker.
+    pub fn cached_topic(&self, topic: &str) -> Option<bool> {
         let topics = lock(&self.topics);
         let &(exists, at) = topics.get(topic)?;
         (at.elapsed() < ttl(exists)).then_some(exists)
@@ -171,11 +219,9 @@ impl KafkaPublisher {
         topics.insert(topic.to_owned(), (exists, Instant::now()));
     }
 
-    async fn produce(
-        &self,
-        record: OutRecord,
-        deadline: tokio::time::Instant,
-    ) -> Result<Delivered, PublishError> {
+    /// Hands the record to the producer; the returned `Pending` resolves on the broker's
+    /// acknowledgement. Many can be in flight at once and librdkafka batches them.
+    pub fn enqueue(&self, record: &OutRecord) -> Result<Pending, PublishError> {
         let headers = record.headers.iter().fold(
             OwnedHeaders::new_with_capacity(record.headers.len()),
             |h, (k, v)| {
@@ -192,53 +238,27 @@ impl KafkaPublisher {
         if let Some(value) = &record.value {
             future_record = future_record.payload(value);
         }
-        // Enqueue now and await the delivery report separately, so concurrent requests are
-        // batched by librdkafka instead of being sent one at a time.
+        // send_result enqueues at once (send() would wait and serialize the callers).
         let delivery = self
             .producer
             .send_result(future_record)
             .map_err(|(e, _)| classify(&record.topic, e))?;
-        // librdkafka can hold a report past message.timeout.ms while a request is in flight
-        // (measured: 5 s with a stalled broker), which would outlast the filter's callout
-        // timeout; so stop waiting at the request's own deadline.
-        let report = tokio::time::timeout_at(deadline, delivery)
-            .await
-            .map_err(|_| {
-                PublishError::Unavailable(
-                    "no delivery report in time; the record may still be delivered".into(),
-                )
-            })?
-            .map_err(|_| PublishError::Unavailable("producer shut down before delivery".into()))?;
-        match report {
-            Ok(d) => Ok(Delivered {
-                partition: d.partition,
-                offset: d.offset,
-            }),
-            Err((e, _)) => {
-                if matches!(
-                    e.rdkafka_error_code(),
-                    Some(RDKafkaErrorCode::UnknownTopicOrPartition)
-                ) {
-                    self.remember_topic(&record.topic, false);
-                }
-                Err(classify(&record.topic, e))
-            }
-        }
+        Ok(Pending(Box::pin(delivery)))
     }
-}
 
-impl EventSink for KafkaPublisher {
-    fn publish(&self, record: OutRecord) -> BoxFuture<'_, Result<Delivered, PublishError>> {
-        // One deadline for metadata plus delivery, so a slow metadata answer cannot push the
-        // reply past the filter's callout timeout.
-        let deadline = tokio::time::Instant::now() + self.delivery_timeout + REPORT_GRACE;
-        Box::pin(async move {
-            self.check_topic(&record.topic).await?;
-            self.produce(record, deadline).await
+    /// Produces one record and waits for the outcome (bounded by the delivery timeout).
+    pub async fn produce(&self, record: &OutRecord) -> Result<Delivered, PublishError> {
+        let result = self.enqueue(record)?.wait().await;
+        if let Err(PublishError::UnknownTopic(_)) = &result {
+            self.remember_topic(&record.topic, false);
+        }
+        result.map_err(|e| match e {
+            PublishError::UnknownTopic(_) => PublishError::UnknownTopic(record.topic.clone()),
+            other => other,
         })
     }
 
-    fn is_ready(&self) -> bool {
+    pub fn is_ready(&self) -> bool {
         lock(&self.last_metadata_ok).is_some_and(|at| at.elapsed() < READY_WINDOW)
     }
 }

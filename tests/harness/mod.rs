@@ -48,40 +48,85 @@ pub fn paths() -> Paths {
     }
 }
 
-/// The sidecar process on its own port.
+/// The sidecar process on its own port and data directory (spool, status log).
 pub struct Sidecar {
     pub proc: Proc,
     pub port: u16,
+    brokers: String,
+    args: Vec<String>,
+    data: tempfile::TempDir,
 }
 
 impl Sidecar {
     pub async fn start(brokers: &str) -> Sidecar {
-        Self::start_on(brokers, free_port()).await
+        Self::start_with(brokers, &[]).await
     }
 
-    pub async fn start_on(brokers: &str, port: u16) -> Sidecar {
+    /// Starts with extra `serve` flags, e.g. `["--ack-timeout-ms", "300"]`.
+    pub async fn start_with(brokers: &str, args: &[&str]) -> Sidecar {
+        let data = tempfile::Builder::new()
+            .prefix("eventwire-sidecar-data-")
+            .tempdir()
+            .unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let port = free_port();
+        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let proc = Self::spawn(brokers, port, &args, data.path());
+        let sidecar = Sidecar {
+            proc,
+            port,
+            brokers: brokers.to_string(),
+            args,
+            data,
+        };
+        sidecar.wait_healthy().await;
+        sidecar
+    }
+
+    fn spawn(brokers: &str, port: u16, args: &[String], data: &std::path::Path) -> Proc {
         let listen = format!("127.0.0.1:{port}");
-        let proc = Proc::spawn(
+        Proc::spawn(
             "sidecar",
-            std::process::Command::new(paths().sidecar).args([
-                "serve",
-                "--listen",
-                &listen,
-                "--brokers",
-                brokers,
-            ]),
-        );
-        let url = format!("http://{listen}/readyz");
-        let ready = wait_until(Duration::from_secs(30), || async {
+            std::process::Command::new(paths().sidecar)
+                .args([
+                    "serve",
+                    "--listen",
+                    &listen,
+                    "--brokers",
+                    brokers,
+                    "--data-dir",
+                ])
+                .arg(data)
+                .args(args),
+        )
+    }
+
+    /// Starts it again on the same port and data (after `proc.stop()` or `proc.kill9()`).
+    pub async fn restart(&mut self) {
+        self.proc = Self::spawn(&self.brokers, self.port, &self.args, self.data.path());
+        self.wait_healthy().await;
+    }
+
+    /// Up means answering `/healthz`; `/readyz` (broker reachable) is `wait_ready`'s.
+    async fn wait_healthy(&self) {
+        let url = self.url("/healthz");
+        let ok = wait_until(Duration::from_secs(30), || async {
             reqwest::get(&url).await.is_ok_and(|r| r.status() == 200)
         })
         .await;
         assert!(
-            ready,
-            "sidecar not ready on {listen}; log:\n{}",
-            proc.log_tail()
+            ok,
+            "sidecar not up on {}; log:\n{}",
+            self.port,
+            self.proc.log_tail()
         );
-        Sidecar { proc, port }
+    }
+
+    pub async fn wait_ready(&self) -> bool {
+        let url = self.url("/readyz");
+        wait_until(Duration::from_secs(30), || async {
+            reqwest::get(&url).await.is_ok_and(|r| r.status() == 200)
+        })
+        .await
     }
 
     pub fn url(&self, path: &str) -> String {

@@ -1,0 +1,182 @@
+//! The durable sink: an event is acknowledged only once it is durable, in Kafka or in the
+//! local spool, and every spooled event is forwarded to Kafka in acceptance order.
+//!
+//! `--ack broker` (default): publish directly while the broker is healthy and nothing is
+//! spooled; if the broker has not acknowledged within `--ack-timeout-ms`, or is down, or is
+//! refusing, the event goes to the spool and the client hears `spooled`. While anything is
+//! spooled, new events queue behind it, so order per key holds.
+//! `--ack spool`: every event is spooled first; the answer never waits for the broker.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::watch;
+
+use crate::publish::{
+    BoxFuture, Delivered, EventRecord, EventSink, KafkaPublisher, Outcome, Pending, PublishError,
+};
+use crate::spool::{Entry, Spool, SpoolError};
+use crate::status::{State, StatusStore};
+
+const RETRY_FIRST: Duration = Duration::from_millis(100);
+const RETRY_MAX: Duration = Duration::from_secs(5);
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum AckMode {
+    Broker,
+    Spool,
+}
+
+pub struct DurableSink {
+    kafka: Arc<KafkaPublisher>,
+    spool: Spool,
+    status: Arc<StatusStore>,
+    mode: AckMode,
+    ack_timeout: Duration,
+}
+
+impl DurableSink {
+    pub fn new(
+        kafka: Arc<KafkaPublisher>,
+        spool: Spool,
+        status: Arc<StatusStore>,
+        mode: AckMode,
+        ack_timeout: Duration,
+    ) -> Self {
+        DurableSink {
+            kafka,
+            spool,
+            status,
+            mode,
+            ack_timeout,
+        }
+    }
+
+    async fn accept(&self, event: EventRecord) -> Result<Outcome, PublishError> {
+        let direct = self.mode == AckMode::Broker && self.spool.backlog() == 0;
+        if !direct || !self.kafka.is_ready() {
+            // Without the broker the topic cannot be checked; a topic known to be missing
+            // is still refused at once.
+            if self.kafka.cached_topic(&event.record.topic) == Some(false) {
+                return Err(PublishError::UnknownTopic(event.record.topic));
+            }
+            return self.spool(event, None).await;
+        }
+        match self.kafka.check_topic(&event.record.topic).await {
+            Err(e) if e.is_permanent() => return Err(e),
+            Err(_) => return self.spool(event, None).await,
+            Ok(()) => {}
+        }
+        let mut pending = match self.kafka.enqueue(&event.record) {
+            Ok(p) => p,
+            Err(e) if e.is_permanent() => return Err(e),
+            // Queue full or producer trouble: the spool absorbs it.
+            Err(_) => return self.spool(event, None).await,
+        };
+        match tokio::time::timeout(self.ack_timeout, pending.wait()).await {
+            Ok(Ok(d)) => Ok(Outcome::Published(d)),
+            Ok(Err(e)) if e.is_permanent() => Err(e),
+            Ok(Err(_)) => self.spool(event, None).await,
+            // Still in flight: spool it and let the forwarder hear the late answer.
+            Err(_) => self.spool(event, Some(pending)).await,
+        }
+    }
+
+    async fn spool(
+        &self,
+        event: EventRecord,
+        pending: Option<Pending>,
+    ) -> Result<Outcome, PublishError> {
+        let id = event.id.clone();
+        match self.spool.append(event, pending).await {
+            Ok(seq) => {
+                tracing::debug!(event_id = %id, seq, "event spooled");
+                Ok(Outcome::Spooled)
+            }
+            Err(SpoolError::Full(bytes)) => Err(PublishError::SpoolFull(format!(
+                "the spool holds {bytes} bytes waiting for the broker, its limit"
+            ))),
+            Err(e) => Err(PublishError::Unavailable(format!(
+                "could not spool the event: {e}"
+            ))),
+        }
+    }
+
+    /// Forwards spooled events in order until `stop` turns true. An event taken but not yet
+    /// forwarded at shutdown stays in the spool and is forwarded by the next start.
+    pub fn spawn_forwarder(
+        self: &Arc<Self>,
+        mut stop: watch::Receiver<bool>,
+    ) -> tokio::task::JoinHandle<()> {
+        let this = Arc::clone(self);
+        tokio::spawn(async move {
+            loop {
+                let entry = tokio::select! {
+                    e = this.spool.next() => e,
+                    _ = stop.wait_for(|s| *s) => return,
+                };
+                tokio::select! {
+                    () = this.forward(entry) => {}
+                    _ = stop.wait_for(|s| *s) => return,
+                }
+            }
+        })
+    }
+
+    async fn forward(&self, mut entry: Entry) {
+        let mut result = match entry.pending.as_mut() {
+            Some(p) => Some(p.wait().await),
+            None => None,
+        };
+        let mut backoff = RETRY_FIRST;
+        loop {
+            match result {
+                Some(Ok(d)) => return self.forwarded(&entry, Ok(d)).await,
+                Some(Err(e)) if e.is_permanent() => return self.forwarded(&entry, Err(e)).await,
+                Some(Err(e)) => {
+                    tracing::warn!(event_id = %entry.event.id, error = %e, retry_in_ms = backoff.as_millis() as u64, "spool: forwarding failed; retrying");
+                    tokio::time::sleep(backoff).await;
+                    backoff = (backoff * 2).min(RETRY_MAX);
+                }
+                None => {}
+            }
+            result = Some(self.kafka.produce(&entry.event.record).await);
+        }
+    }
+
+    async fn forwarded(&self, entry: &Entry, result: Result<Delivered, PublishError>) {
+        let ev = &entry.event;
+        let state = match result {
+            Ok(d) => {
+                tracing::debug!(event_id = %ev.id, partition = d.partition, offset = d.offset, "spooled event published");
+                State::Published {
+                    partition: d.partition,
+                    offset: d.offset,
+                }
+            }
+            Err(e) => {
+                // Never dropped silently: kept in the dead-letter file and reported.
+                tracing::error!(event_id = %ev.id, topic = %ev.record.topic, error = %e, "spooled event cannot be published; moved to the dead-letter file");
+                while let Err(io) = self.spool.dead_letter(ev) {
+                    tracing::error!(event_id = %ev.id, error = %io, "dead-letter write failed; retrying");
+                    tokio::time::sleep(RETRY_MAX).await;
+                }
+                State::Failed {
+                    reason: e.to_string(),
+                }
+            }
+        };
+        self.status.update(&ev.id, &ev.source, state);
+        self.spool.forwarded(entry);
+    }
+}
+
+impl EventSink for DurableSink {
+    fn publish(&self, event: EventRecord) -> BoxFuture<'_, Result<Outcome, PublishError>> {
+        Box::pin(self.accept(event))
+    }
+
+    fn is_ready(&self) -> bool {
+        self.kafka.is_ready()
+    }
+}

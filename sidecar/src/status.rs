@@ -1,0 +1,488 @@
+//! Delivery status and idempotency, one store: every accepted event by (`source`, `id`).
+//!
+//! - A second request with the same `source` + `id` within the window gets the first one's
+//!   answer (and its current status) instead of a second record; one still in progress is
+//!   waited for. The same id with a different payload is a conflict, not a silent replay.
+//! - `GET /v1/events/<id>` reads the status: `spooled`, `published` (topic, partition,
+//!   offset) or `failed` (why).
+//!
+//! Final states are appended to `status.log` (JSON lines) and replayed on start, so both
+//! survive a restart; writes are not synced: a killed process keeps them (page cache), only a
+//! machine crash can lose the newest, which then costs at most a duplicate record.
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::publish::{Delivered, EventRecord, Outcome};
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "lowercase")]
+pub enum State {
+    Spooled,
+    Published { partition: i32, offset: i64 },
+    Failed { reason: String },
+}
+
+impl From<Outcome> for State {
+    fn from(o: Outcome) -> Self {
+        match o {
+            Outcome::Published(Delivered { partition, offset }) => {
+                State::Published { partition, offset }
+            }
+            Outcome::Spooled => State::Spooled,
+        }
+    }
+}
+
+/// What a client is told about an event: the 202 body and the status resource alike.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Snapshot {
+    pub id: String,
+    pub source: String,
+    pub topic: String,
+    #[serde(flatten)]
+    pub state: State,
+}
+
+type Key = (String, String);
+
+struct Entry {
+    topic: String,
+    fingerprint: u32,
+    at_ms: u64,
+    /// `None` while the first request is still in progress.
+    state: Option<State>,
+    done: watch::Sender<bool>,
+}
+
+struct Inner {
+    entries: HashMap<Key, Entry>,
+    /// The latest source per id, so `GET /v1/events/<id>` needs no source.
+    latest_source: HashMap<String, String>,
+    order: VecDeque<(u64, Key)>,
+    log: Option<File>,
+    log_lines: usize,
+}
+
+pub struct StatusStore {
+    inner: Mutex<Inner>,
+    path: Option<PathBuf>,
+    window: Duration,
+    max_entries: usize,
+}
+
+/// What to do with an incoming event.
+pub enum Begin {
+    /// First time seen: publish it, then call `finish`.
+    New,
+    /// Seen before: answer with this.
+    Known(Snapshot),
+    /// The same id with another topic or payload.
+    Conflict(Snapshot),
+    /// The first request with this id is still in progress: wait, then ask again.
+    Wait(watch::Receiver<bool>),
+}
+
+#[derive(Serialize, Deserialize)]
+struct LogLine {
+    id: String,
+    source: String,
+    topic: String,
+    fp: u32,
+    at: u64,
+    #[serde(flatten)]
+    state: State,
+}
+
+/// Identifies the payload of an event for conflict detection. Attributes such as `time` are
+/// left out: a client retrying with the same Idempotency-Key gets a new `time` from the proxy.
+pub fn fingerprint(event: &EventRecord) -> u32 {
+    let mut h = crc32fast::Hasher::new();
+    h.update(event.record.topic.as_bytes());
+    h.update(&[0]);
+    h.update(event.record.key.as_deref().unwrap_or("").as_bytes());
+    h.update(&[0]);
+    h.update(event.record.value.as_deref().unwrap_or(&[]));
+    h.finalize()
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
+
+impl StatusStore {
+    /// Opens the store, replaying `path` (when given) for entries still in the window.
+    pub fn open(path: Option<&Path>, window: Duration, max_entries: usize) -> io::Result<Self> {
+        let store = StatusStore {
+            inner: Mutex::new(Inner {
+                entries: HashMap::new(),
+                latest_source: HashMap::new(),
+                order: VecDeque::new(),
+                log: None,
+                log_lines: 0,
+            }),
+            path: path.map(Path::to_path_buf),
+            window,
+            max_entries,
+        };
+        if let Some(path) = path {
+            store.replay(path)?;
+            store.compact()?;
+        }
+        Ok(store)
+    }
+
+    fn replay(&self, path: &Path) -> io::Result<()> {
+        let file = match File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let horizon = now_ms().saturating_sub(self.window.as_millis() as u64);
+        let mut inner = self.lock();
+        for line in BufReader::new(file).lines() {
+            // A torn last line from a crash is skipped like any unreadable one.
+            let Ok(line) = line else { break };
+            let Ok(l) = serde_json::from_str::<LogLine>(&line) else {
+                continue;
+            };
+            if l.at < horizon {
+                continue;
+            }
+            let key = (l.source.clone(), l.id.clone());
+            if !inner.entries.contains_key(&key) {
+                inner.order.push_back((l.at, key.clone()));
+            }
+            inner.latest_source.insert(l.id, l.source);
+            inner.entries.insert(
+                key,
+                Entry {
+                    topic: l.topic,
+                    fingerprint: l.fp,
+                    at_ms: l.at,
+                    state: Some(l.state),
+                    done: watch::Sender::new(true),
+                },
+            );
+        }
+        Ok(())
+    }
+
+    /// Rewrites the log with the live entries only, then appends to it.
+    fn compact(&self) -> io::Result<()> {
+        let Some(path) = &self.path else {
+            return Ok(());
+        };
+        let mut inner = self.lock();
+        let tmp = path.with_extension("log.tmp");
+        let mut out = io::BufWriter::new(File::create(&tmp)?);
+        let mut lines = 0;
+        for ((source, id), e) in &inner.entries {
+            if let Some(state) = &e.state {
+                write_line(&mut out, id, source, e, state)?;
+                lines += 1;
+            }
+        }
+        out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+        fs::rename(&tmp, path)?;
+        inner.log = Some(OpenOptions::new().append(true).open(path)?);
+        inner.log_lines = lines;
+        Ok(())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub fn begin(&self, event: &EventRecord, fingerprint: u32) -> Begin {
+        let mut inner = self.lock();
+        self.expire(&mut inner);
+        let key = (event.source.clone(), event.id.clone());
+        if let Some(e) = inner.entries.get(&key) {
+            let snapshot = |state: &State| Snapshot {
+                id: event.id.clone(),
+                source: event.source.clone(),
+                topic: e.topic.clone(),
+                state: state.clone(),
+            };
+            return match &e.state {
+                None => Begin::Wait(e.done.subscribe()),
+                Some(s) if e.fingerprint != fingerprint || e.topic != event.record.topic => {
+                    Begin::Conflict(snapshot(s))
+                }
+                Some(s) => Begin::Known(snapshot(s)),
+            };
+        }
+        let at_ms = now_ms();
+        inner.order.push_back((at_ms, key.clone()));
+        inner
+            .latest_source
+            .insert(event.id.clone(), event.source.clone());
+        inner.entries.insert(
+            key,
+            Entry {
+                topic: event.record.topic.clone(),
+                fingerprint,
+                at_ms,
+                state: None,
+                done: watch::Sender::new(false),
+            },
+        );
+        Begin::New
+    }
+
+    /// Ends what `begin` started: records the outcome, or forgets the event when it was not
+    /// accepted (so that a retry can succeed), and wakes the waiting duplicates.
+    pub fn finish(&self, id: &str, source: &str, outcome: Option<Outcome>) {
+        let key = (source.to_owned(), id.to_owned());
+        match outcome {
+            Some(o) => self.set(&key, State::from(o)),
+            None => {
+                let mut inner = self.lock();
+                if let Some(e) = inner.entries.remove(&key) {
+                    e.done.send_replace(true);
+                }
+            }
+        }
+    }
+
+    /// The forwarder's update once a spooled event reached Kafka or failed for good.
+    pub fn update(&self, id: &str, source: &str, state: State) {
+        self.set(&(source.to_owned(), id.to_owned()), state);
+    }
+
+    fn set(&self, key: &Key, state: State) {
+        let mut inner = self.lock();
+        let Inner {
+            entries,
+            log,
+            log_lines,
+            ..
+        } = &mut *inner;
+        let Some(e) = entries.get_mut(key) else {
+            return;
+        };
+        if let Some(file) = log {
+            if let Err(err) = write_line(file, &key.1, &key.0, e, &state) {
+                tracing::warn!(error = %err, event_id = %key.1, "status log write failed");
+            }
+            *log_lines += 1;
+        }
+        e.state = Some(state);
+        e.done.send_replace(true);
+        let compact = *log_lines > 4 * entries.len().max(1024);
+        drop(inner);
+        if compact && let Err(err) = self.compact() {
+            tracing::warn!(error = %err, "status log compaction failed");
+        }
+    }
+
+    /// The status of an event by id (and source, when ids repeat across sources).
+    pub fn get(&self, id: &str, source: Option<&str>) -> Option<Snapshot> {
+        let mut inner = self.lock();
+        self.expire(&mut inner);
+        let source = match source {
+            Some(s) => s.to_owned(),
+            None => inner.latest_source.get(id)?.clone(),
+        };
+        let key = (source, id.to_owned());
+        let e = inner.entries.get(&key)?;
+        Some(Snapshot {
+            id: key.1.clone(),
+            source: key.0.clone(),
+            topic: e.topic.clone(),
+            state: e.state.clone()?,
+        })
+    }
+
+    fn expire(&self, inner: &mut Inner) {
+        let horizon = now_ms().saturating_sub(self.window.as_millis() as u64);
+        while let Some((at, _)) = inner.order.front() {
+            let over = inner.order.len() > self.max_entries;
+            if *at >= horizon && !over {
+                break;
+            }
+            let Some((at, key)) = inner.order.pop_front() else {
+                break;
+            };
+            // Only drop settled entries; one in progress is ended by its request.
+            let settled = inner
+                .entries
+                .get(&key)
+                .is_some_and(|e| e.at_ms == at && e.state.is_some());
+            if settled {
+                inner.entries.remove(&key);
+                if inner.latest_source.get(&key.1) == Some(&key.0) {
+                    inner.latest_source.remove(&key.1);
+                }
+            }
+        }
+    }
+}
+
+fn write_line(
+    out: &mut impl Write,
+    id: &str,
+    source: &str,
+    e: &Entry,
+    state: &State,
+) -> io::Result<()> {
+    let line = LogLine {
+        id: id.to_owned(),
+        source: source.to_owned(),
+        topic: e.topic.clone(),
+        fp: e.fingerprint,
+        at: e.at_ms,
+        state: state.clone(),
+    };
+    let mut buf = serde_json::to_vec(&line).map_err(io::Error::other)?;
+    buf.push(b'\n');
+    out.write_all(&buf)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::publish::OutRecord;
+
+    fn ev(id: &str, value: &[u8]) -> EventRecord {
+        EventRecord {
+            id: id.into(),
+            source: "/s".into(),
+            record: OutRecord {
+                topic: "t".into(),
+                key: Some("k".into()),
+                headers: vec![("ce_time".into(), "now".into())],
+                value: Some(value.to_vec()),
+            },
+        }
+    }
+
+    const DAY: Duration = Duration::from_secs(86_400);
+
+    #[test]
+    fn first_request_wins_and_duplicates_get_its_answer() {
+        let store = StatusStore::open(None, DAY, 100).unwrap();
+        let e = ev("a", b"1");
+        assert!(matches!(store.begin(&e, fingerprint(&e)), Begin::New));
+        assert!(matches!(store.begin(&e, fingerprint(&e)), Begin::Wait(_)));
+        let d = Delivered {
+            partition: 1,
+            offset: 7,
+        };
+        store.finish("a", "/s", Some(Outcome::Published(d)));
+        match store.begin(&e, fingerprint(&e)) {
+            Begin::Known(s) => assert_eq!(
+                s.state,
+                State::Published {
+                    partition: 1,
+                    offset: 7
+                }
+            ),
+            _ => panic!("expected the first answer"),
+        }
+        let other = ev("a", b"2");
+        assert!(matches!(
+            store.begin(&other, fingerprint(&other)),
+            Begin::Conflict(_)
+        ));
+        assert_eq!(store.get("a", None).map(|s| s.topic), Some("t".to_owned()));
+        assert!(store.get("zzz", None).is_none());
+    }
+
+    #[test]
+    fn a_failed_first_attempt_is_forgotten() {
+        let store = StatusStore::open(None, DAY, 100).unwrap();
+        let e = ev("b", b"1");
+        assert!(matches!(store.begin(&e, 1), Begin::New));
+        store.finish("b", "/s", None);
+        assert!(matches!(store.begin(&e, 1), Begin::New));
+    }
+
+    #[test]
+    fn states_survive_a_reopen_and_updates_win() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("status.log");
+        {
+            let store = StatusStore::open(Some(&path), DAY, 100).unwrap();
+            let e = ev("c", b"1");
+            store.begin(&e, fingerprint(&e));
+            store.finish("c", "/s", Some(Outcome::Spooled));
+            store.update(
+                "c",
+                "/s",
+                State::Published {
+                    partition: 0,
+                    offset: 3,
+                },
+            );
+        }
+        let store = StatusStore::open(Some(&path), DAY, 100).unwrap();
+        let e = ev("c", b"1");
+        match store.begin(&e, fingerprint(&e)) {
+            Begin::Known(s) => assert_eq!(
+                s.state,
+                State::Published {
+                    partition: 0,
+                    offset: 3
+                }
+            ),
+            _ => panic!("the entry should have survived the reopen"),
+        }
+    }
+
+    #[test]
+    fn the_window_and_the_size_bound_expire_entries() {
+        let store = StatusStore::open(None, DAY, 2).unwrap();
+        for id in ["x", "y", "z"] {
+            let e = ev(id, b"1");
+            store.begin(&e, 1);
+            store.finish(id, "/s", Some(Outcome::Spooled));
+        }
+        store.get("z", None);
+        assert!(store.get("x", None).is_none());
+        assert!(store.get("z", None).is_some());
+        let short = StatusStore::open(None, Duration::ZERO, 100).unwrap();
+        let e = ev("w", b"1");
+        short.begin(&e, 1);
+        short.finish("w", "/s", Some(Outcome::Spooled));
+        std::thread::sleep(Duration::from_millis(5));
+        assert!(short.get("w", None).is_none());
+    }
+
+    #[test]
+    fn snapshot_json_matches_the_202_body() {
+        let s = Snapshot {
+            id: "i".into(),
+            source: "/s".into(),
+            topic: "t".into(),
+            state: State::Published {
+                partition: 2,
+                offset: 9,
+            },
+        };
+        assert_eq!(
+            serde_json::to_string(&s).unwrap(),
+            r#"{"id":"i","source":"/s","topic":"t","status":"published","partition":2,"offset":9}"#
+        );
+        let spooled = Snapshot {
+            state: State::Spooled,
+            ..s
+        };
+        assert_eq!(
+            serde_json::to_string(&spooled).unwrap(),
+            r#"{"id":"i","source":"/s","topic":"t","status":"spooled"}"#
+        );
+    }
+}
