@@ -61,7 +61,8 @@ PY
 
 "$UPSTREAM" 127.0.0.1:8081 >"$RUN/upstream.log" 2>&1 &
 pids+=($!)
-"$SIDECAR" serve --listen 127.0.0.1:8090 --brokers $BROKERS >"$RUN/sidecar.log" 2>&1 &
+"$SIDECAR" serve --listen 127.0.0.1:8090 --brokers $BROKERS --data-dir "$RUN/sidecar-data" \
+  >"$RUN/sidecar.log" 2>&1 &
 pids+=($!)
 wait_port 8090 sidecar "$RUN/sidecar.log"
 "$ENVOY" -c envoy/envoy.yaml --disable-hot-restart --concurrency 1 \
@@ -80,6 +81,9 @@ eventwire demo is up:
 Place an order (bridge: 202 from the filter, the upstream never sees it):
   curl -i http://127.0.0.1:10000/orders -H 'content-type: application/json' \\
        -d '{"id":"ord-1001","customer":"c-42","total":99.5}'
+
+Ask where the event is (the 202's Location header):
+  curl -s http://127.0.0.1:10000/v1/events/<id from the 202>
 
 Request a payment (tap: the upstream answers, the event is published too):
   curl -i http://127.0.0.1:10000/payments -H 'content-type: application/json' \\
