@@ -13,7 +13,7 @@ use crate::publish::{self, Request, Stamp, Verdict};
 use log::{debug, error, info, warn};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
-use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType};
+use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
 use std::rc::Rc;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -21,11 +21,55 @@ proxy_wasm::main! {{
     // Info, not Trace: the SDK formats every record up to this level before the host filters
     // it, and debug lines would then cost a format per request.
     proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(Root { config: None }) });
+    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
+        Box::new(Root { config: None, metrics: Metrics::default() })
+    });
 }}
 
 struct Root {
     config: Option<Rc<Config>>,
+    metrics: Metrics,
+}
+
+/// Counters in the proxy's own stats (Envoy: `wasmcustom.<name>` in /stats,
+/// `<name>` in /stats/prometheus). `None` when the host refused to define one.
+#[derive(Clone, Copy, Default)]
+struct Metrics {
+    /// Events the sidecar acknowledged.
+    accepted: Option<u32>,
+    /// Requests the filter itself answered 4xx (bad data for an event).
+    rejected: Option<u32>,
+    /// Problem answers of the sidecar (bad event, unknown topic, backpressure).
+    refused: Option<u32>,
+    /// Sidecar unreachable, reset or timed out.
+    unavailable: Option<u32>,
+    /// Requests sent upstream without their event (`on_failure: passthrough`, tap).
+    passthrough: Option<u32>,
+}
+
+impl Metrics {
+    fn define() -> Metrics {
+        let counter = |name: &str| match hostcalls::define_metric(MetricType::Counter, name) {
+            Ok(id) => Some(id),
+            Err(e) => {
+                warn!("cannot define metric {name}: {e:?}");
+                None
+            }
+        };
+        Metrics {
+            accepted: counter("eventwire_events_accepted_total"),
+            rejected: counter("eventwire_requests_rejected_total"),
+            refused: counter("eventwire_sidecar_refused_total"),
+            unavailable: counter("eventwire_sidecar_unavailable_total"),
+            passthrough: counter("eventwire_passthrough_total"),
+        }
+    }
+}
+
+fn bump(metric: Option<u32>) {
+    if let Some(id) = metric {
+        let _ = hostcalls::increment_metric(id, 1);
+    }
 }
 
 impl Context for Root {}
@@ -47,6 +91,7 @@ impl RootContext for Root {
                     c.sidecar.upstream
                 );
                 self.config = Some(Rc::new(c));
+                self.metrics = Metrics::define();
                 true
             }
             Err(e) => {
@@ -60,6 +105,7 @@ impl RootContext for Root {
         // Returning None panics in the SDK; without a config every request just passes.
         Some(Box::new(Stream {
             config: self.config.clone(),
+            metrics: self.metrics,
             context_id,
             state: State::Idle,
         }))
@@ -91,6 +137,7 @@ enum Phase {
 
 struct Stream {
     config: Option<Rc<Config>>,
+    metrics: Metrics,
     context_id: u32,
     state: State,
 }
@@ -134,6 +181,7 @@ impl Context for Stream {
         let id = id.as_deref().unwrap_or("-");
         match verdict {
             Verdict::Accepted => {
+                bump(self.metrics.accepted);
                 debug!("rule {} event {id} accepted", rule.name);
                 match rule.mode {
                     Mode::Tap => resume(),
@@ -158,7 +206,9 @@ impl Context for Stream {
                     "rule {} event {id} refused by the sidecar with {status}",
                     rule.name
                 );
+                bump(self.metrics.refused);
                 if passes_through(rule, status >= 500) {
+                    bump(self.metrics.passthrough);
                     resume();
                 } else {
                     let mut headers = vec![("content-type", PROBLEM_JSON)];
@@ -358,7 +408,13 @@ impl Stream {
     fn fail(&mut self, rule: &Rule, e: FilterError, phase: Phase) -> Action {
         self.state = State::Idle;
         let unavailable = matches!(e, FilterError::SidecarUnavailable { .. });
+        bump(if unavailable {
+            self.metrics.unavailable
+        } else {
+            self.metrics.rejected
+        });
         if passes_through(rule, unavailable) {
+            bump(self.metrics.passthrough);
             warn!(
                 "rule {}: passing the request on without an event: {e}",
                 rule.name

@@ -182,6 +182,8 @@ async fn reference_scenario_bridge_tap_and_untouched_routes() {
     assert_eq!(s.upstream.received().len(), 3);
     assert_eq!(s.broker.all_records(ORDERS).len(), 1);
     assert_eq!(s.broker.all_records(PAYMENTS).len(), 1);
+    assert_eq!(s.envoy.counter("eventwire_events_accepted_total").await, 2);
+    assert_eq!(s.envoy.counter("eventwire_passthrough_total").await, 0);
 }
 
 #[tokio::test]
@@ -343,6 +345,13 @@ async fn sidecar_down_gives_503_and_tap_passes_through() {
     assert_eq!(got[0].path, "/payments");
     assert!(s.broker.all_records(ORDERS).is_empty());
     assert!(s.broker.all_records(PAYMENTS).is_empty());
+    // The tap request that went on without its event is counted.
+    assert_eq!(
+        s.envoy.counter("eventwire_sidecar_unavailable_total").await,
+        2
+    );
+    assert_eq!(s.envoy.counter("eventwire_passthrough_total").await, 1);
+    assert_eq!(s.envoy.counter("eventwire_events_accepted_total").await, 0);
 }
 
 #[tokio::test]

@@ -140,6 +140,20 @@ impl Envoy {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
 
+    /// A counter the filter defined (`wasmcustom.<name>` in Envoy's /stats), 0 if absent.
+    pub async fn counter(&self, name: &str) -> u64 {
+        let url = format!("http://127.0.0.1:{}/stats", self.admin_port);
+        let text = match reqwest::get(&url).await {
+            Ok(r) => r.text().await.unwrap_or_default(),
+            Err(e) => panic!("envoy admin: {e}"),
+        };
+        let want = format!("wasmcustom.{name}: ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(want.as_str()))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
     /// `envoy --mode validate` on a config: (accepted, everything Envoy printed).
     pub fn validate(cfg: &EnvoyConfig) -> (bool, String) {
         let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
