@@ -342,21 +342,16 @@ impl Stream {
         body: &[u8],
     ) -> Action {
         let rule = &cfg.rules[idx];
-        let text = |name: &str, fallback: &'static str| -> String {
+        // Borrowed from the headers already read: no copies on the hot path.
+        let text = |name: &str, fallback: &'static str| -> &str {
             publish::header(headers, name)
                 .and_then(|v| std::str::from_utf8(v).ok())
                 .unwrap_or(fallback)
-                .to_string()
         };
-        let (scheme, authority, path) = (
-            text(":scheme", "http"),
-            text(":authority", "unknown"),
-            text(":path", "/"),
-        );
         let req = Request {
-            scheme: &scheme,
-            authority: &authority,
-            path: &path,
+            scheme: text(":scheme", "http"),
+            authority: text(":authority", "unknown"),
+            path: text(":path", "/"),
             headers,
             body,
         };
