@@ -28,13 +28,14 @@ export EVENTWIRE_TANSU   := $(TANSU)
 export EVENTWIRE_SIDECAR := $(abspath $(SIDECAR))
 export EVENTWIRE_WASM    := $(abspath $(WASM))
 
-.PHONY: help deps build wasm sidecar run test test-unit test-e2e lint fmt clean-cache
+.PHONY: help deps build wasm sidecar run test test-unit test-e2e lint fmt fuzz clean-cache
 
 help:
 	@echo "make run    start the demo (broker :9092, sidecar :8090, upstream :8081, Envoy :10000)"
 	@echo "make test   install what is missing and run every test"
 	@echo "make build  build the filter (.wasm) and the sidecar"
 	@echo "make lint   cargo fmt --check and clippy -D warnings"
+	@echo "make fuzz   run each cargo-fuzz target for FUZZ_TIME seconds (default 60; not in make test)"
 
 ## ---- installs (each is skipped when already present) ----
 
@@ -102,6 +103,24 @@ lint:
 
 fmt:
 	cargo fmt --all
+
+## ---- fuzzing (not part of `make test` or CI) ----
+# cargo fuzz (libFuzzer) on the filter's config parser and request builder and the sidecar's
+# CloudEvents parsers; fuzz/ is a workspace of its own. Each target runs FUZZ_TIME seconds;
+# a crash stops here and leaves the input in fuzz/artifacts/<target>/. Needs the nightly
+# toolchain (AddressSanitizer); without it, stable with RUSTC_BOOTSTRAP=1 and no sanitizer.
+FUZZ_TIME    ?= 60
+FUZZ_TARGETS := filter_config filter_publish sidecar_cloudevent
+
+fuzz:
+	@command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz --locked
+	@if rustup toolchain list | grep -q '^nightly'; then run="cargo +nightly fuzz run"; \
+	else echo "no nightly toolchain: fuzzing on stable without a sanitizer"; \
+	  run="env RUSTC_BOOTSTRAP=1 cargo fuzz run --sanitizer none"; fi; \
+	cd fuzz && for t in $(FUZZ_TARGETS); do \
+	  mkdir -p corpus/$$t seeds/$$t; \
+	  $$run $$t corpus/$$t seeds/$$t -- -max_total_time=$(FUZZ_TIME) -print_final_stats=1 || exit 1; \
+	done
 
 clean-cache:
 	rm -rf $(CACHE)

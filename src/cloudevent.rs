@@ -37,9 +37,12 @@ pub fn media_type(content_type: &str) -> &str {
 /// JSON media types: their bodies stay JSON in the event and JSON pointers apply to them.
 pub fn is_json(content_type: &str) -> bool {
     let m = media_type(content_type);
+    // Bytes, not a str slice: a header may hold non-ASCII, and slicing inside a UTF-8
+    // character would panic and take the VM down (found by fuzzing).
+    let b = m.as_bytes();
     m.eq_ignore_ascii_case("application/json")
         || m.eq_ignore_ascii_case("text/json")
-        || (m.len() > 5 && m[m.len() - 5..].eq_ignore_ascii_case("+json"))
+        || (b.len() > 5 && b[b.len() - 5..].eq_ignore_ascii_case(b"+json"))
 }
 
 /// Percent-encodes a value for a `ce-` header (HTTP binding 3.1.3.2): space, `"`, `%` and
@@ -226,6 +229,10 @@ mod tests {
         assert!(!is_json("text/plain"));
         assert!(!is_json("json"));
         assert!(!is_json("+json"));
+        // Non-ASCII must not panic (a str slice inside a UTF-8 character would).
+        assert!(!is_json("text/é1234"));
+        assert!(!is_json("ԅ+jso"));
+        assert!(is_json("application/é+json"));
         assert_eq!(incoming_mode(Some(STRUCTURED), false), Incoming::Structured);
         assert_eq!(
             incoming_mode(Some("application/cloudevents+json; charset=utf-8"), true),

@@ -27,6 +27,8 @@ pub enum FilterError {
         reason: &'static str,
     },
     InvalidCloudEvent {
+        /// The attribute at fault (empty when it is the event as a whole).
+        attribute: &'static str,
         detail: String,
     },
     BatchUnsupported,
@@ -76,6 +78,21 @@ impl FilterError {
         }
     }
 
+    /// The CloudEvents attribute or request header at fault, named as the sidecar names it.
+    pub fn attribute(&self) -> Option<&str> {
+        match self {
+            FilterError::InvalidHeader { name, .. } => Some(name),
+            FilterError::InvalidCloudEvent { attribute, .. } if !attribute.is_empty() => {
+                Some(attribute)
+            }
+            FilterError::Unresolved { what, .. } => Some(match *what {
+                "subject" => "subject",
+                _ => "partitionkey",
+            }),
+            _ => None,
+        }
+    }
+
     /// The problem+json body. Serializing a struct of plain strings cannot fail.
     pub fn body(&self) -> Vec<u8> {
         let detail = self.to_string();
@@ -84,6 +101,7 @@ impl FilterError {
             title: self.title(),
             status: self.status(),
             detail: &detail,
+            attribute: self.attribute(),
         };
         serde_json::to_vec(&problem).unwrap_or_default()
     }
@@ -95,6 +113,8 @@ struct Problem<'a> {
     title: &'a str,
     status: u32,
     detail: &'a str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    attribute: Option<&'a str>,
 }
 
 pub fn problem_type(slug: &str) -> String {
@@ -114,7 +134,7 @@ impl fmt::Display for FilterError {
                 reason,
             } => write!(f, "{what} from {source}: {reason}"),
             FilterError::InvalidHeader { name, reason } => write!(f, "header {name}: {reason}"),
-            FilterError::InvalidCloudEvent { detail } => f.write_str(detail),
+            FilterError::InvalidCloudEvent { detail, .. } => f.write_str(detail),
             FilterError::BatchUnsupported => f.write_str(
                 "send one event per request (application/cloudevents+json or binary mode)",
             ),
@@ -146,10 +166,13 @@ mod tests {
             v["detail"],
             "partition key from JSON pointer /id: not found in the body"
         );
+        assert_eq!(v["attribute"], "partitionkey");
         assert_eq!(e.retry_after(), None);
         let down = FilterError::SidecarUnavailable { detail: "x".into() };
         assert_eq!(down.status(), 503);
         assert_eq!(down.retry_after(), Some("1"));
+        let down_body: serde_json::Value = serde_json::from_slice(&down.body()).unwrap_or_default();
+        assert!(down_body.get("attribute").is_none());
         assert_eq!(FilterError::BodyTooLarge { limit: 1 }.status(), 413);
         assert_eq!(FilterError::BatchUnsupported.status(), 415);
     }

@@ -178,11 +178,13 @@ fn parse_json(body: &[u8]) -> Result<Value, FilterError> {
 fn check_structured(event: &Value) -> Result<(), FilterError> {
     let Some(obj) = event.as_object() else {
         return Err(FilterError::InvalidCloudEvent {
+            attribute: "",
             detail: "a structured CloudEvent must be a JSON object".into(),
         });
     };
     if obj.get("specversion").and_then(Value::as_str) != Some(cloudevent::SPECVERSION) {
         return Err(FilterError::InvalidCloudEvent {
+            attribute: "specversion",
             detail: "specversion must be \"1.0\"".into(),
         });
     }
@@ -193,6 +195,7 @@ fn check_structured(event: &Value) -> Result<(), FilterError> {
             .is_none_or(|s| s.is_empty())
         {
             return Err(FilterError::InvalidCloudEvent {
+                attribute: attr,
                 detail: format!("attribute {attr} must be a non-empty string"),
             });
         }
@@ -206,13 +209,19 @@ fn forward_binary<'a>(
 ) -> Result<(), FilterError> {
     if req.header("ce-specversion") != Some(cloudevent::SPECVERSION.as_bytes()) {
         return Err(FilterError::InvalidCloudEvent {
+            attribute: "specversion",
             detail: "header ce-specversion must be 1.0".into(),
         });
     }
-    for attr in ["ce-id", "ce-source", "ce-type"] {
-        if req.header(attr).is_none_or(<[u8]>::is_empty) {
+    for (header, attr) in [
+        ("ce-id", "id"),
+        ("ce-source", "source"),
+        ("ce-type", "type"),
+    ] {
+        if req.header(header).is_none_or(<[u8]>::is_empty) {
             return Err(FilterError::InvalidCloudEvent {
-                detail: format!("header {attr} is required and must not be empty"),
+                attribute: attr,
+                detail: format!("header {header} is required and must not be empty"),
             });
         }
     }

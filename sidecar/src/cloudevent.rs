@@ -54,12 +54,21 @@ pub struct CloudEvent {
     pub data: Option<Vec<u8>>,
 }
 
-/// A context attribute that failed validation.
+/// A context attribute that failed validation (`attribute` empty: the event as a whole).
 #[derive(Debug, Clone, Error, PartialEq, Eq)]
-#[error("attribute `{attribute}`: {reason}")]
 pub struct CeError {
     pub attribute: String,
     pub reason: String,
+}
+
+impl std::fmt::Display for CeError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        if self.attribute.is_empty() {
+            f.write_str(&self.reason)
+        } else {
+            write!(f, "attribute `{}`: {}", self.attribute, self.reason)
+        }
+    }
 }
 
 impl CeError {
@@ -132,6 +141,10 @@ pub fn parse_binary<'a>(
         }
     }
     if let Some(ct) = content_type {
+        // Data declared JSON must be JSON: consumers parse it by its content type.
+        if !body.is_empty() && validate::is_json_media_type(ct) {
+            serde_json::from_slice::<serde::de::IgnoredAny>(body).map_err(json_error)?;
+        }
         attrs.insert("datacontenttype".into(), AttrValue::String(ct.to_owned()));
     }
     let data = (!body.is_empty()).then(|| body.to_vec());
