@@ -17,7 +17,7 @@ ENVOY          := $(VENV)/bin/envoy
 WASM           := target/wasm32-wasip1/wasm/eventwire.wasm
 SIDECAR        := target/release/eventwire-sidecar
 UPSTREAM       := target/release/demo-upstream
-APT_PACKAGES   := cmake libcurl4-openssl-dev python3-venv nodejs
+APT_PACKAGES   := cmake libcurl4-openssl-dev python3-venv nodejs chromium
 # wasm-bindgen-test's runner must match the wasm-bindgen version in Cargo.lock exactly.
 WBG_VERSION    := $(shell sed -n '/^name = "wasm-bindgen"$$/{n;s/version = "\(.*\)"/\1/p;}' Cargo.lock)
 WBG_BIN        := $(CACHE)/wasm-bindgen-$(WBG_VERSION)/bin
@@ -39,9 +39,10 @@ help:
 
 ## ---- installs (each is skipped when already present) ----
 
-deps: .deps/apt .deps/rust $(ENVOY) $(TANSU) $(WBG_BIN)/wasm-bindgen-test-runner
+deps: .deps/apt .deps/rust $(ENVOY) $(TANSU) $(WBG_BIN)/wasm-bindgen-test-runner tests/browser/node_modules
 
-.deps/apt:
+# Re-checked when this file changes (e.g. a package was added to APT_PACKAGES).
+.deps/apt: Makefile
 	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing Debian packages:$$missing"; \
@@ -68,6 +69,12 @@ $(TANSU):
 # A few minutes the first time; cached per version like Tansu.
 $(WBG_BIN)/wasm-bindgen-test-runner:
 	cargo install wasm-bindgen-cli --version $(WBG_VERSION) --root $(CACHE)/wasm-bindgen-$(WBG_VERSION)
+
+# The viewer's browser test drives Debian's chromium with playwright-core (which downloads
+# no browser); `npm ci` installs exactly the committed lock file.
+tests/browser/node_modules: tests/browser/package-lock.json | .deps/apt
+	cd tests/browser && PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD=1 npm ci --no-audit --no-fund
+	@touch $@
 
 ## ---- build ----
 

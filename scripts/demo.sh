@@ -89,6 +89,9 @@ Request a payment (tap: the upstream answers, the event is published too):
   curl -i http://127.0.0.1:10000/payments -H 'content-type: application/json' \\
        -d '{"order_id":"ord-1001","amount":99.5}'
 
+Watch orders arrive live (WebSocket through Envoy):
+  http://127.0.0.1:10000/ui        (topic order-placed-events, then Connect)
+
 Read the topics (one CloudEvent per line):
   $SIDECAR tail --topic order-placed-events --brokers $BROKERS
   $SIDECAR tail --topic payment-requested-events --brokers $BROKERS

@@ -64,6 +64,29 @@ pub struct ServeArgs {
     pub max_body_bytes: usize,
     #[command(flatten)]
     pub durability: DurabilityArgs,
+    #[command(flatten)]
+    pub push: PushArgs,
+}
+
+/// The push side: `GET /v1/subscribe` (WebSocket, SSE) and the `/ui` viewer.
+#[derive(Debug, Clone, Args)]
+pub struct PushArgs {
+    /// Events (N) a subscriber may fall behind its topic. One that stays more than N behind
+    /// for 100 ms, or falls 2N behind, is closed alone (WebSocket code 4008, SSE
+    /// `event: error`) with the cursor to reconnect from.
+    #[arg(long, env = "EVENTWIRE_SUBSCRIBER_QUEUE", default_value_t = 1024, value_parser = clap::value_parser!(u32).range(1..=1_000_000))]
+    pub subscriber_queue: u32,
+    /// Seconds between WebSocket pings (SSE: `: ping` comments); a client silent for three
+    /// intervals is dropped.
+    #[arg(long, env = "EVENTWIRE_PING_INTERVAL_S", default_value_t = 15, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub ping_interval_s: u64,
+    /// How long a topic's shared consumer stays after its last subscriber left.
+    #[arg(long, env = "EVENTWIRE_HUB_GRACE_MS", default_value_t = 5000)]
+    pub hub_grace_ms: u64,
+    /// The push consumers' fetch.wait.max.ms. Kafka answers a fetch as soon as records
+    /// arrive, but the test broker (Tansu) only after this wait: there it is the latency floor.
+    #[arg(long, env = "EVENTWIRE_PUSH_FETCH_WAIT_MS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    pub push_fetch_wait_ms: u64,
 }
 
 /// When an event counts as accepted, and where it waits while Kafka is away.
@@ -157,6 +180,8 @@ mod tests {
         assert_eq!(cli.serve.durability.ack_timeout_ms, 2000);
         assert_eq!(cli.serve.durability.ack, crate::durable::AckMode::Broker);
         assert_eq!(cli.serve.max_body_bytes, 1_048_576);
+        assert_eq!(cli.serve.push.subscriber_queue, 1024);
+        assert_eq!(cli.serve.push.ping_interval_s, 15);
 
         let cli = Cli::try_parse_from([
             "x",

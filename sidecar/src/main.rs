@@ -3,12 +3,17 @@
 
 mod cloudevent;
 mod config;
+mod cursor;
 mod durable;
+mod fanout;
+mod filter;
 mod ingest;
 mod problem;
 mod publish;
 mod spool;
 mod status;
+mod subscribe;
+mod subscription;
 mod tail;
 mod topic;
 
@@ -124,13 +129,22 @@ async fn serve(args: ServeArgs) -> Result<(), AppError> {
     let forwarder = sink.spawn_forwarder(stopped);
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
     tracing::info!(listen = %args.listen, brokers = %args.kafka.brokers, data_dir = %d.data_dir.display(), ack = ?d.ack, "eventwire sidecar listening");
+    let fanout = push_fanout(&args)?;
     let app = ingest::router(ingest::AppState {
         sink,
         status,
         max_body_bytes: args.max_body_bytes,
-    });
+    })
+    .merge(subscribe::router(subscribe::PushState {
+        fanout: fanout.clone(),
+        ping_interval: Duration::from_secs(args.push.ping_interval_s),
+    }));
     axum::serve(listener, app)
-        .with_graceful_shutdown(shutdown_signal())
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            // Open subscriptions would otherwise hold the graceful shutdown forever.
+            fanout.shutdown();
+        })
         .await?;
     // Flush while the forwarder still records what gets delivered, then stop it; whatever is
     // not in Kafka by then stays in the spool for the next start.
@@ -142,6 +156,16 @@ async fn serve(args: ServeArgs) -> Result<(), AppError> {
     probe.abort();
     tracing::info!("stopped");
     Ok(())
+}
+
+fn push_fanout(args: &ServeArgs) -> Result<Arc<fanout::Fanout>, AppError> {
+    Ok(fanout::Fanout::new(fanout::FanoutConfig {
+        brokers: args.kafka.brokers.clone(),
+        overrides: args.kafka.kafka.clone(),
+        queue: args.push.subscriber_queue as usize,
+        grace: Duration::from_millis(args.push.hub_grace_ms),
+        fetch_wait: Duration::from_millis(args.push.push_fetch_wait_ms),
+    })?)
 }
 
 async fn flush(publisher: Arc<KafkaPublisher>) {

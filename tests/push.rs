@@ -1,0 +1,860 @@
+//! The push side through real Envoy, the sidecar and Tansu: `/v1/subscribe` over WebSocket
+//! and SSE, filters, replay and resume, slow clients, two sidecars, and the viewer in a
+//! real headless browser.
+
+#[path = "harness/push.rs"]
+mod push_client;
+
+use eventwire_e2e::*;
+use push_client::*;
+use serde_json::{Value, json};
+use std::collections::{BTreeMap, HashSet};
+use std::time::Duration;
+
+const ORDERS: &str = "order-placed-events";
+const WAIT: Duration = Duration::from_secs(15);
+/// Long enough for a stray event to show up, short enough to keep the suite quick.
+const QUIET: Duration = Duration::from_millis(1500);
+
+struct Stack {
+    envoy: Envoy,
+    _upstream: Upstream,
+    sidecar: Sidecar,
+    broker: Broker,
+    http: reqwest::Client,
+}
+
+async fn stack(topics: &[(&str, i32)], sidecar_args: &[&str]) -> Stack {
+    let broker = Broker::start().await;
+    for (t, partitions) in topics {
+        broker.create_topic(t, *partitions).await;
+    }
+    let sidecar = Sidecar::start_with(&broker.bootstrap(), sidecar_args).await;
+    assert!(sidecar.wait_ready().await, "sidecar never saw the broker");
+    let upstream = Upstream::start().await;
+    let envoy = Envoy::start(&EnvoyConfig::shipped(), sidecar.port, upstream.port).await;
+    Stack {
+        envoy,
+        _upstream: upstream,
+        sidecar,
+        broker,
+        http: reqwest::Client::new(),
+    }
+}
+
+impl Stack {
+    fn ws_url(&self, path: &str) -> String {
+        format!("ws://127.0.0.1:{}{path}", self.envoy.port)
+    }
+
+    /// `POST /orders` through Envoy (bridged to `order-placed-events`); the 202's JSON.
+    async fn order(&self, body: Value) -> Value {
+        let resp = self
+            .http
+            .post(self.envoy.url("/orders"))
+            .header("content-type", "application/json")
+            .header("x-tenant-id", "acme")
+            .body(body.to_string())
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("POST /orders: {e}"));
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        assert_eq!(status, 202, "{text}");
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+    }
+}
+
+/// Asserts what every frame carries: position, key, the CloudEvent and a cursor that names
+/// every partition with this record's partition just past it.
+fn assert_envelope(frame: &Value, topic: &str, partitions: usize) {
+    assert_eq!(frame["topic"], topic, "{frame}");
+    assert_eq!(frame["event"]["specversion"], "1.0", "{frame}");
+    let cursor = frame["cursor"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no cursor: {frame}"));
+    let positions = parse_cursor(cursor);
+    assert_eq!(positions.len(), partitions, "{cursor}");
+    let p = frame["partition"].as_i64().unwrap_or(-1) as i32;
+    let o = frame["offset"].as_i64().unwrap_or(-1);
+    assert_eq!(positions.get(&p), Some(&(o + 1)), "{cursor} after {p}:{o}");
+}
+
+fn parse_cursor(cursor: &str) -> BTreeMap<i32, i64> {
+    cursor
+        .split(',')
+        .map(|pair| {
+            let (p, o) = pair
+                .split_once(':')
+                .unwrap_or_else(|| panic!("bad cursor {cursor}"));
+            (
+                p.parse().unwrap_or_else(|_| panic!("bad cursor {cursor}")),
+                o.parse().unwrap_or_else(|_| panic!("bad cursor {cursor}")),
+            )
+        })
+        .collect()
+}
+
+fn ids(frames: &[Value]) -> Vec<String> {
+    frames
+        .iter()
+        .map(|f| f["event"]["id"].as_str().unwrap_or_default().to_string())
+        .collect()
+}
+
+#[tokio::test]
+async fn websocket_and_sse_through_envoy_receive_bridged_orders_in_order_per_key() {
+    let s = stack(&[(ORDERS, 3)], &[]).await;
+    let path = subscribe_path(ORDERS, &[]);
+    let mut ws = WsClient::connect(&s.ws_url(&path)).await;
+    let mut sse = SseClient::connect(&s.envoy.url(&path), None).await;
+
+    // Three keys, five orders each, interleaved; `seq` gives the order within a key.
+    let mut acks = Vec::new();
+    for seq in 0..5 {
+        for key in ["ord-a", "ord-b", "ord-c"] {
+            let ack = s.order(json!({"id": key, "seq": seq})).await;
+            acks.push((key, seq, ack));
+        }
+    }
+    let frames = ws.take(acks.len(), WAIT).await;
+    let events = sse.take(acks.len(), WAIT).await;
+    assert_eq!(frames.len(), 15, "websocket got {}", frames.len());
+    assert_eq!(events.len(), 15, "sse got {}", events.len());
+
+    let by_id: BTreeMap<&str, &Value> = frames
+        .iter()
+        .map(|f| (f["event"]["id"].as_str().unwrap_or_default(), f))
+        .collect();
+    for (key, seq, ack) in &acks {
+        let id = ack["id"].as_str().unwrap_or_default();
+        let f = by_id.get(id).unwrap_or_else(|| panic!("no frame for {id}"));
+        assert_envelope(f, ORDERS, 3);
+        assert_eq!(f["key"], *key);
+        assert_eq!(
+            (&f["partition"], &f["offset"]),
+            (&ack["partition"], &ack["offset"])
+        );
+        assert_eq!(f["event"]["type"], "com.example.order.placed");
+        assert_eq!(f["event"]["tenant"], "acme");
+        assert_eq!(f["event"]["data"], json!({"id": key, "seq": seq}));
+    }
+    for key in ["ord-a", "ord-b", "ord-c"] {
+        let seqs: Vec<i64> = frames
+            .iter()
+            .filter(|f| f["key"] == key)
+            .map(|f| f["event"]["data"]["seq"].as_i64().unwrap_or(-1))
+            .collect();
+        assert_eq!(seqs, [0, 1, 2, 3, 4], "websocket order for {key}");
+    }
+
+    // SSE: the same events, in the same order, each `id` the frame's cursor.
+    assert!(
+        events
+            .iter()
+            .all(|e| e.event.as_deref() == Some("cloudevent"))
+    );
+    let sse_frames: Vec<Value> = events.iter().map(SseEvent::json).collect();
+    for (e, f) in events.iter().zip(&sse_frames) {
+        assert_eq!(e.id.as_deref(), f["cursor"].as_str());
+        assert_envelope(f, ORDERS, 3);
+    }
+    let per_key = |frames: &[Value], key: &str| -> Vec<String> {
+        ids(&frames
+            .iter()
+            .filter(|f| f["key"] == key)
+            .cloned()
+            .collect::<Vec<_>>())
+    };
+    for key in ["ord-a", "ord-b", "ord-c"] {
+        assert_eq!(
+            per_key(&sse_frames, key),
+            per_key(&frames, key),
+            "sse order for {key}"
+        );
+    }
+    assert!(ws.drain(QUIET).await.is_empty(), "nothing beyond the 15");
+}
+
+/// Event ids as owned strings, for the `(key, id, type, subject)` tuples `produce_events` takes.
+fn numbered(prefix: &str, range: std::ops::Range<usize>, keys: usize) -> Vec<(String, String)> {
+    range
+        .map(|i| (format!("k{}", i % keys), format!("{prefix}-{i}")))
+        .collect()
+}
+
+async fn produce_numbered(bootstrap: &str, topic: &str, events: &[(String, String)], pad: usize) {
+    let tuples: Vec<(&str, &str, &str, &str)> = events
+        .iter()
+        .map(|(k, id)| (k.as_str(), id.as_str(), "com.example.test", "s"))
+        .collect();
+    produce_padded(bootstrap, topic, &tuples, pad).await;
+}
+
+fn id_list(events: &[(String, String)]) -> Vec<String> {
+    events.iter().map(|(_, id)| id.clone()).collect()
+}
+
+/// Like `assert_eq!` on long id lists, reporting lengths and the first difference only.
+fn assert_same(got: &[String], want: &[String], what: &str) {
+    let first_diff = got.iter().zip(want).position(|(g, w)| g != w);
+    assert!(
+        got.len() == want.len() && first_diff.is_none(),
+        "{what}: got {} ids, want {}; first difference at {first_diff:?}; got ends {:?}",
+        got.len(),
+        want.len(),
+        got.last()
+    );
+}
+
+fn sorted(mut v: Vec<String>) -> Vec<String> {
+    v.sort();
+    v
+}
+
+/// Offsets per partition must rise by one: nothing skipped, nothing repeated.
+fn assert_contiguous(frames: &[Value]) {
+    let mut last: BTreeMap<i64, i64> = BTreeMap::new();
+    for f in frames {
+        let (p, o) = (
+            f["partition"].as_i64().unwrap_or(-1),
+            f["offset"].as_i64().unwrap_or(-1),
+        );
+        if let Some(prev) = last.insert(p, o) {
+            assert_eq!(o, prev + 1, "partition {p}: {prev} then {o}");
+        }
+    }
+}
+
+#[tokio::test]
+async fn filters_select_events_per_dialect_and_malformed_ones_are_refused() {
+    let s = stack(&[(ORDERS, 3)], &[]).await;
+    let events = [
+        ("k1", "e1", "com.example.order.placed", "customer-42"),
+        ("k2", "e2", "com.example.order.cancelled", "customer-42"),
+        ("k3", "e3", "com.example.payment.requested", "customer-7"),
+        ("k1", "e4", "com.example.order.placed", "customer-7"),
+        ("k2", "e5", "org.other.thing", "customer-42"),
+    ];
+    produce_events(&s.broker.bootstrap(), ORDERS, &events).await;
+    // e6: bridged by Envoy, so it has the `tenant` extension and no subject.
+    let e6 = s.order(json!({"id": "ord-9"})).await["id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
+
+    let cases: Vec<(&str, Value, Vec<&str>)> = vec![
+        (
+            "exact",
+            json!({"exact": {"subject": "customer-42"}}),
+            vec!["e1", "e2", "e5", "e7"],
+        ),
+        (
+            "prefix",
+            json!({"prefix": {"type": "com.example.order."}}),
+            vec!["e1", "e2", "e4", "e6", "e7"],
+        ),
+        (
+            "suffix",
+            json!({"suffix": {"type": ".placed"}}),
+            vec!["e1", "e4", "e6", "e7"],
+        ),
+        (
+            "extension",
+            json!({"exact": {"tenant": "acme"}}),
+            vec!["e6"],
+        ),
+        (
+            "two attributes",
+            json!({"exact": {"subject": "customer-7", "type": "com.example.order.placed"}}),
+            vec!["e4"],
+        ),
+        (
+            "all",
+            json!({"all": [{"prefix": {"type": "com.example.order."}}, {"exact": {"subject": "customer-42"}}]}),
+            vec!["e1", "e2", "e7"],
+        ),
+        (
+            "any",
+            json!({"any": [{"suffix": {"type": ".requested"}}, {"exact": {"id": "e5"}}]}),
+            vec!["e3", "e5"],
+        ),
+        (
+            "not",
+            json!({"not": {"prefix": {"type": "com.example."}}}),
+            vec!["e5"],
+        ),
+        (
+            "implicit all",
+            json!([{"prefix": {"type": "com.example."}}, {"not": {"exact": {"subject": "customer-42"}}}]),
+            vec!["e3", "e4", "e6"],
+        ),
+        (
+            "missing attribute",
+            json!({"prefix": {"nosuchext": ""}}),
+            vec![],
+        ),
+    ];
+    // From `earliest`: e1..e6 come by replay, e7 (sent once all are connected) live.
+    let mut clients = Vec::new();
+    for (name, filter, _) in &cases {
+        let path = subscribe_path(
+            ORDERS,
+            &[("from", "earliest"), ("filter", &filter.to_string())],
+        );
+        clients.push((name, WsClient::connect(&s.ws_url(&path)).await));
+    }
+    produce_events(
+        &s.broker.bootstrap(),
+        ORDERS,
+        &[("k1", "e7", "com.example.order.placed", "customer-42")],
+    )
+    .await;
+    let results = futures_util::future::join_all(
+        clients
+            .iter_mut()
+            .map(|(_, c)| async { c.drain(Duration::from_secs(4)).await }),
+    )
+    .await;
+    for ((name, _, want), got) in cases.iter().zip(results) {
+        let want: Vec<String> = want
+            .iter()
+            .map(|id| {
+                if *id == "e6" {
+                    e6.clone()
+                } else {
+                    id.to_string()
+                }
+            })
+            .collect();
+        assert_eq!(sorted(ids(&got)), sorted(want), "filter {name}");
+        got.iter().for_each(|f| assert_envelope(f, ORDERS, 3));
+    }
+
+    // Malformed: refused with problem+json before the upgrade, naming the part.
+    let bad = subscribe_path(
+        ORDERS,
+        &[(
+            "filter",
+            r#"[{"exact":{"type":"x"}},{"prefix":{"type":1}}]"#,
+        )],
+    );
+    match tokio_tungstenite::connect_async(s.ws_url(&bad)).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status().as_u16(), 400);
+            assert_eq!(resp.headers()["content-type"], "application/problem+json");
+            let body: Value = serde_json::from_slice(resp.body().as_deref().unwrap_or_default())
+                .unwrap_or_else(|e| panic!("problem body: {e}"));
+            assert_eq!(body["type"], "urn:eventwire:problem:invalid-filter");
+            assert_eq!(body["parameter"], "filter[1].prefix");
+            assert_eq!(
+                body["detail"],
+                r#"filter[1].prefix: value of "type" must be a string"#
+            );
+        }
+        other => panic!(
+            "malformed filter was not refused: {:?}",
+            other.map(|(_, r)| r.status())
+        ),
+    }
+    let problems = [
+        (
+            subscribe_path(ORDERS, &[("filter", r#"{"sql":"type = 'x'"}"#)]),
+            400,
+            "invalid-filter",
+            Some("filter.sql"),
+        ),
+        (
+            subscribe_path(ORDERS, &[("from", "yesterday")]),
+            400,
+            "invalid-from",
+            Some("from"),
+        ),
+        (
+            subscribe_path(ORDERS, &[("from", "7:0")]),
+            400,
+            "invalid-from",
+            Some("from"),
+        ),
+        (
+            subscribe_path("no-such-topic", &[]),
+            404,
+            "unknown-topic",
+            None,
+        ),
+        (
+            "/v1/subscribe".to_string(),
+            400,
+            "missing-topic",
+            Some("topic"),
+        ),
+    ];
+    for (path, status, slug, parameter) in problems {
+        let resp = s
+            .http
+            .get(s.envoy.url(&path))
+            .header("accept", "text/event-stream")
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+        assert_eq!(resp.status().as_u16(), status, "{path}");
+        let body: Value = resp.json().await.unwrap_or_else(|e| panic!("{path}: {e}"));
+        assert_eq!(
+            body["type"],
+            format!("urn:eventwire:problem:{slug}"),
+            "{path}: {body}"
+        );
+        assert_eq!(body["parameter"].as_str(), parameter, "{path}: {body}");
+    }
+}
+
+#[tokio::test]
+async fn replay_from_earliest_a_cursor_a_time_and_sse_last_event_id() {
+    let s = stack(&[(ORDERS, 3)], &[]).await;
+    let boot = s.broker.bootstrap();
+    let first = numbered("a", 0..10, 4);
+    produce_numbered(&boot, ORDERS, &first, 0).await;
+
+    // Earliest: all ten, once each, offsets contiguous per partition.
+    let mut ws =
+        WsClient::connect(&s.ws_url(&subscribe_path(ORDERS, &[("from", "earliest")]))).await;
+    let got = ws.take(4, WAIT).await;
+    assert_eq!(got.len(), 4);
+    let saved = got[3]["cursor"].as_str().unwrap_or_default().to_string();
+    let mut rest = ws.drain(QUIET).await;
+    ws.close().await;
+    let mut all = got.clone();
+    all.append(&mut rest);
+    assert_eq!(sorted(ids(&all)), sorted(id_list(&first)));
+    assert_contiguous(&all);
+
+    // A saved cursor: exactly what came after it, including events published meanwhile.
+    let time_mark = {
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        let t = std::time::SystemTime::now();
+        tokio::time::sleep(Duration::from_millis(1100)).await;
+        t
+    };
+    let second = numbered("b", 0..6, 4);
+    produce_numbered(&boot, ORDERS, &second, 0).await;
+    let mut ws = WsClient::connect(&s.ws_url(&subscribe_path(ORDERS, &[("from", &saved)]))).await;
+    let resumed = ws.drain(QUIET).await;
+    let mut want: Vec<String> = id_list(&first)
+        .into_iter()
+        .chain(id_list(&second))
+        .collect();
+    let seen: HashSet<String> = ids(&got).into_iter().collect();
+    want.retain(|id| !seen.contains(id));
+    assert_eq!(sorted(ids(&resumed)), sorted(want), "resume from {saved}");
+    assert_contiguous(&resumed);
+
+    // A time: the events at or after it only. A time after the last record: nothing old,
+    // but new events arrive (Tansu answers such a query with offset 0).
+    let stamp = rfc3339(time_mark);
+    let mut ws = WsClient::connect(&s.ws_url(&subscribe_path(ORDERS, &[("from", &stamp)]))).await;
+    assert_eq!(
+        sorted(ids(&ws.drain(QUIET).await)),
+        sorted(id_list(&second)),
+        "from {stamp}"
+    );
+    let future = rfc3339(std::time::SystemTime::now() + Duration::from_secs(5));
+    let mut ws = WsClient::connect(&s.ws_url(&subscribe_path(ORDERS, &[("from", &future)]))).await;
+    produce_events(&boot, ORDERS, &[("k0", "c-0", "com.example.test", "s")]).await;
+    assert_eq!(ids(&ws.drain(QUIET).await), ["c-0"], "from {future}");
+
+    // SSE: Last-Event-ID wins over `from` and resumes right after that event.
+    let url = s
+        .envoy
+        .url(&subscribe_path(ORDERS, &[("from", "earliest")]));
+    let mut sse = SseClient::connect(&url, None).await;
+    let head = sse.take(5, WAIT).await;
+    assert_eq!(head.len(), 5);
+    let last_id = head[4].id.clone().unwrap_or_default();
+    drop(sse);
+    let mut sse = SseClient::connect(&url, Some(&last_id)).await;
+    let tail = sse.take(usize::MAX, QUIET).await;
+    let head_ids: Vec<String> = ids(&head.iter().map(SseEvent::json).collect::<Vec<_>>());
+    let tail_frames: Vec<Value> = tail.iter().map(SseEvent::json).collect();
+    let mut everything = head_ids.clone();
+    everything.extend(ids(&tail_frames));
+    assert_eq!(everything.len(), 17, "no duplicates across the resume");
+    let expected: Vec<String> = id_list(&first)
+        .into_iter()
+        .chain(id_list(&second))
+        .chain(["c-0".to_string()])
+        .collect();
+    assert_eq!(sorted(everything), sorted(expected));
+}
+
+/// RFC 3339 UTC with milliseconds, without a date library.
+fn rfc3339(t: std::time::SystemTime) -> String {
+    let ms = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as i64)
+        .unwrap_or_default();
+    let (days, rem) = (ms.div_euclid(86_400_000), ms.rem_euclid(86_400_000));
+    // Howard Hinnant's civil_from_days.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3_600_000,
+        rem / 60_000 % 60,
+        rem / 1000 % 60,
+        rem % 1000
+    )
+}
+
+// Two workers: the fast reader must not wait for the producer's task.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_client_is_closed_with_4008_while_a_fast_client_gets_everything() {
+    const QUEUE: usize = 256;
+    const EVENTS: usize = 3000;
+    let s = stack(&[(ORDERS, 1)], &["--subscriber-queue", &QUEUE.to_string()]).await;
+    let path = subscribe_path(ORDERS, &[]);
+    let direct = format!("ws://127.0.0.1:{}{path}", s.sidecar.port);
+    let mut fast = WsClient::connect(&direct).await;
+    let mut slow = WsClient::connect_small_buffer(&direct, s.sidecar.port).await;
+
+    let events = numbered("s", 0..EVENTS, 1);
+    let started = std::time::Instant::now();
+    let fast_reader = tokio::spawn(async move {
+        let frames = fast.take(EVENTS, Duration::from_secs(60)).await;
+        (frames, std::time::Instant::now())
+    });
+    produce_numbered(&s.broker.bootstrap(), ORDERS, &events, 1000).await;
+    let produced = started.elapsed();
+    let (frames, done) = fast_reader
+        .await
+        .unwrap_or_else(|e| panic!("fast reader: {e}"));
+    assert_same(
+        &ids(&frames),
+        &id_list(&events),
+        "the fast client gets all, in order",
+    );
+    let behind = done.duration_since(started).saturating_sub(produced);
+    assert!(
+        behind < Duration::from_secs(5),
+        "fast client finished {behind:?} after the producer"
+    );
+
+    // The slow client now reads: a prefix of the events, then the close with the cursor.
+    let got = slow.drain(Duration::from_secs(20)).await;
+    let Some(Some(close)) = slow.closed.clone() else {
+        panic!("slow client was not closed (got {} events)", got.len());
+    };
+    assert_eq!(u16::from(close.code), 4008);
+    assert!(got.len() < EVENTS, "it cannot have kept up");
+    assert_same(
+        &ids(&got),
+        &id_list(&events[..got.len()]),
+        "a prefix, in order",
+    );
+    let last_cursor = got.last().map_or("0:0".to_string(), |f| {
+        f["cursor"].as_str().unwrap_or_default().to_string()
+    });
+    assert_eq!(
+        close.reason.as_str(),
+        format!(
+            "slow consumer: fell more than {QUEUE} events behind; reconnect with from={last_cursor}"
+        )
+    );
+    // Following the advice loses nothing.
+    let resume = format!(
+        "ws://127.0.0.1:{}{}",
+        s.sidecar.port,
+        subscribe_path(ORDERS, &[("from", &last_cursor)])
+    );
+    let mut again = WsClient::connect(&resume).await;
+    let rest = again.take(EVENTS - got.len(), WAIT).await;
+    assert_same(
+        &ids(&rest),
+        &id_list(&events[got.len()..]),
+        "the rest after resuming",
+    );
+}
+
+#[tokio::test]
+async fn a_client_resumes_on_another_sidecar_without_gap_or_duplicate() {
+    let broker = Broker::start().await;
+    broker.create_topic(ORDERS, 3).await;
+    let a = Sidecar::start(&broker.bootstrap()).await;
+    let b = Sidecar::start(&broker.bootstrap()).await;
+    let ws = |sidecar: &Sidecar, from: &str| {
+        format!(
+            "ws://127.0.0.1:{}{}",
+            sidecar.port,
+            subscribe_path(ORDERS, &[("from", from)])
+        )
+    };
+    let mut on_a = WsClient::connect(&ws(&a, "latest")).await;
+    let first = numbered("x", 0..12, 5);
+    produce_numbered(&broker.bootstrap(), ORDERS, &first, 0).await;
+    let got_a = on_a.take(7, WAIT).await;
+    assert_eq!(got_a.len(), 7);
+    let cursor = got_a[6]["cursor"].as_str().unwrap_or_default().to_string();
+    on_a.close().await;
+    drop(a);
+
+    let second = numbered("y", 0..12, 5);
+    produce_numbered(&broker.bootstrap(), ORDERS, &second, 0).await;
+    let mut on_b = WsClient::connect(&ws(&b, &cursor)).await;
+    let got_b = on_b.take(17, WAIT).await;
+    assert!(
+        on_b.drain(QUIET).await.is_empty(),
+        "nothing more than the 17 missing"
+    );
+
+    let mut all = got_a.clone();
+    all.extend(got_b.iter().cloned());
+    let all_ids = ids(&all);
+    let unique: HashSet<&String> = all_ids.iter().collect();
+    assert_eq!(unique.len(), all_ids.len(), "no duplicate across sidecars");
+    let expected: Vec<String> = id_list(&first)
+        .into_iter()
+        .chain(id_list(&second))
+        .collect();
+    assert_eq!(sorted(all_ids), sorted(expected), "no gap across sidecars");
+    assert_contiguous(&all);
+}
+
+#[tokio::test]
+async fn viewer_page_in_headless_chromium_shows_an_order_posted_through_envoy() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let root = repo_root();
+    let script = root.join("tests/browser/viewer.mjs");
+    assert!(
+        root.join("tests/browser/node_modules/playwright-core")
+            .exists(),
+        "playwright-core is missing: run `make deps` (npm ci in tests/browser)"
+    );
+    let s = stack(&[(ORDERS, 3)], &[]).await;
+    let shot = tempfile::Builder::new()
+        .prefix("eventwire-viewer-")
+        .suffix(".png")
+        .tempfile()
+        .unwrap_or_else(|e| panic!("tempfile: {e}"))
+        .into_temp_path();
+    let keep = std::env::var_os("EVENTWIRE_KEEP_SCREENSHOT").is_some();
+    let mut child = tokio::process::Command::new("node")
+        .arg(&script)
+        .arg(s.envoy.url("/"))
+        .arg(ORDERS)
+        .arg(&shot)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap_or_else(|e| panic!("node: {e}"));
+    let mut stdin = child.stdin.take().unwrap_or_else(|| panic!("no stdin"));
+    let stdout = child.stdout.take().unwrap_or_else(|| panic!("no stdout"));
+    let mut lines = BufReader::new(stdout).lines();
+    let mut next_line = async || {
+        tokio::time::timeout(Duration::from_secs(60), lines.next_line())
+            .await
+            .unwrap_or_else(|_| panic!("viewer.mjs said nothing for 60 s"))
+            .unwrap_or_else(|e| panic!("viewer.mjs stdout: {e}"))
+            .unwrap_or_else(|| panic!("viewer.mjs exited early (see its stderr above)"))
+    };
+    assert_eq!(next_line().await, "READY");
+
+    // Filtered out by the page's `type` prefix filter, so it must not show.
+    produce_events(
+        &s.broker.bootstrap(),
+        ORDERS,
+        &[("x", "other-1", "org.other.thing", "s")],
+    )
+    .await;
+    let ack = s.order(json!({"id": "ord-ui-1", "total": 12.5})).await;
+    let id = ack["id"].as_str().unwrap_or_default().to_string();
+    stdin
+        .write_all(format!("{id}\n").as_bytes())
+        .await
+        .unwrap_or_else(|e| panic!("stdin: {e}"));
+    drop(stdin);
+
+    let found = next_line().await;
+    let found: Value = serde_json::from_str(
+        found
+            .strip_prefix("FOUND ")
+            .unwrap_or_else(|| panic!("{found}")),
+    )
+    .unwrap_or_else(|e| panic!("FOUND json: {e}"));
+    assert_eq!(found["id"], id.as_str());
+    assert_eq!(found["type"], "com.example.order.placed");
+    assert_eq!(
+        (&found["partition"], &found["offset"]),
+        (&ack["partition"], &ack["offset"])
+    );
+    assert_eq!(found["attributes"]["tenant"], "acme");
+    assert_eq!(found["attributes"]["(key)"], "ord-ui-1");
+    assert_eq!(found["open"], true, "the event expands");
+    let data: Value = serde_json::from_str(found["data"].as_str().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("data pane: {e}"));
+    assert_eq!(data, json!({"id": "ord-ui-1", "total": 12.5}));
+    assert_eq!(found["count"], 1, "the filtered-out event is not listed");
+    let line = next_line().await;
+    assert!(line.starts_with("SCREENSHOT "), "{line}");
+    let status = tokio::time::timeout(Duration::from_secs(20), child.wait())
+        .await
+        .unwrap_or_else(|_| panic!("viewer.mjs did not exit"))
+        .unwrap_or_else(|e| panic!("wait: {e}"));
+    assert!(status.success(), "viewer.mjs: {status}");
+    let png = std::fs::read(&shot).unwrap_or_else(|e| panic!("screenshot: {e}"));
+    assert!(png.starts_with(b"\x89PNG"), "screenshot is a PNG");
+    if keep {
+        let _ = shot.keep();
+    }
+}
+
+#[tokio::test]
+async fn idle_streams_are_pinged_and_a_vanished_client_is_cleaned_up() {
+    let broker = Broker::start().await;
+    broker.create_topic(ORDERS, 1).await;
+    let args = ["--ping-interval-s", "1", "--hub-grace-ms", "300"];
+    let mut sidecar = Sidecar::start_with(&broker.bootstrap(), &args).await;
+    let path = subscribe_path(ORDERS, &[]);
+
+    // SSE: `: ping` comments keep an idle stream alive.
+    let mut sse = SseClient::connect(&sidecar.url(&path), None).await;
+    let idle = sse.take(1, Duration::from_millis(2500)).await;
+    assert!(idle.is_empty(), "{idle:?}");
+    assert!(sse.comments >= 2, "{} ping comments in 2.5 s", sse.comments);
+    drop(sse);
+
+    // A WebSocket client that reads nothing answers no ping: dropped after three intervals,
+    // and with it gone the topic's consumer stops too.
+    let ws = WsClient::connect(&format!("ws://127.0.0.1:{}{path}", sidecar.port)).await;
+    let log_has = |needle: &'static str| {
+        let proc = &sidecar.proc;
+        move || {
+            let found = proc.log_text().contains(needle);
+            async move { found }
+        }
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), log_has("stopped answering pings")).await,
+        "silent client not dropped"
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), log_has("fan-out hub stopped")).await,
+        "hub kept its consumer without subscribers"
+    );
+    drop(ws);
+
+    // Open streams do not hold up a graceful shutdown; they are told why they end.
+    let mut sse = SseClient::connect(&sidecar.url(&path), None).await;
+    let started = std::time::Instant::now();
+    assert_eq!(sidecar.proc.stop(), Some(0), "clean exit on SIGTERM");
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    let last = sse.take(1, WAIT).await;
+    assert_eq!(last.len(), 1);
+    assert_eq!(last[0].event.as_deref(), Some("error"));
+    assert!(
+        last[0]
+            .data
+            .starts_with("sidecar shutting down; reconnect with from=0:"),
+        "{}",
+        last[0].data
+    );
+    assert!(
+        sse.take(1, WAIT).await.is_empty() && sse.ended,
+        "the stream ends"
+    );
+}
+
+/// Not a check: prints POST -> frame latency through Envoy and the hub's fan-out rate.
+/// `cargo nextest run --release -p eventwire-e2e --test push --run-ignored only measure`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore]
+async fn measure_latency_and_fanout() {
+    for subscribers in [1usize, 100] {
+        let s = stack(&[(ORDERS, 3)], &[]).await;
+        let url = s.ws_url(&subscribe_path(ORDERS, &[]));
+        const POSTS: usize = 200;
+        let mut readers = Vec::new();
+        for _ in 0..subscribers {
+            let mut c = WsClient::connect(&url).await;
+            readers.push(tokio::spawn(async move {
+                let mut seen = Vec::new();
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+                while seen.len() < POSTS {
+                    match c.next_until(deadline).await {
+                        Some(f) => seen.push((
+                            f["event"]["data"]["n"].as_u64().unwrap_or(0),
+                            std::time::Instant::now(),
+                        )),
+                        None => break,
+                    }
+                }
+                seen
+            }));
+        }
+        let mut sent = Vec::new();
+        for n in 0..POSTS {
+            sent.push(std::time::Instant::now());
+            s.order(json!({"id": format!("k{}", n % 7), "n": n})).await;
+        }
+        let mut latencies = Vec::new();
+        for r in readers {
+            let seen = r.await.unwrap_or_default();
+            assert_eq!(seen.len(), POSTS);
+            latencies.extend(
+                seen.iter()
+                    .map(|(n, t)| t.duration_since(sent[*n as usize])),
+            );
+        }
+        latencies.sort();
+        let pct =
+            |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
+        println!(
+            "subscribers={subscribers} POST->frame p50={:?} p99={:?} max={:?}",
+            pct(0.5),
+            pct(0.99),
+            latencies.last()
+        );
+    }
+    // Fan-out rate: 100 subscribers, 5,000 records written straight to the broker.
+    let s = stack(&[(ORDERS, 3)], &[]).await;
+    let url = format!(
+        "ws://127.0.0.1:{}{}",
+        s.sidecar.port,
+        subscribe_path(ORDERS, &[])
+    );
+    const RECORDS: usize = 5000;
+    let mut readers = Vec::new();
+    for _ in 0..100 {
+        let mut c = WsClient::connect(&url).await;
+        readers.push(tokio::spawn(async move {
+            let got = c.take(RECORDS, Duration::from_secs(120)).await.len();
+            (got, std::time::Instant::now())
+        }));
+    }
+    let events = numbered("f", 0..RECORDS, 10);
+    let start = std::time::Instant::now();
+    produce_numbered(&s.broker.bootstrap(), ORDERS, &events, 200).await;
+    let produced = start.elapsed();
+    let mut last = start;
+    for r in readers {
+        let (got, at) = r.await.unwrap_or((0, start));
+        assert_eq!(got, RECORDS);
+        last = last.max(at);
+    }
+    let all = last.duration_since(start);
+    println!(
+        "fan-out: {RECORDS} records produced in {produced:?} ({:.0}/s); 100 subscribers had all after {all:?} ({:.0} frames/s sent)",
+        RECORDS as f64 / produced.as_secs_f64(),
+        (RECORDS * 100) as f64 / all.as_secs_f64()
+    );
+}
