@@ -28,13 +28,14 @@ export EVENTWIRE_TANSU   := $(TANSU)
 export EVENTWIRE_SIDECAR := $(abspath $(SIDECAR))
 export EVENTWIRE_WASM    := $(abspath $(WASM))
 
-.PHONY: help deps build wasm sidecar run test test-unit test-e2e lint fmt fuzz clean-cache
+.PHONY: help deps build wasm sidecar run test test-unit test-e2e lint fmt fuzz bench clean-cache
 
 help:
 	@echo "make run    start the demo (broker :9092, sidecar :8090, upstream :8081, Envoy :10000)"
 	@echo "make test   install what is missing and run every test"
 	@echo "make build  build the filter (.wasm) and the sidecar"
 	@echo "make lint   cargo fmt --check and clippy -D warnings"
+	@echo "make bench  measurements side by side, written to BENCHMARKS.md (not in make test)"
 	@echo "make fuzz   run each cargo-fuzz target for FUZZ_TIME seconds (default 60; not in make test)"
 
 ## ---- installs (each is skipped when already present) ----
@@ -110,6 +111,11 @@ lint:
 
 fmt:
 	cargo fmt --all
+
+## ---- measurements (not part of `make test` or CI; tests never assert on time) ----
+
+bench: deps build
+	cargo nextest run --release -p eventwire-e2e --test bench --run-ignored only --no-capture
 
 ## ---- fuzzing (not part of `make test` or CI) ----
 # cargo fuzz (libFuzzer) on the filter's config parser and request builder and the sidecar's

@@ -2,11 +2,8 @@
 //! and SSE, filters, replay and resume, slow clients, two sidecars, and the viewer in a
 //! real headless browser.
 
-#[path = "harness/push.rs"]
-mod push_client;
-
+use eventwire_e2e::push::*;
 use eventwire_e2e::*;
-use push_client::*;
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, HashSet};
 use std::time::Duration;
@@ -771,90 +768,5 @@ async fn idle_streams_are_pinged_and_a_vanished_client_is_cleaned_up() {
     assert!(
         sse.take(1, WAIT).await.is_empty() && sse.ended,
         "the stream ends"
-    );
-}
-
-/// Not a check: prints POST -> frame latency through Envoy and the hub's fan-out rate.
-/// `cargo nextest run --release -p eventwire-e2e --test push --run-ignored only measure`
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-#[ignore]
-async fn measure_latency_and_fanout() {
-    for subscribers in [1usize, 100] {
-        let s = stack(&[(ORDERS, 3)], &[]).await;
-        let url = s.ws_url(&subscribe_path(ORDERS, &[]));
-        const POSTS: usize = 200;
-        let mut readers = Vec::new();
-        for _ in 0..subscribers {
-            let mut c = WsClient::connect(&url).await;
-            readers.push(tokio::spawn(async move {
-                let mut seen = Vec::new();
-                let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
-                while seen.len() < POSTS {
-                    match c.next_until(deadline).await {
-                        Some(f) => seen.push((
-                            f["event"]["data"]["n"].as_u64().unwrap_or(0),
-                            std::time::Instant::now(),
-                        )),
-                        None => break,
-                    }
-                }
-                seen
-            }));
-        }
-        let mut sent = Vec::new();
-        for n in 0..POSTS {
-            sent.push(std::time::Instant::now());
-            s.order(json!({"id": format!("k{}", n % 7), "n": n})).await;
-        }
-        let mut latencies = Vec::new();
-        for r in readers {
-            let seen = r.await.unwrap_or_default();
-            assert_eq!(seen.len(), POSTS);
-            latencies.extend(
-                seen.iter()
-                    .map(|(n, t)| t.duration_since(sent[*n as usize])),
-            );
-        }
-        latencies.sort();
-        let pct =
-            |p: f64| latencies[((latencies.len() as f64 * p) as usize).min(latencies.len() - 1)];
-        println!(
-            "subscribers={subscribers} POST->frame p50={:?} p99={:?} max={:?}",
-            pct(0.5),
-            pct(0.99),
-            latencies.last()
-        );
-    }
-    // Fan-out rate: 100 subscribers, 5,000 records written straight to the broker.
-    let s = stack(&[(ORDERS, 3)], &[]).await;
-    let url = format!(
-        "ws://127.0.0.1:{}{}",
-        s.sidecar.port,
-        subscribe_path(ORDERS, &[])
-    );
-    const RECORDS: usize = 5000;
-    let mut readers = Vec::new();
-    for _ in 0..100 {
-        let mut c = WsClient::connect(&url).await;
-        readers.push(tokio::spawn(async move {
-            let got = c.take(RECORDS, Duration::from_secs(120)).await.len();
-            (got, std::time::Instant::now())
-        }));
-    }
-    let events = numbered("f", 0..RECORDS, 10);
-    let start = std::time::Instant::now();
-    produce_numbered(&s.broker.bootstrap(), ORDERS, &events, 200).await;
-    let produced = start.elapsed();
-    let mut last = start;
-    for r in readers {
-        let (got, at) = r.await.unwrap_or((0, start));
-        assert_eq!(got, RECORDS);
-        last = last.max(at);
-    }
-    let all = last.duration_since(start);
-    println!(
-        "fan-out: {RECORDS} records produced in {produced:?} ({:.0}/s); 100 subscribers had all after {all:?} ({:.0} frames/s sent)",
-        RECORDS as f64 / produced.as_secs_f64(),
-        (RECORDS * 100) as f64 / all.as_secs_f64()
     );
 }

@@ -6,6 +6,7 @@
 pub mod broker;
 pub mod envoy;
 pub mod proc;
+pub mod push;
 pub mod upstream;
 
 pub use broker::{Broker, Record};
