@@ -26,17 +26,15 @@ struct Row {
 }
 
 async fn fanout_once(fetch_wait_ms: u64, subscribers: usize) -> Row {
-    let broker = Broker::start().await;
-    broker.create_topic(TOPIC, 3).await;
     let fw = fetch_wait_ms.to_string();
-    let sidecar = Sidecar::start_with(
-        &broker.bootstrap(),
-        &["--push-fetch-wait-ms", &fw, "--subscriber-queue", "8192"],
-    )
-    .await;
-    assert!(sidecar.wait_ready().await);
-    let upstream = Upstream::start().await;
-    let envoy = Envoy::start(&EnvoyConfig::shipped(), sidecar.port, upstream.port).await;
+    let args = [
+        "--push-fetch-wait-ms",
+        fw.as_str(),
+        "--subscriber-queue",
+        "8192",
+    ];
+    let stack = Stack::start(&EnvoyConfig::shipped(), &[(TOPIC, 3)], &args).await;
+    let envoy = &stack.envoy;
     let ws_url = format!(
         "ws://127.0.0.1:{}{}",
         envoy.port,

@@ -8,34 +8,21 @@ const ORDERS: &str = "order-placed-events";
 const PAYMENTS: &str = "payment-requested-events";
 const WAIT: Duration = Duration::from_secs(10);
 
-/// Broker with the demo topics, sidecar, upstream and Envoy on `cfg`.
-struct Stack {
-    envoy: Envoy,
-    upstream: Upstream,
-    sidecar: Sidecar,
-    broker: Broker,
-    http: reqwest::Client,
-}
-
 async fn stack(cfg: EnvoyConfig, topics: &[(&str, i32)]) -> Stack {
-    let broker = Broker::start().await;
-    for (t, partitions) in topics {
-        broker.create_topic(t, *partitions).await;
-    }
-    let sidecar = Sidecar::start(&broker.bootstrap()).await;
-    assert!(sidecar.wait_ready().await, "sidecar never saw the broker");
-    let upstream = Upstream::start().await;
-    let envoy = Envoy::start(&cfg, sidecar.port, upstream.port).await;
-    Stack {
-        envoy,
-        upstream,
-        sidecar,
-        broker,
-        http: reqwest::Client::new(),
-    }
+    Stack::start(&cfg, topics, &[]).await
 }
 
-impl Stack {
+/// Requests as this suite sends them.
+trait Client {
+    async fn post(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> (u16, Vec<(String, String)>, Vec<u8>);
+}
+
+impl Client for Stack {
     async fn post(
         &self,
         path: &str,

@@ -13,33 +13,17 @@ const WAIT: Duration = Duration::from_secs(15);
 /// Long enough for a stray event to show up, short enough to keep the suite quick.
 const QUIET: Duration = Duration::from_millis(1500);
 
-struct Stack {
-    envoy: Envoy,
-    _upstream: Upstream,
-    sidecar: Sidecar,
-    broker: Broker,
-    http: reqwest::Client,
-}
-
 async fn stack(topics: &[(&str, i32)], sidecar_args: &[&str]) -> Stack {
-    let broker = Broker::start().await;
-    for (t, partitions) in topics {
-        broker.create_topic(t, *partitions).await;
-    }
-    let sidecar = Sidecar::start_with(&broker.bootstrap(), sidecar_args).await;
-    assert!(sidecar.wait_ready().await, "sidecar never saw the broker");
-    let upstream = Upstream::start().await;
-    let envoy = Envoy::start(&EnvoyConfig::shipped(), sidecar.port, upstream.port).await;
-    Stack {
-        envoy,
-        _upstream: upstream,
-        sidecar,
-        broker,
-        http: reqwest::Client::new(),
-    }
+    Stack::start(&EnvoyConfig::shipped(), topics, sidecar_args).await
 }
 
-impl Stack {
+/// What this suite does through Envoy.
+trait Client {
+    fn ws_url(&self, path: &str) -> String;
+    async fn order(&self, body: Value) -> Value;
+}
+
+impl Client for Stack {
     fn ws_url(&self, path: &str) -> String {
         format!("ws://127.0.0.1:{}{path}", self.envoy.port)
     }

@@ -9,28 +9,8 @@ use std::time::Duration;
 
 const TOPIC: &str = "order-placed-events";
 
-struct Stack {
-    envoy: Envoy,
-    upstream: Upstream,
-    sidecar: Sidecar,
-    broker: Broker,
-    http: reqwest::Client,
-}
-
 async fn stack(sidecar_args: &[&str]) -> Stack {
-    let broker = Broker::start().await;
-    broker.create_topic(TOPIC, 3).await;
-    let sidecar = Sidecar::start_with(&broker.bootstrap(), sidecar_args).await;
-    assert!(sidecar.wait_ready().await, "sidecar never saw the broker");
-    let upstream = Upstream::start().await;
-    let envoy = Envoy::start(&EnvoyConfig::shipped(), sidecar.port, upstream.port).await;
-    Stack {
-        envoy,
-        upstream,
-        sidecar,
-        broker,
-        http: reqwest::Client::new(),
-    }
+    Stack::start(&EnvoyConfig::shipped(), &[(TOPIC, 3)], sidecar_args).await
 }
 
 /// One order through Envoy with `id` as both the Idempotency-Key and the order id.

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::{BorrowedMessage, Headers};
+use rdkafka::message::BorrowedMessage;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use thiserror::Error;
@@ -68,18 +68,7 @@ pub struct Delivery {
 
 impl Delivery {
     pub fn from_message(message: &BorrowedMessage<'_>) -> Delivery {
-        let headers = message
-            .headers()
-            .map(|h| h.iter().map(|header| (header.key, header.value)).collect())
-            .unwrap_or_default();
-        let record = ConsumedRecord {
-            topic: message.topic(),
-            partition: message.partition(),
-            offset: message.offset(),
-            key: message.key(),
-            headers,
-            value: message.payload(),
-        };
+        let record = ConsumedRecord::from_message(message);
         let envelope = record.envelope();
         let attributes = envelope.event.as_ref().map(attributes_of);
         // Serializing a map of JSON values cannot fail; an empty object keeps the frame valid.

@@ -5,8 +5,8 @@ use std::io::Write;
 use std::time::Duration;
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
-use rdkafka::message::{BorrowedMessage, Headers};
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::message::BorrowedMessage;
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use crate::AppError;
 use crate::cloudevent::ConsumedRecord;
@@ -85,18 +85,7 @@ async fn print_records(consumer: &StreamConsumer, args: &TailArgs) -> Result<(),
 }
 
 fn print_line(message: &BorrowedMessage<'_>) -> Result<(), AppError> {
-    let headers = message
-        .headers()
-        .map(|h| h.iter().map(|header| (header.key, header.value)).collect())
-        .unwrap_or_default();
-    let record = ConsumedRecord {
-        topic: message.topic(),
-        partition: message.partition(),
-        offset: message.offset(),
-        key: message.key(),
-        headers,
-        value: message.payload(),
-    };
+    let record = ConsumedRecord::from_message(message);
     let mut out = std::io::stdout().lock();
     let line =
         serde_json::to_string(&record.envelope()).map_err(|e| AppError::Other(e.to_string()))?;

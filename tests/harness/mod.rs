@@ -135,6 +135,36 @@ impl Sidecar {
     }
 }
 
+/// A whole stack for one test: a broker with `topics`, the sidecar (with extra `serve`
+/// flags), an in-process upstream and Envoy running `cfg`; all stopped when it drops.
+pub struct Stack {
+    pub envoy: Envoy,
+    pub upstream: Upstream,
+    pub sidecar: Sidecar,
+    pub broker: Broker,
+    pub http: reqwest::Client,
+}
+
+impl Stack {
+    pub async fn start(cfg: &EnvoyConfig, topics: &[(&str, i32)], sidecar_args: &[&str]) -> Stack {
+        let broker = Broker::start().await;
+        for (t, partitions) in topics {
+            broker.create_topic(t, *partitions).await;
+        }
+        let sidecar = Sidecar::start_with(&broker.bootstrap(), sidecar_args).await;
+        assert!(sidecar.wait_ready().await, "sidecar never saw the broker");
+        let upstream = Upstream::start().await;
+        let envoy = Envoy::start(cfg, sidecar.port, upstream.port).await;
+        Stack {
+            envoy,
+            upstream,
+            sidecar,
+            broker,
+            http: reqwest::Client::new(),
+        }
+    }
+}
+
 /// Polls `check` every 50 ms until it holds or `limit` passes.
 pub async fn wait_until<F, Fut>(limit: Duration, mut check: F) -> bool
 where
