@@ -173,8 +173,10 @@ pub struct Config {
     pub sidecar: Sidecar,
     pub max_body_bytes: usize,
     pub rules: Vec<Rule>,
-    /// Reading the route name is a host call; skip it when no rule looks at it.
+    /// Reading the route name, method or path is a host call; skip those no rule looks at.
     pub needs_route_name: bool,
+    pub needs_method: bool,
+    pub needs_path: bool,
 }
 
 impl Config {
@@ -268,12 +270,16 @@ pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
         rules.push(rule);
     }
     let needs_route_name = rules.iter().any(|r| r.matcher.route_name.is_some());
+    let needs_method = rules.iter().any(|r| r.matcher.method.is_some());
+    let needs_path = rules.iter().any(|r| r.matcher.path.is_some());
     Ok(Config {
         sidecar,
         // Bounded by MAX_MAX_BODY_BYTES above, so it fits a 32-bit usize.
         max_body_bytes: max_body_bytes as usize,
         rules,
         needs_route_name,
+        needs_method,
+        needs_path,
     })
 }
 
@@ -557,7 +563,7 @@ mod tests {
         assert_eq!(c.sidecar.path, DEFAULT_SIDECAR_PATH);
         assert_eq!(c.sidecar.timeout_ms, DEFAULT_TIMEOUT_MS);
         assert_eq!(c.max_body_bytes as u64, DEFAULT_MAX_BODY_BYTES);
-        assert!(!c.needs_route_name);
+        assert!(!c.needs_route_name && !c.needs_method && !c.needs_path);
         let empty = ok("{}");
         assert!(empty.rules.is_empty());
     }
@@ -565,7 +571,7 @@ mod tests {
     #[test]
     fn full_config_compiles() {
         let c = ok(ORDERS);
-        assert!(c.needs_route_name);
+        assert!(c.needs_route_name && c.needs_method && c.needs_path);
         let r = &c.rules[0];
         assert_eq!(r.mode, Mode::Bridge);
         assert_eq!(r.on_failure, OnFailure::Reject);

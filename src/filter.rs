@@ -1,8 +1,9 @@
 //! The proxy-wasm shell: host calls only, decisions in the host-free modules.
 //!
 //! Rules of the road (see ../shared/notes/proxy-wasm-hosts.md):
-//! - only `hostcalls::*` functions that return `Result` are used, never the trait wrappers
-//!   that `unwrap()`: a panic kills the VM for every request;
+//! - only `hostcalls::*` functions are used, never the trait wrappers that `unwrap()`; the
+//!   hostcalls still `panic!` on a status they do not expect, so each is called only in a
+//!   phase where the host answers Ok or NotFound (a panic kills the VM for every request);
 //! - every header the request needs is read in the headers phase (reading them later
 //!   panics in Envoy once the headers were continued);
 //! - after a `Pause`, every path ends in exactly one `resume_http_request` or local reply.
@@ -127,6 +128,8 @@ enum State {
     },
     /// Waiting for the sidecar's answer.
     Ack { rule: usize, id: Option<String> },
+    /// A local reply was sent; nothing more may go upstream.
+    Replied,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq)]
@@ -196,6 +199,7 @@ impl Context for Stream {
                             headers.push(("location", l));
                         }
                         send(202, headers, &body);
+                        self.state = State::Replied;
                     }
                 }
             }
@@ -216,6 +220,7 @@ impl Context for Stream {
                         headers.push(("retry-after", r));
                     }
                     send(status, headers, &callout_body(body_size));
+                    self.state = State::Replied;
                 }
             }
             Verdict::Unavailable { detail } => {
@@ -243,11 +248,17 @@ impl HttpContext for Stream {
         } else {
             None
         };
-        let method = request_header(":method").or_else(|| property(&["request", "method"]));
-        let path = request_header(":path").or_else(|| property(&["request", "path"]));
-        let (Some(method), Some(path)) = (method, path) else {
-            return Action::Continue;
+        // Untouched routes should cost little: read only what some rule matches on.
+        let read = |header: &str, prop: [&str; 2], needed: bool| -> String {
+            if !needed {
+                return String::new();
+            }
+            request_header(header)
+                .or_else(|| property(&prop))
+                .unwrap_or_default()
         };
+        let method = read(":method", ["request", "method"], cfg.needs_method);
+        let path = read(":path", ["request", "path"], cfg.needs_path);
         let Some(idx) = cfg.find(route.as_deref(), &method, &path) else {
             return Action::Continue;
         };
@@ -268,7 +279,7 @@ impl HttpContext for Stream {
             return self.fail(rule, e, Phase::Request);
         }
         let chunked = publish::header(&headers, "transfer-encoding").is_some();
-        let framing_only = !end_of_stream && content_length.is_none() && !chunked && on_kong();
+        let framing_only = !end_of_stream && on_kong();
         if publish::body_expected(end_of_stream, content_length, chunked, framing_only) {
             self.state = State::Body {
                 rule: idx,
@@ -281,8 +292,12 @@ impl HttpContext for Stream {
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
-        let State::Body { rule, size, .. } = &mut self.state else {
-            return Action::Continue;
+        let (rule, size) = match &mut self.state {
+            State::Body { rule, size, .. } => (rule, size),
+            // Continue here would resume the request while the callout is pending or after
+            // our own reply: a bridged request would reach the upstream.
+            State::Ack { .. } | State::Replied => return Action::Pause,
+            State::Idle => return Action::Continue,
         };
         *size = body_size;
         let rule = *rule;
@@ -309,7 +324,8 @@ impl HttpContext for Stream {
         };
         match self.state {
             State::Body { .. } => self.publish_buffered(&cfg),
-            _ => Action::Continue,
+            State::Ack { .. } | State::Replied => Action::Pause,
+            State::Idle => Action::Continue,
         }
     }
 }
@@ -425,6 +441,7 @@ impl Stream {
             headers.push(("retry-after", r));
         }
         send(e.status(), headers, &body);
+        self.state = State::Replied;
         Action::Pause
     }
 }

@@ -374,10 +374,11 @@ fn json_kind(v: &Value) -> &'static str {
     }
 }
 
-/// Whether a body follows the request headers.
+/// Whether a body callback follows the request headers.
 ///
-/// Envoy's `end_of_stream` on headers is exact (and it strips `transfer-encoding` from
-/// chunked HTTP/1 requests, so the framing headers cannot be used there). Kong reports
+/// Envoy's `end_of_stream` on headers is exact, and only it: Envoy strips
+/// `transfer-encoding` from chunked HTTP/1 requests, and an HTTP/2 client may send
+/// `content-length: 0` and end the stream with an empty DATA frame. Kong reports
 /// `end_of_stream=false` even without a body and then never calls the body callback, so on
 /// Kong (`framing_only`) the framing headers decide.
 pub fn body_expected(
@@ -389,9 +390,12 @@ pub fn body_expected(
     if end_of_stream {
         return false;
     }
+    if !framing_only {
+        return true;
+    }
     match content_length {
         Some(n) => n > 0,
-        None => chunked || !framing_only,
+        None => chunked,
     }
 }
 
@@ -686,7 +690,8 @@ mod tests {
         assert!(!body_expected(true, None, false, false));
         assert!(body_expected(false, None, false, false));
         assert!(body_expected(false, Some(10), false, false));
-        assert!(!body_expected(false, Some(0), false, false));
+        // HTTP/2: content-length 0 without END_STREAM still ends with a (empty) DATA frame.
+        assert!(body_expected(false, Some(0), false, false));
         // Kong: end_of_stream is always false; the framing headers decide.
         assert!(!body_expected(false, None, false, true));
         assert!(body_expected(false, None, true, true));

@@ -15,9 +15,14 @@ use tokio::sync::watch;
 use crate::publish::{
     BoxFuture, Delivered, EventRecord, EventSink, KafkaPublisher, Outcome, Pending, PublishError,
 };
-use crate::spool::{Entry, Spool, SpoolError};
+use crate::spool::{Entry, Refused, Spool, SpoolError};
 use crate::status::{State, StatusStore};
 
+/// How long a request whose event the spool refused still waits for its in-flight write.
+const IN_DOUBT_WAIT: Duration = Duration::from_millis(1500);
+/// At shutdown, the send in progress may finish within this; cutting it would make the
+/// next start send it again.
+const SHUTDOWN_DRAIN: Duration = Duration::from_secs(3);
 const RETRY_FIRST: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
@@ -53,8 +58,7 @@ impl DurableSink {
     }
 
     async fn accept(&self, event: EventRecord) -> Result<Outcome, PublishError> {
-        let direct = self.mode == AckMode::Broker && self.spool.backlog() == 0;
-        if !direct || !self.kafka.is_ready() {
+        if !self.kafka.is_ready() {
             // Without the broker the topic cannot be checked; a topic known to be missing
             // is still refused at once.
             if self.kafka.cached_topic(&event.record.topic) == Some(false) {
@@ -62,10 +66,15 @@ impl DurableSink {
             }
             return self.spool(event, None).await;
         }
+        // Checked in spool mode too (cached): a typo in a topic is a 404 now, not a record
+        // that blocks the forwarder until the producer gives up on it.
         match self.kafka.check_topic(&event.record.topic).await {
             Err(e) if e.is_permanent() => return Err(e),
             Err(_) => return self.spool(event, None).await,
             Ok(()) => {}
+        }
+        if self.mode == AckMode::Spool || self.spool.backlog() > 0 {
+            return self.spool(event, None).await;
         }
         let mut pending = match self.kafka.enqueue(&event.record) {
             Ok(p) => p,
@@ -76,9 +85,50 @@ impl DurableSink {
         match tokio::time::timeout(self.ack_timeout, pending.wait()).await {
             Ok(Ok(d)) => Ok(Outcome::Published(d)),
             Ok(Err(e)) if e.is_permanent() => Err(e),
-            Ok(Err(_)) => self.spool(event, None).await,
+            Ok(Err(_)) => {
+                self.kafka.recover_if_fatal();
+                self.spool(event, None).await
+            }
             // Still in flight: spool it and let the forwarder hear the late answer.
-            Err(_) => self.spool(event, Some(pending)).await,
+            Err(_) => self.spool_in_flight(event, pending).await,
+        }
+    }
+
+    /// Spools an event whose write is still in flight. If the spool refuses it, the answer
+    /// comes from that write after all: waiting a little longer for it, and else recording
+    /// its late outcome, so that a client retrying the same id after our 503 gets the first
+    /// answer instead of a second record.
+    async fn spool_in_flight(
+        &self,
+        event: EventRecord,
+        pending: Pending,
+    ) -> Result<Outcome, PublishError> {
+        let keep = event.clone();
+        let (refused, pending) = match self.spool.append(event, Some(pending)).await {
+            Ok(_) => return Ok(Outcome::Spooled),
+            Err(Refused { error, pending }) => (spool_error(error), pending),
+        };
+        let Some(mut pending) = pending else {
+            return Err(refused);
+        };
+        match tokio::time::timeout(IN_DOUBT_WAIT, pending.wait()).await {
+            Ok(Ok(d)) => Ok(Outcome::Published(d)),
+            Ok(Err(e)) if e.is_permanent() => Err(e),
+            Ok(Err(_)) => Err(refused),
+            Err(_) => {
+                let status = self.status.clone();
+                tokio::spawn(async move {
+                    if let Ok(d) = pending.wait().await {
+                        tracing::warn!(event_id = %keep.id, "an event answered 503 was published after all; a retry with its id gets this answer");
+                        let state = State::Published {
+                            partition: d.partition,
+                            offset: d.offset,
+                        };
+                        status.record(&keep, crate::status::fingerprint(&keep), state);
+                    }
+                });
+                Err(refused)
+            }
         }
     }
 
@@ -93,12 +143,7 @@ impl DurableSink {
                 tracing::debug!(event_id = %id, seq, "event spooled");
                 Ok(Outcome::Spooled)
             }
-            Err(SpoolError::Full(bytes)) => Err(PublishError::SpoolFull(format!(
-                "the spool holds {bytes} bytes waiting for the broker, its limit"
-            ))),
-            Err(e) => Err(PublishError::Unavailable(format!(
-                "could not spool the event: {e}"
-            ))),
+            Err(refused) => Err(spool_error(refused.error)),
         }
     }
 
@@ -115,9 +160,15 @@ impl DurableSink {
                     e = this.spool.next() => e,
                     _ = stop.wait_for(|s| *s) => return,
                 };
-                tokio::select! {
-                    () = this.forward(entry) => {}
-                    _ = stop.wait_for(|s| *s) => return,
+                let forward = this.forward(entry);
+                tokio::pin!(forward);
+                let stopping = tokio::select! {
+                    () = &mut forward => false,
+                    _ = stop.wait_for(|s| *s) => true,
+                };
+                if stopping {
+                    let _ = tokio::time::timeout(SHUTDOWN_DRAIN, forward).await;
+                    return;
                 }
             }
         })
@@ -168,6 +219,15 @@ impl DurableSink {
         };
         self.status.update(&ev.id, &ev.source, state);
         self.spool.forwarded(entry);
+    }
+}
+
+fn spool_error(e: SpoolError) -> PublishError {
+    match e {
+        SpoolError::Full(bytes) => PublishError::SpoolFull(format!(
+            "the spool holds {bytes} bytes waiting for the broker, its limit"
+        )),
+        e => PublishError::Unavailable(format!("could not spool the event: {e}")),
     }
 }
 

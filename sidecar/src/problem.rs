@@ -42,6 +42,8 @@ pub enum IngestError {
     #[error("{0}; retry shortly")]
     SpoolFull(String),
     #[error("{0}")]
+    BrokerRefused(String),
+    #[error("{0}")]
     IdempotencyConflict(String),
     #[error("no event with id `{0}` is known (or it is older than the status window)")]
     UnknownEvent(String),
@@ -61,6 +63,7 @@ impl From<PublishError> for IngestError {
             PublishError::TooLarge(why) => IngestError::BodyTooLarge(why),
             PublishError::Unavailable(why) => IngestError::BrokerUnavailable(why),
             PublishError::SpoolFull(why) => IngestError::SpoolFull(why),
+            PublishError::Refused(why) => IngestError::BrokerRefused(why),
         }
     }
 }
@@ -75,6 +78,7 @@ impl IngestError {
             UnknownTopic(_) | NotFound | UnknownEvent(_) => StatusCode::NOT_FOUND,
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             IdempotencyConflict(_) => StatusCode::CONFLICT,
+            BrokerRefused(_) => StatusCode::UNPROCESSABLE_ENTITY,
             BrokerUnavailable(_) | QueueFull | SpoolFull(_) | NotReady => {
                 StatusCode::SERVICE_UNAVAILABLE
             }
@@ -97,6 +101,7 @@ impl IngestError {
             BrokerUnavailable(_) => "broker-unavailable",
             QueueFull => "queue-full",
             SpoolFull(_) => "spool-full",
+            BrokerRefused(_) => "broker-refused",
             IdempotencyConflict(_) => "idempotency-conflict",
             UnknownEvent(_) => "unknown-event",
             NotFound => "not-found",
@@ -121,6 +126,7 @@ impl IngestError {
             BrokerUnavailable(_) => "Broker unavailable",
             QueueFull => "Queue full",
             SpoolFull(_) => "Spool full",
+            BrokerRefused(_) => "Refused by the broker",
             IdempotencyConflict(_) => "Event id reused with another payload",
             UnknownEvent(_) => "Unknown event",
             NotFound => "Not found",

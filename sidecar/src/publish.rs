@@ -51,6 +51,9 @@ pub enum PublishError {
     Unavailable(String),
     #[error("{0}")]
     SpoolFull(String),
+    /// The broker refuses this record for good (authorization, policy, invalid record).
+    #[error("the broker refused the record: {0}")]
+    Refused(String),
 }
 
 impl PublishError {
@@ -118,7 +121,10 @@ pub struct KafkaSettings {
 }
 
 pub struct KafkaPublisher {
-    producer: FutureProducer,
+    /// Replaced when librdkafka reports a fatal error (idempotent producer state lost):
+    /// such a producer never delivers again.
+    producer: std::sync::RwLock<FutureProducer>,
+    config: ClientConfig,
     topics: Mutex<HashMap<String, (bool, Instant)>>,
     last_metadata_ok: Mutex<Option<Instant>>,
 }
@@ -143,7 +149,8 @@ impl KafkaPublisher {
             config.set(key, value);
         }
         Ok(Self {
-            producer: config.create()?,
+            producer: std::sync::RwLock::new(config.create()?),
+            config,
             topics: Mutex::new(HashMap::new()),
             last_metadata_ok: Mutex::new(None),
         })
@@ -166,12 +173,12 @@ impl KafkaPublisher {
 
     /// Waits (blocking) until queued records are delivered or `timeout` passes.
     pub fn flush(&self, timeout: Duration) -> KafkaResult<()> {
-        self.producer.flush(timeout)
+        self.producer().flush(timeout)
     }
 
     /// Fetches metadata off the async threads (librdkafka blocks) and records liveness.
     async fn metadata(&self, topic: Option<&str>) -> Result<Metadata, PublishError> {
-        let producer = self.producer.clone();
+        let producer = self.producer();
         let topic = topic.map(str::to_owned);
         let fetched = tokio::task::spawn_blocking(move || {
             producer
@@ -240,15 +247,43 @@ impl KafkaPublisher {
         }
         // send_result enqueues at once (send() would wait and serialize the callers).
         let delivery = self
-            .producer
+            .producer()
             .send_result(future_record)
             .map_err(|(e, _)| classify(&record.topic, e))?;
         Ok(Pending(Box::pin(delivery)))
     }
 
+    fn producer(&self) -> FutureProducer {
+        self.producer
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// After a fatal error the producer is dead; a new one picks up where the spool is.
+    pub fn recover_if_fatal(&self) {
+        let producer = self.producer();
+        let Some(fatal) = producer.client().fatal_error() else {
+            return;
+        };
+        tracing::error!(error = ?fatal, "producer fatal error; creating a new producer");
+        match self.config.create::<FutureProducer>() {
+            Ok(fresh) => {
+                *self
+                    .producer
+                    .write()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner) = fresh;
+            }
+            Err(e) => tracing::error!(error = %e, "cannot create a new producer"),
+        }
+    }
+
     /// Produces one record and waits for the outcome (bounded by the delivery timeout).
     pub async fn produce(&self, record: &OutRecord) -> Result<Delivered, PublishError> {
         let result = self.enqueue(record)?.wait().await;
+        if result.is_err() {
+            self.recover_if_fatal();
+        }
         if let Err(PublishError::UnknownTopic(_)) = &result {
             self.remember_topic(&record.topic, false);
         }
@@ -298,6 +333,17 @@ fn classify(topic: &str, e: KafkaError) -> PublishError {
         Some(RDKafkaErrorCode::UnknownTopicOrPartition | RDKafkaErrorCode::UnknownTopic) => {
             PublishError::UnknownTopic(topic.to_owned())
         }
+        // Retrying cannot change these answers; retried forever, one such record at the head
+        // of the spool would hold back every event behind it.
+        Some(
+            RDKafkaErrorCode::TopicAuthorizationFailed
+            | RDKafkaErrorCode::ClusterAuthorizationFailed
+            | RDKafkaErrorCode::InvalidRecord
+            | RDKafkaErrorCode::PolicyViolation
+            | RDKafkaErrorCode::InvalidTopic
+            | RDKafkaErrorCode::InvalidMessage
+            | RDKafkaErrorCode::MessageBatchTooLarge,
+        ) => PublishError::Refused(e.to_string()),
         _ => PublishError::Unavailable(format!("delivery failed: {e}")),
     }
 }

@@ -70,7 +70,22 @@ struct Append {
     payload: Vec<u8>,
     event: EventRecord,
     pending: Option<Pending>,
-    done: oneshot::Sender<Result<u64, SpoolError>>,
+    done: oneshot::Sender<Result<u64, Refused>>,
+}
+
+/// An append the spool could not make durable; the in-flight delivery, if one came with
+/// it, is handed back so the caller can still learn its outcome.
+pub struct Refused {
+    pub error: SpoolError,
+    pub pending: Option<Pending>,
+}
+
+impl std::fmt::Debug for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Refused")
+            .field("error", &self.error)
+            .finish_non_exhaustive()
+    }
 }
 
 #[derive(Clone)]
@@ -144,14 +159,20 @@ impl Spool {
         &self,
         event: EventRecord,
         pending: Option<Pending>,
-    ) -> Result<u64, SpoolError> {
+    ) -> Result<u64, Refused> {
         let payload = encode(&event);
         {
             let queue = lock(&self.shared.queue);
             if queue.bytes + payload.len() as u64 > self.shared.max_bytes {
-                return Err(SpoolError::Full(queue.bytes));
+                return Err(Refused {
+                    error: SpoolError::Full(queue.bytes),
+                    pending,
+                });
             }
         }
+        // Counted from now, not from the sync: a direct publish that sees no backlog while
+        // this event is being written would overtake it.
+        self.shared.backlog.fetch_add(1, Ordering::AcqRel);
         let (done, wait) = oneshot::channel();
         let append = Append {
             payload,
@@ -159,8 +180,18 @@ impl Spool {
             pending,
             done,
         };
-        self.writer.send(append).map_err(|_| SpoolError::Closed)?;
-        wait.await.map_err(|_| SpoolError::Closed)?
+        let closed = |pending| Refused {
+            error: SpoolError::Closed,
+            pending,
+        };
+        let result = match self.writer.send(append) {
+            Ok(()) => wait.await.unwrap_or_else(|_| Err(closed(None))),
+            Err(mpsc::SendError(a)) => Err(closed(a.pending)),
+        };
+        if result.is_err() {
+            self.shared.backlog.fetch_sub(1, Ordering::AcqRel);
+        }
+        result
     }
 
     /// Events accepted into the spool and not yet in Kafka.
@@ -262,11 +293,17 @@ fn open_tail_segment(
             return Ok((file, len));
         }
     }
-    let path = segment_path(dir, next_seq);
+    Ok((new_segment(dir, segments, next_seq)?, 0))
+}
+
+fn new_segment(dir: &Path, segments: &mut Vec<(u64, PathBuf)>, first_seq: u64) -> io::Result<File> {
+    let path = segment_path(dir, first_seq);
     let file = OpenOptions::new().create(true).append(true).open(&path)?;
     sync_dir(dir);
-    segments.push((next_seq, path));
-    Ok((file, 0))
+    if segments.last().is_none_or(|(seq, _)| *seq != first_seq) {
+        segments.push((first_seq, path));
+    }
+    Ok(file)
 }
 
 /// A new file's name is durable only once its directory is synced.
@@ -342,13 +379,22 @@ fn write_loop(
             }
             Err(e) => {
                 tracing::error!(error = %e, "spool: write failed; the events were not accepted");
-                // Cut back whatever part of the batch reached the file.
+                // Cut back what reached the file, and go on in a new segment anyway: should
+                // the cut fail too, later records must not follow damaged bytes. The batch's
+                // sequence numbers are not reused, so a record that did land complete (and may
+                // be replayed) stays distinct.
                 let _ = file.set_len(file_len);
-                next_seq = seqs.first().copied().unwrap_or(next_seq);
+                let mut segments = lock(&shared.segments);
+                match new_segment(&shared.dir, &mut segments, next_seq) {
+                    Ok(f) => (file, file_len) = (f, 0),
+                    Err(e) => tracing::error!(error = %e, "spool: cannot start a new segment"),
+                }
+                drop(segments);
                 for a in batch {
-                    let _ = a
-                        .done
-                        .send(Err(SpoolError::Io(io::Error::new(e.kind(), e.to_string()))));
+                    let _ = a.done.send(Err(Refused {
+                        error: SpoolError::Io(io::Error::new(e.kind(), e.to_string())),
+                        pending: a.pending,
+                    }));
                 }
             }
         }
@@ -360,7 +406,6 @@ fn publish_batch(shared: &Shared, batch: Vec<Append>, seqs: &[u64]) {
     for (a, &seq) in batch.into_iter().zip(seqs) {
         let size = (RECORD_HEADER + 8 + a.payload.len()) as u64;
         queue.bytes += size;
-        shared.backlog.fetch_add(1, Ordering::AcqRel);
         queue.entries.push_back(Entry {
             seq,
             event: a.event,
@@ -572,7 +617,10 @@ mod tests {
         spool.append(event(1), None).await.unwrap();
         assert!(matches!(
             spool.append(event(2), None).await,
-            Err(SpoolError::Full(_))
+            Err(Refused {
+                error: SpoolError::Full(_),
+                ..
+            })
         ));
         let e = spool.next().await;
         spool.forwarded(&e);

@@ -136,6 +136,12 @@ impl StatusStore {
         };
         if let Some(path) = path {
             store.replay(path)?;
+            // Replayed in file order, which compaction does not keep by time.
+            store
+                .lock()
+                .order
+                .make_contiguous()
+                .sort_unstable_by_key(|(at, _)| *at);
             store.compact()?;
         }
         Ok(store)
@@ -253,6 +259,9 @@ impl StatusStore {
                 if let Some(e) = inner.entries.remove(&key) {
                     e.done.send_replace(true);
                 }
+                if inner.latest_source.get(id).is_some_and(|s| s == source) {
+                    inner.latest_source.remove(id);
+                }
             }
         }
     }
@@ -260,6 +269,34 @@ impl StatusStore {
     /// The forwarder's update once a spooled event reached Kafka or failed for good.
     pub fn update(&self, id: &str, source: &str, state: State) {
         self.set(&(source.to_owned(), id.to_owned()), state);
+    }
+
+    /// Records the state of an event whose request already ended (its entry may be gone):
+    /// an in-doubt write that the broker acknowledged after the client heard 503, so that a
+    /// retry with the same id gets this answer instead of a second record.
+    pub fn record(&self, event: &EventRecord, fingerprint: u32, state: State) {
+        let key = (event.source.clone(), event.id.clone());
+        {
+            let mut inner = self.lock();
+            if !inner.entries.contains_key(&key) {
+                let at_ms = now_ms();
+                inner.order.push_back((at_ms, key.clone()));
+                inner
+                    .latest_source
+                    .insert(event.id.clone(), event.source.clone());
+                inner.entries.insert(
+                    key.clone(),
+                    Entry {
+                        topic: event.record.topic.clone(),
+                        fingerprint,
+                        at_ms,
+                        state: None,
+                        done: watch::Sender::new(false),
+                    },
+                );
+            }
+        }
+        self.set(&key, state);
     }
 
     fn set(&self, key: &Key, state: State) {
@@ -273,6 +310,17 @@ impl StatusStore {
         let Some(e) = entries.get_mut(key) else {
             return;
         };
+        // The forwarder may record `published` before the request that spooled the event
+        // records `spooled`; the later, older news must not win.
+        if state == State::Spooled
+            && matches!(
+                e.state,
+                Some(State::Published { .. } | State::Failed { .. })
+            )
+        {
+            e.done.send_replace(true);
+            return;
+        }
         if let Some(file) = log {
             if let Err(err) = write_line(file, &key.1, &key.0, e, &state) {
                 tracing::warn!(error = %err, event_id = %key.1, "status log write failed");
@@ -308,9 +356,12 @@ impl StatusStore {
 
     fn expire(&self, inner: &mut Inner) {
         let horizon = now_ms().saturating_sub(self.window.as_millis() as u64);
-        while let Some((at, _)) = inner.order.front() {
-            let over = inner.order.len() > self.max_entries;
-            if *at >= horizon && !over {
+        while let Some((at, key)) = inner.order.front() {
+            // A record whose entry is gone (a refused event) or was re-created later only
+            // takes room: drop it without counting it.
+            let live = inner.entries.get(key).is_some_and(|e| e.at_ms == *at);
+            let over = inner.entries.len() > self.max_entries;
+            if live && *at >= horizon && !over {
                 break;
             }
             let Some((at, key)) = inner.order.pop_front() else {
@@ -440,6 +491,48 @@ mod tests {
             ),
             _ => panic!("the entry should have survived the reopen"),
         }
+    }
+
+    #[test]
+    fn refused_events_leave_nothing_behind() {
+        let store = StatusStore::open(None, DAY, 3).unwrap();
+        for i in 0..1000 {
+            let e = ev(&format!("r{i}"), b"1");
+            store.begin(&e, 1);
+            store.finish(&e.id, "/s", None);
+        }
+        let kept = ev("kept", b"1");
+        store.begin(&kept, 1);
+        store.finish("kept", "/s", Some(Outcome::Spooled));
+        // Refusals neither evict the accepted id nor stay in memory.
+        assert!(store.get("kept", None).is_some());
+        let inner = store.lock();
+        assert_eq!(inner.entries.len(), 1);
+        assert_eq!(inner.latest_source.len(), 1);
+        assert!(inner.order.len() <= 2, "{}", inner.order.len());
+    }
+
+    #[test]
+    fn a_late_spooled_does_not_overwrite_published() {
+        let store = StatusStore::open(None, DAY, 10).unwrap();
+        let e = ev("p", b"1");
+        store.begin(&e, 1);
+        store.update(
+            "p",
+            "/s",
+            State::Published {
+                partition: 0,
+                offset: 1,
+            },
+        );
+        store.finish("p", "/s", Some(Outcome::Spooled));
+        assert_eq!(
+            store.get("p", None).map(|s| s.state),
+            Some(State::Published {
+                partition: 0,
+                offset: 1
+            })
+        );
     }
 
     #[test]
