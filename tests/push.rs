@@ -754,3 +754,94 @@ async fn idle_streams_are_pinged_and_a_vanished_client_is_cleaned_up() {
         "the stream ends"
     );
 }
+
+/// A refused subscription's status, problem `type` and `Retry-After` (SSE through Envoy).
+async fn refused(s: &Stack, path: &str) -> (u16, String, Option<String>) {
+    let resp = s
+        .http
+        .get(s.envoy.url(path))
+        .header("accept", "text/event-stream")
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+    let status = resp.status().as_u16();
+    let retry = resp
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap_or_default().to_owned());
+    let ct = resp
+        .headers()
+        .get("content-type")
+        .map(|v| v.to_str().unwrap_or_default().to_owned());
+    if status == 200 {
+        return (status, String::new(), retry);
+    }
+    assert_eq!(ct.as_deref(), Some("application/problem+json"), "{path}");
+    let body: Value = resp.json().await.unwrap_or_else(|e| panic!("{path}: {e}"));
+    let ty = body["type"].as_str().unwrap_or_default().to_owned();
+    (status, ty, retry)
+}
+
+#[tokio::test]
+async fn subscriber_limit_and_internal_topics_are_refused_before_the_upgrade() {
+    let s = stack(&[(ORDERS, 1)], &["--max-subscribers", "2"]).await;
+
+    // Internal topics are answered like missing ones, without a subscriber place.
+    let (status, ty, _) = refused(&s, &subscribe_path("__consumer_offsets", &[])).await;
+    assert_eq!(status, 404);
+    assert_eq!(ty, "urn:eventwire:problem:unknown-topic");
+
+    let path = subscribe_path(ORDERS, &[]);
+    let ws = WsClient::connect(&s.ws_url(&path)).await;
+    let mut sse = SseClient::connect(&s.envoy.url(&path), None).await;
+
+    // Full: SSE and a WebSocket upgrade get 503 problem+json, no upgrade.
+    let (status, ty, retry) = refused(&s, &path).await;
+    assert_eq!(status, 503);
+    assert_eq!(ty, "urn:eventwire:problem:too-many-subscribers");
+    assert_eq!(retry.as_deref(), Some("1"));
+    match tokio_tungstenite::connect_async(s.ws_url(&path)).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status().as_u16(), 503);
+            assert_eq!(resp.headers()["content-type"], "application/problem+json");
+            assert_eq!(resp.headers()["retry-after"], "1");
+            let body: Value = serde_json::from_slice(resp.body().as_deref().unwrap_or_default())
+                .unwrap_or_else(|e| panic!("problem body: {e}"));
+            assert_eq!(body["type"], "urn:eventwire:problem:too-many-subscribers");
+        }
+        Ok(_) => panic!("third WebSocket subscriber was upgraded"),
+        Err(e) => panic!("third WebSocket subscriber: {e}"),
+    }
+
+    // The subscribers in place are unaffected.
+    let sent = s.order(json!({"id": "limit-1"})).await;
+    let got = sse.take(1, WAIT).await;
+    assert_eq!(got.len(), 1, "the SSE subscriber still gets events");
+    let frame: Value = serde_json::from_str(&got[0].data).unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(frame["event"]["id"], sent["id"]);
+
+    // A client that leaves frees its place.
+    ws.close().await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let last = refused(&s, &path).await;
+        if last.0 == 200 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "place not freed: {last:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+
+    // Methods other than GET: 405 with `Allow`.
+    let resp = s
+        .http
+        .post(s.sidecar.url(&path))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("POST {path}: {e}"));
+    assert_eq!(resp.status().as_u16(), 405);
+    assert_eq!(resp.headers()["allow"], "GET, HEAD");
+}

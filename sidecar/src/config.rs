@@ -87,6 +87,26 @@ pub struct PushArgs {
     /// arrive, but the test broker (Tansu) only after this wait: there it is the latency floor.
     #[arg(long, env = "EVENTWIRE_PUSH_FETCH_WAIT_MS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     pub push_fetch_wait_ms: u64,
+    /// Open subscriptions (WebSocket and SSE) on this sidecar; more are refused before the
+    /// upgrade with 503 `too-many-subscribers`.
+    #[arg(long, env = "EVENTWIRE_MAX_SUBSCRIBERS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_subscribers: u32,
+    /// Subscriptions replaying (any `from` behind the live position) at once, each with its
+    /// own consumer; more are refused before the upgrade with 503 `too-many-replays`.
+    #[arg(long, env = "EVENTWIRE_MAX_REPLAYS", default_value_t = 32, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_replays: u32,
+    /// Bytes of a topic's events a subscriber may fall behind (what the topic's hub keeps for
+    /// it); over it like over --subscriber-queue, the subscriber is closed with 4008.
+    #[arg(long, env = "EVENTWIRE_SUBSCRIBER_QUEUE_BYTES", default_value_t = 64 * 1024 * 1024, value_parser = clap::value_parser!(u64).range(1_048_576..))]
+    pub subscriber_queue_bytes: u64,
+    /// Seconds a replay may take to catch up with the live position; then the client is
+    /// closed with 4008 and its cursor (reconnecting continues the replay).
+    #[arg(long, env = "EVENTWIRE_MAX_REPLAY_S", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_replay_s: u64,
+    /// Topics open to subscribers (comma-separated); empty = every topic. Internal topics
+    /// (`__consumer_offsets`, any name starting with `__`) are never open.
+    #[arg(long, env = "EVENTWIRE_PUSH_TOPICS", value_delimiter = ',')]
+    pub push_topics: Vec<String>,
 }
 
 /// When an event counts as accepted, and where it waits while Kafka is away.
@@ -182,6 +202,15 @@ mod tests {
         assert_eq!(cli.serve.max_body_bytes, 1_048_576);
         assert_eq!(cli.serve.push.subscriber_queue, 1024);
         assert_eq!(cli.serve.push.ping_interval_s, 15);
+        assert_eq!(cli.serve.push.max_subscribers, 10_000);
+        assert_eq!(cli.serve.push.max_replays, 32);
+        assert_eq!(cli.serve.push.subscriber_queue_bytes, 64 << 20);
+        assert_eq!(cli.serve.push.max_replay_s, 300);
+        assert!(cli.serve.push.push_topics.is_empty());
+        let cli =
+            Cli::try_parse_from(["x", "--push-topics", "a,b", "--max-subscribers", "2"]).unwrap();
+        assert_eq!(cli.serve.push.push_topics, ["a", "b"]);
+        assert_eq!(cli.serve.push.max_subscribers, 2);
 
         let cli = Cli::try_parse_from([
             "x",

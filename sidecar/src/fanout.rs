@@ -9,15 +9,16 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
+use futures_util::FutureExt;
+use futures_util::future::{BoxFuture, Shared};
 use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::message::BorrowedMessage;
 use rdkafka::types::RDKafkaErrorCode;
 use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use thiserror::Error;
-use tokio::sync::{broadcast, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, watch};
 
-use crate::cloudevent::ConsumedRecord;
 use crate::cursor::Cursor;
 use crate::filter::{Attributes, attributes_of};
 
@@ -26,6 +27,67 @@ const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
 const IDLE_CHECK: Duration = Duration::from_millis(500);
 /// After a consumer error, wait before polling again so a down broker is not hammered.
 const ERROR_BACKOFF: Duration = Duration::from_millis(500);
+/// Blocking Kafka queries (metadata, watermarks, offsets for a time) the push side runs at
+/// once, so a crowd of subscribers cannot fill the blocking pool that ingest also uses.
+const MAX_QUERIES: usize = 4;
+/// Prefetch bound of every push consumer (librdkafka `queued.max.messages.kbytes`, default
+/// 64 MiB); `fetch.max.bytes` follows it (librdkafka caps it at this, but never below
+/// `message.max.bytes`). One consumer then costs a few MiB, not 64.
+const CONSUMER_QUEUE_KBYTES: &str = "2048";
+
+/// Admission and resource limits of the push side (see `PushArgs`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PushLimits {
+    /// Open subscriptions on this sidecar; more are refused before the upgrade (503).
+    pub max_subscribers: usize,
+    /// Subscriptions replaying with an own consumer at once; more are refused (503).
+    pub max_replays: usize,
+    /// Bytes of a topic's events a subscriber may be behind the hub (what the hub must keep).
+    pub queue_bytes: u64,
+    /// How long a replay may take before the subscriber is closed to resume later.
+    pub max_replay: Duration,
+    /// Topics open to subscribers; empty = every topic not starting with `__`.
+    pub topics: Vec<String>,
+}
+
+/// The `serve` defaults (unit tests build on them).
+impl Default for PushLimits {
+    fn default() -> Self {
+        PushLimits {
+            max_subscribers: 10_000,
+            max_replays: 32,
+            queue_bytes: 64 << 20,
+            max_replay: Duration::from_secs(300),
+            topics: Vec::new(),
+        }
+    }
+}
+
+impl From<&crate::config::PushArgs> for PushLimits {
+    fn from(a: &crate::config::PushArgs) -> Self {
+        PushLimits {
+            max_subscribers: a.max_subscribers as usize,
+            max_replays: a.max_replays as usize,
+            queue_bytes: a.subscriber_queue_bytes,
+            max_replay: Duration::from_secs(a.max_replay_s),
+            topics: a
+                .push_topics
+                .iter()
+                .map(|t| t.trim().to_owned())
+                .filter(|t| !t.is_empty())
+                .collect(),
+        }
+    }
+}
+
+impl PushLimits {
+    /// Whether subscribers may read `topic`: never an internal topic (`__consumer_offsets`,
+    /// `__transaction_state`, ...), and only a listed one when `--push-topics` is set.
+    pub fn topic_open(&self, topic: &str) -> bool {
+        !topic.starts_with("__")
+            && (self.topics.is_empty() || self.topics.iter().any(|t| t == topic))
+    }
+}
 
 #[derive(Debug, Clone)]
 pub struct FanoutConfig {
@@ -40,12 +102,18 @@ pub struct FanoutConfig {
     pub fetch_wait: Duration,
 }
 
-#[derive(Debug, Error)]
+#[derive(Debug, Clone, Error)]
 pub enum FanoutError {
     #[error("topic `{0}` does not exist")]
     UnknownTopic(String),
     #[error("Kafka is not available: {0}")]
     Unavailable(String),
+    #[error("this sidecar already serves {0} subscribers; retry shortly or on another instance")]
+    TooManySubscribers(usize),
+    #[error(
+        "this sidecar already replays for {0} subscribers; retry shortly, or start from `latest`"
+    )]
+    TooManyReplays(usize),
 }
 
 impl From<KafkaError> for FanoutError {
@@ -64,11 +132,13 @@ pub struct Delivery {
     pub attributes: Option<Attributes>,
     /// The envelope JSON without its closing brace.
     head: String,
+    /// Bytes the hub had published up to and including this record (0 for a replay).
+    end_bytes: u64,
 }
 
 impl Delivery {
     pub fn from_message(message: &BorrowedMessage<'_>) -> Delivery {
-        let record = ConsumedRecord::from_message(message);
+        let record = crate::consumed::record(message);
         let envelope = record.envelope();
         let attributes = envelope.event.as_ref().map(attributes_of);
         // Serializing a map of JSON values cannot fail; an empty object keeps the frame valid.
@@ -79,7 +149,17 @@ impl Delivery {
             offset: record.offset,
             attributes,
             head,
+            end_bytes: 0,
         }
+    }
+
+    /// Bytes this record holds in memory, roughly (the envelope; attributes are small).
+    pub fn size(&self) -> u64 {
+        self.head.len() as u64 + 64
+    }
+
+    pub fn end_bytes(&self) -> u64 {
+        self.end_bytes
     }
 
     /// The envelope `tail` prints plus the subscription's cursor after this record.
@@ -95,6 +175,10 @@ pub struct Joined {
     /// The hub's position when `rx` was created: every record at or after it arrives on `rx`.
     pub position: Cursor,
     pub partitions: Vec<i32>,
+    /// Bytes the hub has published, ever; minus a subscriber's `end_bytes` = its lag in bytes.
+    pub published: Arc<AtomicU64>,
+    /// `published` when `rx` was created.
+    pub bytes: u64,
 }
 
 struct Hub {
@@ -102,6 +186,8 @@ struct Hub {
     /// Advanced and broadcast under one lock, so a joiner's (`rx`, `position`) agree.
     position: Mutex<Cursor>,
     partitions: Vec<i32>,
+    /// Advanced under the `position` lock too.
+    published: Arc<AtomicU64>,
 }
 
 impl Hub {
@@ -111,15 +197,28 @@ impl Hub {
             rx: self.tx.subscribe(),
             position: position.clone(),
             partitions: self.partitions.clone(),
+            published: self.published.clone(),
+            bytes: self.published.load(Ordering::Relaxed),
         }
     }
 
-    fn publish(&self, delivery: Delivery) {
+    fn publish(&self, mut delivery: Delivery) {
         let mut position = lock(&self.position);
         position.advance(delivery.partition, delivery.offset);
+        let total = self.published.load(Ordering::Relaxed) + delivery.size();
+        self.published.store(total, Ordering::Relaxed);
+        delivery.end_bytes = total;
         // No receivers is fine: the hub is in its grace period.
         let _ = self.tx.send(Arc::new(delivery));
     }
+}
+
+/// A hub being started, or started: every subscriber that arrives meanwhile awaits the same
+/// start (one metadata lookup, one consumer), and shares its error too.
+type HubSlot = Shared<BoxFuture<'static, Result<Arc<Hub>, FanoutError>>>;
+
+fn is_hub(slot: &HubSlot, hub: &Arc<Hub>) -> bool {
+    matches!(slot.peek(), Some(Ok(h)) if Arc::ptr_eq(h, hub))
 }
 
 /// Resolves once shutdown was requested.
@@ -136,13 +235,20 @@ pub struct Fanout {
     config: FanoutConfig,
     /// For metadata, watermark and time queries (blocking calls, run on the blocking pool).
     admin: Arc<BaseConsumer>,
-    hubs: Mutex<HashMap<String, Arc<Hub>>>,
+    hubs: Mutex<HashMap<String, HubSlot>>,
     shutdown: watch::Sender<bool>,
     clients: AtomicU64,
+    limits: PushLimits,
+    subscribers: Arc<Semaphore>,
+    replays: Arc<Semaphore>,
+    queries: Arc<Semaphore>,
 }
 
 impl Fanout {
-    pub fn new(config: FanoutConfig) -> Result<Arc<Fanout>, KafkaError> {
+    pub fn with_limits(
+        config: FanoutConfig,
+        limits: PushLimits,
+    ) -> Result<Arc<Fanout>, KafkaError> {
         let admin = client_config(&config, "meta", 0).create()?;
         Ok(Arc::new(Fanout {
             config,
@@ -150,11 +256,35 @@ impl Fanout {
             hubs: Mutex::new(HashMap::new()),
             shutdown: watch::channel(false).0,
             clients: AtomicU64::new(1),
+            subscribers: Arc::new(Semaphore::new(limits.max_subscribers)),
+            replays: Arc::new(Semaphore::new(limits.max_replays)),
+            queries: Arc::new(Semaphore::new(MAX_QUERIES)),
+            limits,
         }))
     }
 
     pub fn queue(&self) -> usize {
         self.config.queue
+    }
+
+    pub fn limits(&self) -> &PushLimits {
+        &self.limits
+    }
+
+    /// A place among `--max-subscribers`, held for the subscription's life.
+    pub fn admit(&self) -> Result<OwnedSemaphorePermit, FanoutError> {
+        self.subscribers
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| FanoutError::TooManySubscribers(self.limits.max_subscribers))
+    }
+
+    /// A place among `--max-replays`, held while the subscription replays.
+    pub fn admit_replay(&self) -> Result<OwnedSemaphorePermit, FanoutError> {
+        self.replays
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| FanoutError::TooManyReplays(self.limits.max_replays))
     }
 
     /// Ends every subscription (so graceful shutdown is not held up by open streams).
@@ -168,22 +298,51 @@ impl Fanout {
 
     /// Subscribes to the topic's hub, starting one if there is none.
     pub async fn join(self: &Arc<Self>, topic: &str) -> Result<Joined, FanoutError> {
-        if let Some(hub) = lock(&self.hubs).get(topic) {
-            return Ok(hub.join());
+        loop {
+            let slot = {
+                let mut hubs = lock(&self.hubs);
+                match hubs.get(topic) {
+                    Some(slot) => {
+                        if let Some(Ok(hub)) = slot.peek() {
+                            return Ok(hub.join());
+                        }
+                        slot.clone()
+                    }
+                    None => {
+                        let slot = self.clone().start_hub(topic.to_owned()).boxed().shared();
+                        hubs.insert(topic.to_owned(), slot.clone());
+                        slot
+                    }
+                }
+            };
+            let started = slot.clone().await;
+            // Join under the map lock: an idle hub is removed under it too, so a hub still in
+            // the map sees this receiver before it could decide to stop.
+            let mut hubs = lock(&self.hubs);
+            let current = hubs.get(topic).is_some_and(|s| s.ptr_eq(&slot));
+            match started {
+                Ok(hub) if current => return Ok(hub.join()),
+                // It started and already stopped again: start another.
+                Ok(_) => continue,
+                Err(e) => {
+                    // Not cached: the next subscriber asks Kafka again.
+                    if current {
+                        hubs.remove(topic);
+                    }
+                    return Err(e);
+                }
+            }
         }
-        let (hub, consumer) = self.new_hub(topic).await?;
-        let mut hubs = lock(&self.hubs);
-        // Another subscriber may have started one meanwhile; ours is dropped unused.
-        if let Some(existing) = hubs.get(topic) {
-            return Ok(existing.join());
-        }
-        hubs.insert(topic.to_owned(), hub.clone());
-        let joined = hub.join();
-        tokio::spawn(self.clone().run_hub(topic.to_owned(), hub, consumer));
-        Ok(joined)
     }
 
-    async fn new_hub(&self, topic: &str) -> Result<(Arc<Hub>, StreamConsumer), FanoutError> {
+    async fn start_hub(self: Arc<Self>, topic: String) -> Result<Arc<Hub>, FanoutError> {
+        let (hub, consumer) = self.new_hub(&topic).await?;
+        let hub = Arc::new(hub);
+        tokio::spawn(self.clone().run_hub(topic, hub.clone(), consumer));
+        Ok(hub)
+    }
+
+    async fn new_hub(&self, topic: &str) -> Result<(Hub, StreamConsumer), FanoutError> {
         let partitions = self.partitions(topic).await?;
         let start = self.watermarks(topic, &partitions).await?;
         let start = Cursor::new(start.iter().map(|(p, (_, high))| (*p, *high)));
@@ -196,9 +355,10 @@ impl Fanout {
             tx,
             position: Mutex::new(start),
             partitions,
+            published: Arc::new(AtomicU64::new(0)),
         };
         tracing::info!(topic, "fan-out hub started");
-        Ok((Arc::new(hub), consumer))
+        Ok((hub, consumer))
     }
 
     async fn run_hub(self: Arc<Self>, topic: String, hub: Arc<Hub>, consumer: StreamConsumer) {
@@ -240,7 +400,7 @@ impl Fanout {
         if hub.tx.receiver_count() > 0 {
             return false;
         }
-        if hubs.get(topic).is_some_and(|h| Arc::ptr_eq(h, hub)) {
+        if hubs.get(topic).is_some_and(|slot| is_hub(slot, hub)) {
             hubs.remove(topic);
         }
         true
@@ -258,7 +418,7 @@ impl Fanout {
     pub async fn partitions(&self, topic: &str) -> Result<Vec<i32>, FanoutError> {
         let admin = self.admin.clone();
         let name = topic.to_owned();
-        blocking(move || {
+        self.query(move || {
             let metadata = admin.fetch_metadata(Some(&name), METADATA_TIMEOUT)?;
             let found = metadata.topics().iter().find(|t| t.name() == name);
             match found {
@@ -283,6 +443,26 @@ impl Fanout {
         .await
     }
 
+    /// Runs a blocking Kafka query on the blocking pool, at most `MAX_QUERIES` at once (the
+    /// permit goes with the task, so an abandoned request still counts until it ends).
+    async fn query<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> Result<T, FanoutError> + Send + 'static,
+    ) -> Result<T, FanoutError> {
+        let permit = self
+            .queries
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|e| FanoutError::Unavailable(format!("query slots closed: {e}")))?;
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            f()
+        })
+        .await
+        .map_err(|e| FanoutError::Unavailable(format!("query task failed: {e}")))?
+    }
+
     /// (low, high) watermarks of each partition.
     pub async fn watermarks(
         &self,
@@ -291,7 +471,7 @@ impl Fanout {
     ) -> Result<Vec<(i32, (i64, i64))>, FanoutError> {
         let admin = self.admin.clone();
         let (topic, partitions) = (topic.to_owned(), partitions.to_vec());
-        blocking(move || {
+        self.query(move || {
             partitions
                 .iter()
                 .map(|&p| Ok((p, admin.fetch_watermarks(&topic, p, METADATA_TIMEOUT)?)))
@@ -312,12 +492,14 @@ impl Fanout {
         let admin = self.admin.clone();
         let probe_config = client_config(&self.config, "probe", self.next_client());
         let topic = topic.to_owned();
-        blocking(move || {
+        self.query(move || {
             let mut query = TopicPartitionList::new();
             for (p, _) in &marks {
                 query.add_partition_offset(&topic, *p, Offset::Offset(millis))?;
             }
             let found = admin.offsets_for_times(query, METADATA_TIMEOUT)?;
+            // One probe for all partitions that need one.
+            let mut probe: Option<BaseConsumer> = None;
             let mut cursor = Cursor::default();
             for (p, (low, high)) in marks {
                 let answer = found.find_partition(&topic, p).map(|e| e.offset());
@@ -326,12 +508,13 @@ impl Fanout {
                     // Tansu 0.6 answers 0 instead of -1 (none) for a time after the last
                     // record, so an answer at the start must be checked against the record.
                     Some(Offset::Offset(_)) if low < high => {
-                        let probe = probe_config.create::<BaseConsumer>()?;
-                        if first_record_before(&probe, &topic, p, low, millis) {
-                            high
-                        } else {
-                            low
+                        if probe.is_none() {
+                            probe = Some(probe_config.create::<BaseConsumer>()?);
                         }
+                        let before = probe.as_ref().is_some_and(|probe| {
+                            first_record_before(probe, &topic, p, low, millis)
+                        });
+                        if before { high } else { low }
                     }
                     Some(Offset::Offset(o)) => o.clamp(low, high),
                     _ => high,
@@ -366,14 +549,6 @@ fn first_record_before(
     }
 }
 
-async fn blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T, FanoutError> + Send + 'static,
-) -> Result<T, FanoutError> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| FanoutError::Unavailable(format!("query task failed: {e}")))?
-}
-
 pub fn assignment(topic: &str, cursor: &Cursor) -> Result<TopicPartitionList, KafkaError> {
     let mut tpl = TopicPartitionList::new();
     for (p, o) in cursor.iter() {
@@ -392,6 +567,9 @@ fn client_config(config: &FanoutConfig, role: &str, n: u64) -> ClientConfig {
         )
         .set("enable.auto.commit", "false")
         .set("enable.auto.offset.store", "false")
+        // Small prefetch: one consumer per hub and per replay must stay cheap.
+        .set("queued.max.messages.kbytes", CONSUMER_QUEUE_KBYTES)
+        .set("queued.min.messages", "1000")
         // Bounds the wait of an empty fetch, which is the latency floor of a live event
         // when the broker does not answer a fetch as soon as data arrives (Tansu).
         .set(
@@ -415,10 +593,96 @@ mod tests {
             offset: 7,
             attributes: None,
             head: r#"{"topic":"t","partition":1,"offset":7,"key":null,"event":null"#.into(),
+            end_bytes: 0,
         };
         let frame = d.frame(&Cursor::new([(0, 3), (1, 8)]));
         let v: serde_json::Value = serde_json::from_str(&frame).unwrap();
         assert_eq!(v["cursor"], "0:3,1:8");
         assert_eq!(v["offset"], 7);
+    }
+
+    fn limits(topics: &[&str]) -> PushLimits {
+        PushLimits {
+            topics: topics.iter().map(|t| t.to_string()).collect(),
+            ..PushLimits::default()
+        }
+    }
+
+    #[test]
+    fn internal_topics_are_never_open_and_the_allow_list_is_exact() {
+        let all = limits(&[]);
+        assert!(all.topic_open("orders"));
+        assert!(all.topic_open("_single_underscore"));
+        assert!(!all.topic_open("__consumer_offsets"));
+        assert!(!all.topic_open("__transaction_state"));
+        let listed = limits(&["orders", "__consumer_offsets"]);
+        assert!(listed.topic_open("orders"));
+        assert!(!listed.topic_open("orders2"));
+        assert!(
+            !listed.topic_open("__consumer_offsets"),
+            "internal even when listed"
+        );
+    }
+
+    #[test]
+    fn defaults_match_the_serve_flags() {
+        let l = PushLimits::default();
+        let cli =
+            <crate::config::Cli as clap::Parser>::try_parse_from(["eventwire-sidecar"]).unwrap();
+        assert_eq!(
+            PushLimits::from(&cli.serve.push).max_subscribers,
+            l.max_subscribers
+        );
+        assert_eq!((l.max_subscribers, l.max_replays), (10_000, 32));
+        assert_eq!(l.queue_bytes, 64 << 20);
+        assert_eq!(l.max_replay, Duration::from_secs(300));
+    }
+
+    #[test]
+    fn consumers_prefetch_little() {
+        let config = FanoutConfig {
+            brokers: "127.0.0.1:1".into(),
+            overrides: vec![],
+            queue: 8,
+            grace: Duration::from_secs(1),
+            fetch_wait: Duration::from_millis(100),
+        };
+        let c = client_config(&config, "replay", 1);
+        assert_eq!(c.get("queued.max.messages.kbytes"), Some("2048"));
+    }
+
+    #[tokio::test]
+    async fn admission_is_bounded() {
+        let config = FanoutConfig {
+            brokers: "127.0.0.1:1".into(),
+            overrides: vec![],
+            queue: 8,
+            grace: Duration::from_secs(1),
+            fetch_wait: Duration::from_millis(100),
+        };
+        let fanout = Fanout::with_limits(
+            config,
+            PushLimits {
+                max_subscribers: 2,
+                max_replays: 1,
+                ..limits(&[])
+            },
+        )
+        .unwrap();
+        let a = fanout.admit().unwrap();
+        let _b = fanout.admit().unwrap();
+        assert!(matches!(
+            fanout.admit(),
+            Err(FanoutError::TooManySubscribers(2))
+        ));
+        drop(a);
+        assert!(fanout.admit().is_ok());
+        let r = fanout.admit_replay().unwrap();
+        assert!(matches!(
+            fanout.admit_replay(),
+            Err(FanoutError::TooManyReplays(1))
+        ));
+        drop(r);
+        assert!(fanout.admit_replay().is_ok());
     }
 }

@@ -27,15 +27,25 @@ pub struct AppState {
 
 pub fn router(state: AppState) -> Router {
     Router::new()
-        .route("/v1/events", post(post_event))
-        .route("/v1/events/{id}", get(get_event))
-        .route("/healthz", get(healthz))
-        .route("/readyz", get(readyz))
+        // Each route names its methods for the 405's `Allow` (RFC 9110).
+        .route("/v1/events", post(post_event).fallback(allow("POST")))
+        .route(
+            "/v1/events/{id}",
+            get(get_event).fallback(allow("GET, HEAD")),
+        )
+        .route("/healthz", get(healthz).fallback(allow("GET, HEAD")))
+        .route("/readyz", get(readyz).fallback(allow("GET, HEAD")))
         .fallback(|| async { IngestError::NotFound })
         .method_not_allowed_fallback(|| async { IngestError::MethodNotAllowed })
         // We enforce --max-body-bytes ourselves so the 413 is problem+json, not axum's text.
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
+}
+
+fn allow(
+    methods: &'static str,
+) -> impl Fn() -> std::future::Ready<Response> + Clone + Send + Sync + 'static {
+    move || std::future::ready(IngestError::method_not_allowed(methods))
 }
 
 async fn healthz() -> Json<serde_json::Value> {
@@ -517,6 +527,16 @@ mod tests {
                 "{body}"
             );
             assert_eq!(headers[header::CONTENT_TYPE], "application/problem+json");
+        }
+        for (req, allow) in [
+            (HttpRequest::get("/v1/events"), "POST"),
+            (HttpRequest::delete("/v1/events/e1"), "GET, HEAD"),
+            (HttpRequest::post("/healthz"), "GET, HEAD"),
+        ] {
+            let req = req.body(Body::empty()).unwrap();
+            let (status, headers, _) = send(app(Arc::new(FakeSink::default())), req).await;
+            assert_eq!(status, StatusCode::METHOD_NOT_ALLOWED);
+            assert_eq!(headers[header::ALLOW], allow);
         }
     }
 

@@ -3,6 +3,7 @@
 
 mod cloudevent;
 mod config;
+mod consumed;
 mod cursor;
 mod durable;
 mod fanout;
@@ -159,13 +160,17 @@ async fn serve(args: ServeArgs) -> Result<(), AppError> {
 }
 
 fn push_fanout(args: &ServeArgs) -> Result<Arc<fanout::Fanout>, AppError> {
-    Ok(fanout::Fanout::new(fanout::FanoutConfig {
+    let config = fanout::FanoutConfig {
         brokers: args.kafka.brokers.clone(),
         overrides: args.kafka.kafka.clone(),
         queue: args.push.subscriber_queue as usize,
         grace: Duration::from_millis(args.push.hub_grace_ms),
         fetch_wait: Duration::from_millis(args.push.push_fetch_wait_ms),
-    })?)
+    };
+    Ok(fanout::Fanout::with_limits(
+        config,
+        fanout::PushLimits::from(&args.push),
+    )?)
 }
 
 async fn flush(publisher: Arc<KafkaPublisher>) {

@@ -147,6 +147,17 @@ impl IngestError {
         }
     }
 
+    /// The 405 answer of a resource that supports only `allow` (e.g. `"GET, HEAD"`): RFC 9110
+    /// requires the `Allow` header, and only the route knows its methods, so each route's
+    /// method fallback passes them (`get(h).fallback(|| async { IngestError::method_not_allowed("GET, HEAD") })`).
+    pub fn method_not_allowed(allow: &'static str) -> Response {
+        let mut response = IngestError::MethodNotAllowed.into_response();
+        response
+            .headers_mut()
+            .insert(header::ALLOW, HeaderValue::from_static(allow));
+        response
+    }
+
     pub fn problem(&self) -> Problem<'_> {
         Problem {
             ty: format!("urn:eventwire:problem:{}", self.slug()),
@@ -223,6 +234,13 @@ mod tests {
         let r = IngestError::BrokerUnavailable("down".into()).into_response();
         assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
         assert_eq!(r.headers()[header::RETRY_AFTER], "1");
+        assert_eq!(
+            r.headers()[header::CONTENT_TYPE],
+            "application/problem+json"
+        );
+        let r = IngestError::method_not_allowed("GET, HEAD");
+        assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(r.headers()[header::ALLOW], "GET, HEAD");
         assert_eq!(
             r.headers()[header::CONTENT_TYPE],
             "application/problem+json"

@@ -6,7 +6,14 @@
 //! hub. One that stays more than N behind for `OVER_QUEUE_GRACE`, or ever falls 2N behind (the
 //! broadcast's capacity), is closed alone (WebSocket code 4008, SSE `event: error`) with the
 //! cursor to resume from; the hub and every other subscriber never wait for it. The grace
-//! lets a fast client absorb a burst (one Kafka fetch can hold hundreds of records).
+//! lets a fast client absorb a burst (one Kafka fetch can hold hundreds of records). The same
+//! holds in bytes with `--subscriber-queue-bytes`, which bounds what a topic's hub keeps.
+//!
+//! Limits, checked before the upgrade: `--max-subscribers` open subscriptions and
+//! `--max-replays` replaying ones (503 + `Retry-After: 1`); internal topics (`__*`) and, with
+//! `--push-topics`, unlisted ones are 404 `unknown-topic`, exactly like a missing topic. After
+//! it: a write that does not complete in `WRITE_TIMEOUT` ends the subscription, and a replay
+//! still behind after `--max-replay-s` is closed with 4008 and its cursor.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,12 +34,15 @@ use tokio::sync::{mpsc, watch};
 use crate::cursor::{Cursor, StartFrom};
 use crate::fanout::{Fanout, FanoutError, stopped};
 use crate::filter::Filter;
-use crate::subscription::{End, Event, StartError, Subscription, cursor_before};
+use crate::subscription::{Behind, End, Event, Lag, StartError, Subscription, cursor_before};
 
 /// WebSocket close code for a subscriber that fell too far behind (4000-4999 are private
 /// use; 4008 mirrors 1008 "policy violation").
 pub const SLOW_CONSUMER_CLOSE: u16 = 4008;
-/// A write that cannot complete in this time means the client is gone or stuck.
+/// A write that cannot complete in this time means the client is gone or stuck (WebSocket:
+/// the socket is dropped; SSE: the subscription ends and frees its hub slot, replay and
+/// `--max-subscribers` place; the connection goes when its last bytes can be written or the
+/// proxy's idle timeout resets it).
 const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 /// How often a blocked hand-over re-checks the subscriber's lag.
 const OVERFLOW_CHECK: Duration = Duration::from_millis(20);
@@ -51,9 +61,14 @@ pub struct PushState {
 
 pub fn router(state: PushState) -> Router {
     Router::new()
-        .route("/v1/subscribe", get(subscribe))
-        .route("/ui", get(viewer))
+        .route("/v1/subscribe", get(subscribe).fallback(get_only))
+        .route("/ui", get(viewer).fallback(get_only))
         .with_state(state)
+}
+
+/// 405 problem+json with `Allow` for the push routes (all GET).
+async fn get_only() -> Response {
+    crate::problem::IngestError::method_not_allowed("GET, HEAD")
 }
 
 async fn viewer() -> Html<&'static str> {
@@ -72,10 +87,15 @@ pub enum SubscribeError {
     InvalidFrom { part: &'static str, reason: String },
     #[error("{0}")]
     InvalidFilter(#[from] crate::filter::FilterError),
-    #[error("topic `{0}` does not exist")]
+    /// Missing, internal or not in `--push-topics`: the same answer, so nothing leaks.
+    #[error("topic `{0}` does not exist or is not open to subscribers")]
     UnknownTopic(String),
     #[error("Kafka is not available: {0}")]
     BrokerUnavailable(String),
+    #[error("{0}")]
+    TooManySubscribers(String),
+    #[error("{0}")]
+    TooManyReplays(String),
     #[error(
         "subscribe with a WebSocket upgrade, or with `Accept: text/event-stream` for Server-Sent Events"
     )]
@@ -86,7 +106,9 @@ impl SubscribeError {
     fn status(&self) -> StatusCode {
         match self {
             SubscribeError::UnknownTopic(_) => StatusCode::NOT_FOUND,
-            SubscribeError::BrokerUnavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            SubscribeError::BrokerUnavailable(_)
+            | SubscribeError::TooManySubscribers(_)
+            | SubscribeError::TooManyReplays(_) => StatusCode::SERVICE_UNAVAILABLE,
             SubscribeError::TransportRequired => StatusCode::UPGRADE_REQUIRED,
             _ => StatusCode::BAD_REQUEST,
         }
@@ -101,6 +123,10 @@ impl SubscribeError {
             SubscribeError::InvalidFilter(_) => ("invalid-filter", "Invalid filter"),
             SubscribeError::UnknownTopic(_) => ("unknown-topic", "Unknown topic"),
             SubscribeError::BrokerUnavailable(_) => ("broker-unavailable", "Broker unavailable"),
+            SubscribeError::TooManySubscribers(_) => {
+                ("too-many-subscribers", "Too many subscribers")
+            }
+            SubscribeError::TooManyReplays(_) => ("too-many-replays", "Too many replays"),
             SubscribeError::TransportRequired => ("transport-required", "Upgrade required"),
         }
     }
@@ -122,6 +148,12 @@ impl From<StartError> for SubscribeError {
             StartError::Fanout(FanoutError::UnknownTopic(t)) => SubscribeError::UnknownTopic(t),
             StartError::Fanout(FanoutError::Unavailable(why)) => {
                 SubscribeError::BrokerUnavailable(why)
+            }
+            StartError::Fanout(e @ FanoutError::TooManySubscribers(_)) => {
+                SubscribeError::TooManySubscribers(e.to_string())
+            }
+            StartError::Fanout(e @ FanoutError::TooManyReplays(_)) => {
+                SubscribeError::TooManyReplays(e.to_string())
             }
             other @ StartError::UnknownPartition { .. } => SubscribeError::InvalidFrom {
                 part: "from",
@@ -163,7 +195,7 @@ impl IntoResponse for SubscribeError {
             SubscribeError::TransportRequired => {
                 headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
             }
-            SubscribeError::BrokerUnavailable(_) => {
+            _ if self.status() == StatusCode::SERVICE_UNAVAILABLE => {
                 headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
             }
             _ => {}
@@ -235,7 +267,18 @@ async fn subscribe(
         return Err(SubscribeError::TransportRequired);
     }
     let fanout = state.fanout.clone();
-    let sub = Subscription::start(fanout, &request.topic, &request.from, request.filter).await?;
+    if !fanout.limits().topic_open(&request.topic) {
+        return Err(SubscribeError::UnknownTopic(request.topic));
+    }
+    let admitted = fanout.admit().map_err(StartError::from)?;
+    let sub = Subscription::start(
+        fanout,
+        &request.topic,
+        &request.from,
+        request.filter,
+        admitted,
+    )
+    .await?;
     tracing::debug!(topic = request.topic, cursor = %sub.cursor(), sse, "subscriber joined");
     let (tx, rx) = mpsc::channel(1);
     tokio::spawn(pump(sub, tx, state.fanout.shutdown_signal()));
@@ -286,14 +329,21 @@ async fn pump(
         let before = cursor_before(sub.cursor(), &event);
         let overflow = tokio::select! {
             sent = tx.send(Outgoing::Event(event)) => match sent {
-                Ok(()) => lag.too_long(&sub),
+                // The writer has the event: resume after it.
+                Ok(()) => lag.too_long(&sub).map(|behind| (behind, sub.cursor().clone())),
                 Err(_) => return,
             },
-            () = lag.wait_too_long(&sub) => true,
+            // The event in hand did not reach the writer: resume before it.
+            behind = lag.wait_too_long(&sub) => Some((behind, before)),
+            () = tokio::time::sleep(WRITE_TIMEOUT) => {
+                // The writer has not taken an event for that long (a replay is not watched
+                // for lag): the client is stuck. Free everything; the writer goes on its own.
+                tracing::info!(cursor = %before, "closing subscriber whose writes stalled");
+                return;
+            }
         };
-        if overflow {
-            // The event in hand may not have reached the writer: resume before it.
-            let end = sub.slow_consumer(before);
+        if let Some((behind, resume)) = overflow {
+            let end = sub.slow_consumer(behind, resume);
             // Free the hub's slot before waiting for the writer to take the notice.
             drop(sub);
             let _ = tx.send(Outgoing::End(end)).await;
@@ -309,16 +359,26 @@ struct LagWatch {
 }
 
 impl LagWatch {
-    fn too_long(&mut self, sub: &Subscription) -> bool {
-        if !sub.over_queue() {
-            self.over_since = None;
-            return false;
+    /// The limit the subscriber has been over for too long (or far over), if any.
+    fn too_long(&mut self, sub: &Subscription) -> Option<Behind> {
+        match sub.lag() {
+            Lag::Within => {
+                self.over_since = None;
+                None
+            }
+            Lag::FarOver(behind) => Some(behind),
+            Lag::Over(behind) => {
+                let since = self.over_since.get_or_insert_with(Instant::now);
+                (since.elapsed() >= OVER_QUEUE_GRACE).then_some(behind)
+            }
         }
-        self.over_since.get_or_insert_with(Instant::now).elapsed() >= OVER_QUEUE_GRACE
     }
 
-    async fn wait_too_long(&mut self, sub: &Subscription) {
-        while !self.too_long(sub) {
+    async fn wait_too_long(&mut self, sub: &Subscription) -> Behind {
+        loop {
+            if let Some(behind) = self.too_long(sub) {
+                return behind;
+            }
             tokio::time::sleep(OVERFLOW_CHECK).await;
         }
     }
@@ -327,8 +387,12 @@ impl LagWatch {
 /// The text a client reads when its subscription ends.
 fn end_message(end: &End) -> String {
     match end {
-        End::SlowConsumer { limit, cursor } => format!(
-            "slow consumer: fell more than {limit} events behind; reconnect with from={cursor}"
+        End::SlowConsumer { limit, cursor } => {
+            format!("slow consumer: fell more than {limit} behind; reconnect with from={cursor}")
+        }
+        End::ReplayTooLong { limit, cursor } => format!(
+            "slow replay: not caught up after {} s; reconnect with from={cursor}",
+            limit.as_secs()
         ),
         End::ShuttingDown { cursor } => {
             format!("sidecar shutting down; reconnect with from={cursor}")
@@ -338,7 +402,7 @@ fn end_message(end: &End) -> String {
 
 fn close_frame(end: &End) -> CloseFrame {
     let code = match end {
-        End::SlowConsumer { .. } => SLOW_CONSUMER_CLOSE,
+        End::SlowConsumer { .. } | End::ReplayTooLong { .. } => SLOW_CONSUMER_CLOSE,
         End::ShuttingDown { .. } => 1001,
     };
     let mut reason = end_message(end);
@@ -346,7 +410,11 @@ fn close_frame(end: &End) -> CloseFrame {
         // Many partitions: the cursor does not fit; the last frame carries it anyway.
         reason = match end {
             End::SlowConsumer { limit, .. } => format!(
-                "slow consumer: fell more than {limit} events behind; reconnect with from=<last cursor>"
+                "slow consumer: fell more than {limit} behind; reconnect with from=<last cursor>"
+            ),
+            End::ReplayTooLong { limit, .. } => format!(
+                "slow replay: not caught up after {} s; reconnect with from=<last cursor>",
+                limit.as_secs()
             ),
             End::ShuttingDown { .. } => {
                 "sidecar shutting down; reconnect with from=<last cursor>".into()
@@ -500,7 +568,7 @@ mod tests {
     #[test]
     fn close_reasons_fit_a_control_frame() {
         let short = End::SlowConsumer {
-            limit: 1024,
+            limit: Behind::Events(1024),
             cursor: "0:16,1:8,2:4".parse().unwrap(),
         };
         let frame = close_frame(&short);
@@ -510,12 +578,34 @@ mod tests {
             "slow consumer: fell more than 1024 events behind; reconnect with from=0:16,1:8,2:4"
         );
         let long = End::SlowConsumer {
-            limit: 1024,
+            limit: Behind::Events(1024),
             cursor: Cursor::new((0..50).map(|p| (p, 1_000_000))),
         };
         let frame = close_frame(&long);
         assert!(frame.reason.len() <= MAX_CLOSE_REASON);
         assert!(frame.reason.ends_with("from=<last cursor>"));
+        for end in [
+            End::SlowConsumer {
+                limit: Behind::Bytes(64 << 20),
+                cursor: Cursor::new((0..50).map(|p| (p, 1_000_000))),
+            },
+            End::ReplayTooLong {
+                limit: Duration::from_secs(300),
+                cursor: Cursor::new((0..50).map(|p| (p, 1_000_000))),
+            },
+        ] {
+            let frame = close_frame(&end);
+            assert_eq!(frame.code, SLOW_CONSUMER_CLOSE);
+            assert!(frame.reason.len() <= MAX_CLOSE_REASON, "{}", frame.reason);
+        }
+        let replay = End::ReplayTooLong {
+            limit: Duration::from_secs(300),
+            cursor: "0:4".parse().unwrap(),
+        };
+        assert_eq!(
+            end_message(&replay),
+            "slow replay: not caught up after 300 s; reconnect with from=0:4"
+        );
     }
 
     #[tokio::test]
@@ -523,16 +613,23 @@ mod tests {
         use axum::body::Body;
         use http_body_util::BodyExt;
         use tower::ServiceExt;
-        let fanout = Fanout::new(crate::fanout::FanoutConfig {
-            brokers: "127.0.0.1:1".into(),
-            overrides: vec![],
-            queue: 8,
-            grace: Duration::from_secs(1),
-            fetch_wait: Duration::from_millis(100),
-        })
+        let fanout = Fanout::with_limits(
+            crate::fanout::FanoutConfig {
+                brokers: "127.0.0.1:1".into(),
+                overrides: vec![],
+                queue: 8,
+                grace: Duration::from_secs(1),
+                fetch_wait: Duration::from_millis(100),
+            },
+            crate::fanout::PushLimits {
+                max_subscribers: 1,
+                topics: vec!["t".into(), "u".into()],
+                ..crate::fanout::PushLimits::default()
+            },
+        )
         .unwrap();
         let app = router(PushState {
-            fanout,
+            fanout: fanout.clone(),
             ping_interval: Duration::from_secs(15),
         });
         let get = |uri: &str| axum::http::Request::get(uri).body(Body::empty()).unwrap();
@@ -557,8 +654,59 @@ mod tests {
         assert_eq!(v["parameter"], "filter.exact");
 
         // Valid parameters but neither an upgrade nor SSE: refused before touching Kafka.
-        let resp = app.oneshot(get("/v1/subscribe?topic=t")).await.unwrap();
+        let resp = app
+            .clone()
+            .oneshot(get("/v1/subscribe?topic=t"))
+            .await
+            .unwrap();
         assert_eq!(resp.status(), StatusCode::UPGRADE_REQUIRED);
         assert_eq!(resp.headers()[header::UPGRADE], "websocket");
+
+        let sse = |uri: &str| {
+            axum::http::Request::get(uri)
+                .header(header::ACCEPT, "text/event-stream")
+                .body(Body::empty())
+                .unwrap()
+        };
+        let problem = |resp: Response| async move {
+            let status = resp.status();
+            let retry = resp.headers().get(header::RETRY_AFTER).cloned();
+            let body = resp.into_body().collect().await.unwrap().to_bytes();
+            let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
+            (
+                status,
+                v["type"].as_str().unwrap_or_default().to_owned(),
+                retry,
+            )
+        };
+        // Internal and unlisted topics: the answer of a missing topic, before touching Kafka.
+        for topic in ["__consumer_offsets", "v"] {
+            let resp = app
+                .clone()
+                .oneshot(sse(&format!("/v1/subscribe?topic={topic}")))
+                .await
+                .unwrap();
+            let (status, ty, _) = problem(resp).await;
+            assert_eq!(status, StatusCode::NOT_FOUND, "{topic}");
+            assert_eq!(ty, "urn:eventwire:problem:unknown-topic");
+        }
+        // The one subscriber place is taken: 503 before touching Kafka.
+        let _taken = fanout.admit().unwrap();
+        let resp = app
+            .clone()
+            .oneshot(sse("/v1/subscribe?topic=t"))
+            .await
+            .unwrap();
+        let (status, ty, retry) = problem(resp).await;
+        assert_eq!(status, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(ty, "urn:eventwire:problem:too-many-subscribers");
+        assert_eq!(retry.unwrap(), "1");
+
+        let post = axum::http::Request::post("/v1/subscribe?topic=t")
+            .body(Body::empty())
+            .unwrap();
+        let resp = app.oneshot(post).await.unwrap();
+        assert_eq!(resp.status(), StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(resp.headers()[header::ALLOW], "GET, HEAD");
     }
 }

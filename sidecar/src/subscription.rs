@@ -3,12 +3,15 @@
 //! The cursor advances per record read (delivered or filtered out), so it is always the
 //! exact Kafka position to resume from.
 
+use std::fmt;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use thiserror::Error;
-use tokio::sync::broadcast;
 use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::{OwnedSemaphorePermit, broadcast};
 
 use crate::cursor::{Cursor, StartFrom};
 use crate::fanout::{Delivery, Fanout, FanoutError, Joined, assignment};
@@ -35,12 +38,43 @@ impl From<rdkafka::error::KafkaError> for StartError {
     }
 }
 
+/// The limit a slow subscriber went over.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Behind {
+    Events(usize),
+    Bytes(u64),
+}
+
+impl fmt::Display for Behind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Behind::Events(n) => write!(f, "{n} events"),
+            Behind::Bytes(n) => write!(f, "{n} bytes"),
+        }
+    }
+}
+
+/// How far a live subscriber is behind the hub.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Lag {
+    Within,
+    /// Over a limit: closed if it lasts.
+    Over(Behind),
+    /// Twice over a limit: closed at once.
+    FarOver(Behind),
+}
+
 /// Why a subscription ended.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum End {
-    /// The subscriber fell more than `limit` events behind the hub; resume from `cursor`.
+    /// The subscriber fell more than `limit` behind the hub; resume from `cursor`.
     SlowConsumer {
-        limit: usize,
+        limit: Behind,
+        cursor: Cursor,
+    },
+    /// The replay did not reach the live position within `limit`; resume from `cursor`.
+    ReplayTooLong {
+        limit: Duration,
         cursor: Cursor,
     },
     ShuttingDown {
@@ -63,6 +97,10 @@ struct Replay {
     consumer: StreamConsumer,
     /// The hub's position when `rx` was created: replay until here, then hand over.
     target: Cursor,
+    /// When the replay started (an extension keeps it): bounded by `--max-replay-s`.
+    started: Instant,
+    /// The place among `--max-replays` this replay takes.
+    _permit: OwnedSemaphorePermit,
 }
 
 pub struct Subscription {
@@ -72,7 +110,15 @@ pub struct Subscription {
     cursor: Cursor,
     rx: broadcast::Receiver<Arc<Delivery>>,
     replay: Option<Replay>,
+    /// Held for a replay until the replay is planned (or found unneeded).
+    replay_permit: Option<OwnedSemaphorePermit>,
     limit: usize,
+    limit_bytes: u64,
+    /// The hub's published bytes, and where this subscriber's `rx` is in them.
+    published: Arc<AtomicU64>,
+    seen_bytes: u64,
+    /// The place among `--max-subscribers`.
+    _admitted: OwnedSemaphorePermit,
 }
 
 impl Subscription {
@@ -82,18 +128,30 @@ impl Subscription {
         topic: &str,
         from: &StartFrom,
         filter: Option<Filter>,
+        admitted: OwnedSemaphorePermit,
     ) -> Result<Subscription, StartError> {
+        // Any start but `latest` may replay: take a replay place before the Kafka queries
+        // that resolve it (they are as bounded as the replays), give it back if unneeded.
+        let replay_permit = match from {
+            StartFrom::Latest => None,
+            _ => Some(fanout.admit_replay()?),
+        };
         // Join first: everything the hub reads from now on is then buffered in `rx`.
         let joined = fanout.join(topic).await?;
         let cursor = resolve(&fanout, topic, from, &joined).await?;
         let mut sub = Subscription {
             limit: fanout.queue(),
+            limit_bytes: fanout.limits().queue_bytes,
             fanout,
             topic: topic.to_owned(),
             filter,
             cursor,
             rx: joined.rx,
             replay: None,
+            replay_permit,
+            published: joined.published,
+            seen_bytes: joined.bytes,
+            _admitted: admitted,
         };
         sub.plan_replay(joined.position)?;
         Ok(sub)
@@ -103,17 +161,29 @@ impl Subscription {
         &self.cursor
     }
 
-    /// Whether the subscriber is more than its queue behind the hub (only counted live: a
-    /// replay goes at the subscriber's own pace).
-    pub fn over_queue(&self) -> bool {
-        self.replay.is_none() && self.rx.len() > self.limit
+    /// Bytes of the hub's events waiting in `rx` (the hub keeps them for this subscriber).
+    fn lag_bytes(&self) -> u64 {
+        self.published
+            .load(Ordering::Relaxed)
+            .saturating_sub(self.seen_bytes)
     }
 
-    pub fn slow_consumer(&self, cursor: Cursor) -> End {
-        End::SlowConsumer {
-            limit: self.limit,
-            cursor,
+    /// How far the subscriber is behind the hub, in events and bytes (only counted live: a
+    /// replay goes at the subscriber's own pace, bounded by `--max-replay-s`).
+    pub fn lag(&self) -> Lag {
+        if self.replay.is_some() {
+            return Lag::Within;
         }
+        lag_of(
+            self.rx.len(),
+            self.lag_bytes(),
+            self.limit,
+            self.limit_bytes,
+        )
+    }
+
+    pub fn slow_consumer(&self, limit: Behind, cursor: Cursor) -> End {
+        End::SlowConsumer { limit, cursor }
     }
 
     /// The next event that passes the filter.
@@ -154,8 +224,13 @@ impl Subscription {
     /// beyond the broadcast's capacity lost records, so it ends the subscription.
     async fn next_live(&mut self) -> Result<Arc<Delivery>, End> {
         match self.rx.recv().await {
-            Ok(d) => Ok(d),
-            Err(RecvError::Lagged(_)) => Err(self.slow_consumer(self.cursor.clone())),
+            Ok(d) => {
+                self.seen_bytes = d.end_bytes();
+                Ok(d)
+            }
+            Err(RecvError::Lagged(_)) => {
+                Err(self.slow_consumer(Behind::Events(self.limit), self.cursor.clone()))
+            }
             Err(RecvError::Closed) => Err(End::ShuttingDown {
                 cursor: self.cursor.clone(),
             }),
@@ -167,8 +242,21 @@ impl Subscription {
         let Some(replay) = &self.replay else {
             return Ok(None);
         };
+        let max = self.fanout.limits().max_replay;
+        if replay.started.elapsed() > max {
+            return Err(End::ReplayTooLong {
+                limit: max,
+                cursor: self.cursor.clone(),
+            });
+        }
         if self.cursor.reached(&replay.target) {
             self.hand_over().await;
+            return Ok(None);
+        }
+        if self.lag_bytes() > self.limit_bytes {
+            // `rx` keeps what the hub read since the join: over the byte budget, let it go
+            // and replay further instead.
+            self.rejoin().await;
             return Ok(None);
         }
         match replay.consumer.recv().await {
@@ -184,13 +272,26 @@ impl Subscription {
     /// Switches to the hub's broadcast. If the hub ran more than the queue ahead during the
     /// replay, `rx` lost records: rejoin and replay up to the hub's new position instead.
     async fn hand_over(&mut self) {
-        if self.rx.len() <= self.limit {
+        if self.rx.len() <= self.limit && self.lag_bytes() <= self.limit_bytes {
             self.replay = None;
             return;
         }
+        self.rejoin().await;
+    }
+
+    /// A fresh `rx` from the hub, and a replay extended up to the hub's position.
+    async fn rejoin(&mut self) {
         match self.fanout.join(&self.topic).await {
-            Ok(Joined { rx, position, .. }) => {
+            Ok(Joined {
+                rx,
+                position,
+                published,
+                bytes,
+                ..
+            }) => {
                 self.rx = rx;
+                self.published = published;
+                self.seen_bytes = bytes;
                 if let Err(e) = self.plan_replay(position) {
                     tracing::warn!(topic = self.topic, error = %e, "cannot extend replay");
                 }
@@ -208,17 +309,26 @@ impl Subscription {
         );
         if behind.iter().next().is_none() {
             self.replay = None;
+            self.replay_permit = None;
             return Ok(());
         }
-        let consumer = match self.replay.take() {
-            Some(r) => r.consumer,
-            None => self.fanout.consumer("replay")?,
+        let (consumer, started, permit) = match self.replay.take() {
+            Some(r) => (r.consumer, r.started, r._permit),
+            None => {
+                let permit = match self.replay_permit.take() {
+                    Some(p) => p,
+                    None => self.fanout.admit_replay()?,
+                };
+                (self.fanout.consumer("replay")?, Instant::now(), permit)
+            }
         };
         consumer.assign(&assignment(&self.topic, &behind)?)?;
         tracing::debug!(topic = self.topic, from = %behind, to = %hub, "replaying");
         self.replay = Some(Replay {
             consumer,
             target: hub,
+            started,
+            _permit: permit,
         });
         Ok(())
     }
@@ -257,9 +367,42 @@ async fn resolve(
     }
 }
 
+/// Over a limit when more than it behind, far over when more than twice it (events first:
+/// the broadcast holds 2 x `limit` events, beyond that records are lost anyway).
+fn lag_of(events: usize, bytes: u64, limit: usize, limit_bytes: u64) -> Lag {
+    if events > limit.saturating_mul(2) {
+        Lag::FarOver(Behind::Events(limit))
+    } else if bytes > limit_bytes.saturating_mul(2) {
+        Lag::FarOver(Behind::Bytes(limit_bytes))
+    } else if events > limit {
+        Lag::Over(Behind::Events(limit))
+    } else if bytes > limit_bytes {
+        Lag::Over(Behind::Bytes(limit_bytes))
+    } else {
+        Lag::Within
+    }
+}
+
 /// Cursor of the subscription just before `event` (for a resume that includes `event`).
 pub fn cursor_before(current: &Cursor, event: &Event) -> Cursor {
     let mut before = current.clone();
     before.set(event.partition, event.offset);
     before
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lag_counts_events_and_bytes() {
+        assert_eq!(lag_of(10, 100, 10, 100), Lag::Within);
+        assert_eq!(lag_of(11, 0, 10, 100), Lag::Over(Behind::Events(10)));
+        assert_eq!(lag_of(0, 101, 10, 100), Lag::Over(Behind::Bytes(100)));
+        assert_eq!(lag_of(21, 0, 10, 100), Lag::FarOver(Behind::Events(10)));
+        assert_eq!(lag_of(5, 201, 10, 100), Lag::FarOver(Behind::Bytes(100)));
+        assert_eq!(lag_of(11, 201, 10, 100), Lag::FarOver(Behind::Bytes(100)));
+        assert_eq!(Behind::Bytes(7).to_string(), "7 bytes");
+        assert_eq!(Behind::Events(7).to_string(), "7 events");
+    }
 }

@@ -9,7 +9,6 @@ use rdkafka::message::BorrowedMessage;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
 use crate::AppError;
-use crate::cloudevent::ConsumedRecord;
 use crate::config::{KafkaArgs, StartAt, TailArgs};
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
@@ -85,7 +84,7 @@ async fn print_records(consumer: &StreamConsumer, args: &TailArgs) -> Result<(),
 }
 
 fn print_line(message: &BorrowedMessage<'_>) -> Result<(), AppError> {
-    let record = ConsumedRecord::from_message(message);
+    let record = crate::consumed::record(message);
     let mut out = std::io::stdout().lock();
     let line =
         serde_json::to_string(&record.envelope()).map_err(|e| AppError::Other(e.to_string()))?;

@@ -66,25 +66,6 @@ pub struct ConsumedRecord<'a> {
     pub value: Option<&'a [u8]>,
 }
 
-impl<'a> ConsumedRecord<'a> {
-    /// A record as rdkafka hands it to a consumer (`tail`, the fan-out hubs).
-    pub fn from_message(message: &'a rdkafka::message::BorrowedMessage<'_>) -> Self {
-        use rdkafka::message::{Headers, Message};
-        let headers = message
-            .headers()
-            .map(|h| h.iter().map(|header| (header.key, header.value)).collect())
-            .unwrap_or_default();
-        ConsumedRecord {
-            topic: message.topic(),
-            partition: message.partition(),
-            offset: message.offset(),
-            key: message.key(),
-            headers,
-            value: message.payload(),
-        }
-    }
-}
-
 #[derive(Debug, Error, PartialEq, Eq)]
 pub enum NotACloudEvent {
     #[error("record has no ce_specversion header and is not structured-mode")]

@@ -1,0 +1,22 @@
+//! Kafka messages as the CloudEvents mapping reads them. Apart from `cloudevent`, which
+//! stays free of rdkafka so the fuzz targets can compile it on its own.
+
+use rdkafka::message::{BorrowedMessage, Headers, Message};
+
+use crate::cloudevent::ConsumedRecord;
+
+/// A record as rdkafka hands it to a consumer (`tail`, the fan-out hubs).
+pub fn record<'a>(message: &'a BorrowedMessage<'_>) -> ConsumedRecord<'a> {
+    let headers = message
+        .headers()
+        .map(|h| h.iter().map(|header| (header.key, header.value)).collect())
+        .unwrap_or_default();
+    ConsumedRecord {
+        topic: message.topic(),
+        partition: message.partition(),
+        offset: message.offset(),
+        key: message.key(),
+        headers,
+        value: message.payload(),
+    }
+}
