@@ -116,19 +116,25 @@ async fn publish_once(state: AppState, event: EventRecord) -> Response {
             }
         }
     }
-    match state.sink.publish(event.clone()).await {
+    // The answer needs only the identity; the record (and its body) moves to the sink.
+    let (id, source, topic) = (
+        event.id.clone(),
+        event.source.clone(),
+        event.record.topic.clone(),
+    );
+    match state.sink.publish(event).await {
         Ok(outcome) => {
-            state.status.finish(&event.id, &event.source, Some(outcome));
+            state.status.finish(&id, &source, Some(outcome));
             accepted(&Snapshot {
-                id: event.id,
-                source: event.source,
-                topic: event.record.topic,
+                id,
+                source,
+                topic,
                 state: outcome.into(),
             })
         }
         Err(e) => {
-            state.status.finish(&event.id, &event.source, None);
-            reject(e.into(), Some(&event.id))
+            state.status.finish(&id, &source, None);
+            reject(e.into(), Some(&id))
         }
     }
 }

@@ -37,8 +37,6 @@ pub enum IngestError {
     UnknownTopic(String),
     #[error("Kafka is not available: {0}")]
     BrokerUnavailable(String),
-    #[error("the producer queue is full; retry shortly")]
-    QueueFull,
     #[error("{0}; retry shortly")]
     SpoolFull(String),
     #[error("{0}")]
@@ -59,7 +57,11 @@ impl From<PublishError> for IngestError {
     fn from(e: PublishError) -> Self {
         match e {
             PublishError::UnknownTopic(t) => IngestError::UnknownTopic(t),
-            PublishError::QueueFull => IngestError::QueueFull,
+            // The durable sink spools on a full producer queue; should one get through, it is
+            // the broker side that cannot keep up.
+            PublishError::QueueFull => {
+                IngestError::BrokerUnavailable("the producer queue is full".into())
+            }
             PublishError::TooLarge(why) => IngestError::BodyTooLarge(why),
             PublishError::Unavailable(why) => IngestError::BrokerUnavailable(why),
             PublishError::SpoolFull(why) => IngestError::SpoolFull(why),
@@ -79,9 +81,7 @@ impl IngestError {
             MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
             IdempotencyConflict(_) => StatusCode::CONFLICT,
             BrokerRefused(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            BrokerUnavailable(_) | QueueFull | SpoolFull(_) | NotReady => {
-                StatusCode::SERVICE_UNAVAILABLE
-            }
+            BrokerUnavailable(_) | SpoolFull(_) | NotReady => StatusCode::SERVICE_UNAVAILABLE,
         }
     }
 
@@ -99,7 +99,6 @@ impl IngestError {
             Parse(ParseError::Invalid(_)) => "invalid-cloudevent",
             UnknownTopic(_) => "unknown-topic",
             BrokerUnavailable(_) => "broker-unavailable",
-            QueueFull => "queue-full",
             SpoolFull(_) => "spool-full",
             BrokerRefused(_) => "broker-refused",
             IdempotencyConflict(_) => "idempotency-conflict",
@@ -124,7 +123,6 @@ impl IngestError {
             Parse(ParseError::Invalid(_)) => "Invalid CloudEvent",
             UnknownTopic(_) => "Unknown topic",
             BrokerUnavailable(_) => "Broker unavailable",
-            QueueFull => "Queue full",
             SpoolFull(_) => "Spool full",
             BrokerRefused(_) => "Refused by the broker",
             IdempotencyConflict(_) => "Event id reused with another payload",
@@ -221,9 +219,9 @@ mod tests {
                 "attribute": "time",
             })
         );
-        let text = serde_json::to_string(&IngestError::QueueFull.problem()).unwrap();
+        let text = serde_json::to_string(&IngestError::NotReady.problem()).unwrap();
         assert!(
-            text.starts_with(r#"{"type":"urn:eventwire:problem:queue-full","title":"#),
+            text.starts_with(r#"{"type":"urn:eventwire:problem:not-ready","title":"#),
             "{text}"
         );
         assert!(!text.contains("attribute"));
