@@ -1,0 +1,29 @@
+//! The wire contract between the eventwire filter and the sidecar, in one place.
+//!
+//! The filter sends each event to the sidecar as `POST` [`INGEST_PATH`] in CloudEvents HTTP
+//! binary mode, plus two headers of ours: [`TOPIC_HEADER`] (validated by [`topic::validate`]
+//! on both sides) and [`KEY_HEADER`] (the partition key, encoded with
+//! [`header_value::encode`] and decoded with [`header_value::decode`]). Either side answers a
+//! refusal as [`problem::Problem`] `application/problem+json`, and the filter relays the
+//! sidecar's problems verbatim, so both speak the one table of [`problem::Kind`]s.
+//!
+//! No I/O and no host calls: this crate compiles for `wasm32-wasip1` inside the filter and
+//! natively inside the sidecar and the fuzz targets.
+
+pub mod header_value;
+pub mod problem;
+pub mod topic;
+
+/// The topic the event goes to (the filter's rule `topic`).
+pub const TOPIC_HEADER: &str = "eventwire-topic";
+/// The Kafka partition key, percent-encoded like a `ce-*` value; absent = no key.
+pub const KEY_HEADER: &str = "eventwire-key";
+/// Where the sidecar takes events.
+pub const INGEST_PATH: &str = "/v1/events";
+/// How long the filter waits for the sidecar's answer by default (`sidecar.timeout_ms`).
+/// The sidecar's ack timeout must stay below it so that the filter gets the sidecar's answer
+/// (202 after spooling) rather than timing out itself.
+pub const DEFAULT_CALLOUT_TIMEOUT_MS: u64 = 5_000;
+/// The largest request body either side accepts by default (`max_body_bytes`,
+/// `--max-body-bytes`).
+pub const DEFAULT_MAX_BODY_BYTES: u64 = 1_048_576;
