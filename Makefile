@@ -97,7 +97,7 @@ run: deps build
 test: deps build lint test-unit test-e2e
 
 test-unit:
-	cargo test -p eventwire --lib
+	cargo test -p eventwire -p eventwire-contract --lib
 	PATH="$(WBG_BIN):$$PATH" cargo test-wasm
 	cargo test --release -p eventwire-sidecar
 

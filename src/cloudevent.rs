@@ -1,5 +1,6 @@
-//! CloudEvents v1.0.2 primitives the filter needs: HTTP binary-mode header encoding, the
-//! `time` and `id` attributes, and telling an incoming CloudEvent from a plain request.
+//! CloudEvents v1.0.2 primitives the filter needs: the `time` and `id` attributes, and
+//! telling an incoming CloudEvent from a plain request. (The `ce-*` header codec is part of
+//! the wire contract: `eventwire_contract::header_value`.)
 
 use std::borrow::Cow;
 
@@ -43,32 +44,6 @@ pub fn is_json(content_type: &str) -> bool {
     m.eq_ignore_ascii_case("application/json")
         || m.eq_ignore_ascii_case("text/json")
         || (b.len() > 5 && b[b.len() - 5..].eq_ignore_ascii_case(b"+json"))
-}
-
-/// Percent-encodes a value for a `ce-` header (HTTP binding 3.1.3.2): space, `"`, `%` and
-/// everything outside printable ASCII, byte by byte over the UTF-8. Borrows when nothing
-/// needs encoding, which is the common case.
-pub fn encode_header_value(value: &[u8]) -> Cow<'_, str> {
-    let needs = |b: u8| !(0x21..=0x7e).contains(&b) || b == b'"' || b == b'%';
-    match value.iter().position(|&b| needs(b)) {
-        // All bytes are printable ASCII, so this cannot fail.
-        None => Cow::Borrowed(std::str::from_utf8(value).unwrap_or_default()),
-        Some(first) => {
-            const HEX: &[u8; 16] = b"0123456789ABCDEF";
-            let mut out = String::with_capacity(value.len() + 16);
-            out.push_str(std::str::from_utf8(&value[..first]).unwrap_or_default());
-            for &b in &value[first..] {
-                if needs(b) {
-                    out.push('%');
-                    out.push(HEX[usize::from(b >> 4)] as char);
-                    out.push(HEX[usize::from(b & 0xf)] as char);
-                } else {
-                    out.push(b as char);
-                }
-            }
-            Cow::Owned(out)
-        }
-    }
 }
 
 /// Decodes `%XX` escapes (path parameters). `None` on a broken escape or non-UTF-8 result.
@@ -164,24 +139,6 @@ mod tests {
     use super::*;
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;
-
-    #[test]
-    fn header_encoding_follows_the_binding() {
-        // From shared/cloudevents/vectors/http-header-percent-encoding.json ("roundtrip").
-        for (value, header) in [
-            ("simple", "simple"),
-            ("Euro € 😀", "Euro%20%E2%82%AC%20%F0%9F%98%80"),
-            ("space encoded", "space%20encoded"),
-            ("percent%encoded", "percent%25encoded"),
-            ("quote\"encoded", "quote%22encoded"),
-            ("café", "caf%C3%A9"),
-            ("line1\r\nline2", "line1%0D%0Aline2"),
-        ] {
-            assert_eq!(encode_header_value(value.as_bytes()), header);
-        }
-        assert!(matches!(encode_header_value(b"plain"), Cow::Borrowed(_)));
-        assert_eq!(encode_header_value(&[0xff, b'a']), "%FFa");
-    }
 
     #[test]
     fn percent_decoding_of_path_segments() {

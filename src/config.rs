@@ -12,9 +12,10 @@ use std::collections::BTreeMap;
 use std::fmt;
 
 pub const DEFAULT_UPSTREAM: &str = "eventwire_sidecar";
-pub const DEFAULT_SIDECAR_PATH: &str = "/v1/events";
-pub const DEFAULT_TIMEOUT_MS: u64 = 5_000;
-pub const DEFAULT_MAX_BODY_BYTES: u64 = 1_048_576;
+pub use eventwire_contract::{
+    DEFAULT_CALLOUT_TIMEOUT_MS as DEFAULT_TIMEOUT_MS, DEFAULT_MAX_BODY_BYTES,
+    INGEST_PATH as DEFAULT_SIDECAR_PATH,
+};
 /// The whole body is held in the VM and copied once more into the callout; above this the
 /// proxy's own buffering limits and memory make a bridge the wrong tool.
 pub const MAX_MAX_BODY_BYTES: u64 = 16 * 1_048_576;
@@ -352,8 +353,8 @@ fn parse_rule(v: Value, i: usize) -> Result<Rule, ConfigError> {
             Mode::Tap => OnFailure::Passthrough,
         },
     };
-    if let Err(e) = validate_topic(&raw.topic) {
-        return Err(err(at("topic"), e));
+    if let Err(e) = eventwire_contract::topic::validate(&raw.topic) {
+        return Err(err(at("topic"), e.to_string()));
     }
     if !is_ce_string(&raw.ce_type) {
         return Err(err(
@@ -500,25 +501,6 @@ fn validate_json_pointer(p: &str) -> Result<(), String> {
     Ok(())
 }
 
-/// Kafka's own rule for topic names.
-pub fn validate_topic(t: &str) -> Result<(), String> {
-    if t.is_empty() || t.len() > 249 {
-        return Err("must be 1 to 249 characters".into());
-    }
-    if t == "." || t == ".." {
-        return Err("must not be '.' or '..'".into());
-    }
-    if !t
-        .bytes()
-        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
-    {
-        return Err(format!(
-            "'{t}' may hold only letters, digits, '.', '_' and '-'"
-        ));
-    }
-    Ok(())
-}
-
 fn is_ce_string(s: &str) -> bool {
     !s.is_empty() && !s.chars().any(char::is_control)
 }
@@ -608,7 +590,7 @@ mod tests {
             (r#"{"rules":[{"type":"x"}]}"#.into(), "rules[0]", "missing field `topic`"),
             (r#"{"rules":[{"topic":"t"}]}"#.into(), "rules[0]", "missing field `type`"),
             (rule(r#","topc":"x""#), "rules[0]", "unknown field `topc`"),
-            (r#"{"rules":[{"topic":"a b","type":"x"}]}"#.into(), "rules[0].topic", "letters"),
+            (r#"{"rules":[{"topic":"a b","type":"x"}]}"#.into(), "rules[0].topic", "not allowed"),
             (r#"{"rules":[{"topic":"","type":"x"}]}"#.into(), "rules[0].topic", "1 to 249"),
             (r#"{"rules":[{"topic":"t","type":""}]}"#.into(), "rules[0].type", "non-empty"),
             (rule(r#","mode":"mirror""#), "rules[0].mode", "unknown variant `mirror`"),

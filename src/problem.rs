@@ -1,11 +1,8 @@
-//! The filter's own error answers, as RFC 9457 `application/problem+json` local replies.
+//! The filter's own error answers, as `application/problem+json` local replies in the
+//! contract's one problem style (the same the sidecar answers with).
 
-use serde::Serialize;
+use eventwire_contract::problem::{Kind, Problem};
 use std::fmt;
-
-pub const PROBLEM_JSON: &str = "application/problem+json";
-/// Seconds a client should wait before retrying a 503; a sidecar restart takes about this long.
-pub const RETRY_AFTER_SECONDS: &str = "1";
 
 /// Everything that stops a request on an enabled route before the sidecar accepted its event.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -35,46 +32,48 @@ pub enum FilterError {
     SidecarUnavailable {
         detail: String,
     },
+    /// The proxy failed a call the filter needs, e.g. did not hand over the body it
+    /// announced (on Kong: a body spilled to a temporary file, see
+    /// `nginx_http_client_body_buffer_size`).
+    ProxyFailure {
+        detail: String,
+    },
+}
+
+/// Why a request could not be published, for the passthrough policy and the counters.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cause {
+    /// Bad data for an event: the client's to fix.
+    Request,
+    /// The sidecar or the proxy failed: not the client's fault, and the upstream may still
+    /// serve the request.
+    Infrastructure,
 }
 
 impl FilterError {
-    pub fn status(&self) -> u32 {
+    pub fn kind(&self) -> Kind {
         match self {
-            FilterError::BodyTooLarge { .. } => 413,
-            FilterError::BatchUnsupported => 415,
-            FilterError::SidecarUnavailable { .. } => 503,
-            _ => 400,
+            FilterError::BodyTooLarge { .. } => Kind::BodyTooLarge,
+            FilterError::InvalidJson { .. } => Kind::InvalidJson,
+            FilterError::Unresolved { .. } => Kind::UnresolvedValue,
+            FilterError::InvalidHeader { .. } => Kind::InvalidHeader,
+            FilterError::InvalidCloudEvent { .. } => Kind::InvalidCloudEvent,
+            FilterError::BatchUnsupported => Kind::BatchUnsupported,
+            FilterError::SidecarUnavailable { .. } => Kind::SidecarUnavailable,
+            FilterError::ProxyFailure { .. } => Kind::ProxyFailure,
         }
     }
 
-    pub fn slug(&self) -> &'static str {
-        match self {
-            FilterError::BodyTooLarge { .. } => "body-too-large",
-            FilterError::InvalidJson { .. } => "invalid-json",
-            FilterError::Unresolved { .. } => "unresolved-value",
-            FilterError::InvalidHeader { .. } => "invalid-header",
-            FilterError::InvalidCloudEvent { .. } => "invalid-cloudevent",
-            FilterError::BatchUnsupported => "batch-unsupported",
-            FilterError::SidecarUnavailable { .. } => "sidecar-unavailable",
-        }
+    pub fn status(&self) -> u16 {
+        self.kind().status()
     }
 
-    fn title(&self) -> &'static str {
+    pub fn cause(&self) -> Cause {
         match self {
-            FilterError::BodyTooLarge { .. } => "Request body too large",
-            FilterError::InvalidJson { .. } => "Request body is not valid JSON",
-            FilterError::Unresolved { .. } => "Required value missing from the request",
-            FilterError::InvalidHeader { .. } => "Invalid request header",
-            FilterError::InvalidCloudEvent { .. } => "Invalid CloudEvent",
-            FilterError::BatchUnsupported => "CloudEvents batch mode is not supported",
-            FilterError::SidecarUnavailable { .. } => "Event publishing is unavailable",
-        }
-    }
-
-    pub fn retry_after(&self) -> Option<&'static str> {
-        match self {
-            FilterError::SidecarUnavailable { .. } => Some(RETRY_AFTER_SECONDS),
-            _ => None,
+            FilterError::SidecarUnavailable { .. } | FilterError::ProxyFailure { .. } => {
+                Cause::Infrastructure
+            }
+            _ => Cause::Request,
         }
     }
 
@@ -93,32 +92,12 @@ impl FilterError {
         }
     }
 
-    /// The problem+json body. Serializing a struct of plain strings cannot fail.
     pub fn body(&self) -> Vec<u8> {
         let detail = self.to_string();
-        let problem = Problem {
-            r#type: problem_type(self.slug()),
-            title: self.title(),
-            status: self.status(),
-            detail: &detail,
-            attribute: self.attribute(),
-        };
-        serde_json::to_vec(&problem).unwrap_or_default()
+        Problem::new(self.kind(), &detail)
+            .attribute(self.attribute())
+            .to_json()
     }
-}
-
-#[derive(Serialize)]
-struct Problem<'a> {
-    r#type: String,
-    title: &'a str,
-    status: u32,
-    detail: &'a str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    attribute: Option<&'a str>,
-}
-
-pub fn problem_type(slug: &str) -> String {
-    format!("urn:eventwire:problem:{slug}")
 }
 
 impl fmt::Display for FilterError {
@@ -138,7 +117,9 @@ impl fmt::Display for FilterError {
             FilterError::BatchUnsupported => f.write_str(
                 "send one event per request (application/cloudevents+json or binary mode)",
             ),
-            FilterError::SidecarUnavailable { detail } => f.write_str(detail),
+            FilterError::SidecarUnavailable { detail } | FilterError::ProxyFailure { detail } => {
+                f.write_str(detail)
+            }
         }
     }
 }
@@ -146,8 +127,16 @@ impl fmt::Display for FilterError {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::{Value, json};
     #[cfg(target_arch = "wasm32")]
     use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    fn body(e: &FilterError) -> Value {
+        match serde_json::from_slice(&e.body()) {
+            Ok(v) => v,
+            Err(err) => panic!("{e:?}: the body is not JSON: {err}"),
+        }
+    }
 
     #[test]
     fn problem_body_is_rfc9457() {
@@ -156,24 +145,30 @@ mod tests {
             source: "JSON pointer /id".into(),
             reason: "not found in the body".into(),
         };
-        let v: serde_json::Value = match serde_json::from_slice(&e.body()) {
-            Ok(v) => v,
-            Err(err) => panic!("{err}"),
-        };
-        assert_eq!(v["type"], "urn:eventwire:problem:unresolved-value");
-        assert_eq!(v["status"], 400);
         assert_eq!(
-            v["detail"],
-            "partition key from JSON pointer /id: not found in the body"
+            body(&e),
+            json!({
+                "type": "urn:eventwire:problem:unresolved-value",
+                "title": "Required value missing from the request",
+                "status": 400,
+                "detail": "partition key from JSON pointer /id: not found in the body",
+                "attribute": "partitionkey",
+            })
         );
-        assert_eq!(v["attribute"], "partitionkey");
-        assert_eq!(e.retry_after(), None);
+        assert_eq!(e.cause(), Cause::Request);
         let down = FilterError::SidecarUnavailable { detail: "x".into() };
-        assert_eq!(down.status(), 503);
-        assert_eq!(down.retry_after(), Some("1"));
-        let down_body: serde_json::Value = serde_json::from_slice(&down.body()).unwrap_or_default();
-        assert!(down_body.get("attribute").is_none());
+        let v = body(&down);
+        assert_eq!(v["status"], 503);
+        assert_eq!(v["type"], "urn:eventwire:problem:sidecar-unavailable");
+        assert!(v.get("attribute").is_none(), "{v}");
+        assert_eq!(down.kind().retry_after(), Some("1"));
+        assert_eq!(down.cause(), Cause::Infrastructure);
         assert_eq!(FilterError::BodyTooLarge { limit: 1 }.status(), 413);
         assert_eq!(FilterError::BatchUnsupported.status(), 415);
+        let spilled = FilterError::ProxyFailure { detail: "y".into() };
+        assert_eq!(
+            (spilled.status(), spilled.cause()),
+            (500, Cause::Infrastructure)
+        );
     }
 }

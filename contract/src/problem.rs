@@ -41,6 +41,7 @@ kinds! {
     // The request on an enabled route (filter) or the event (sidecar).
     BodyTooLarge = 413, "body-too-large", "Request body too large";
     InvalidBody = 400, "invalid-body", "Request body could not be read";
+    ProxyFailure = 500, "proxy-failure", "The proxy failed the filter";
     InvalidJson = 400, "invalid-json", "Request body is not valid JSON";
     InvalidHeader = 400, "invalid-header", "Invalid request header";
     InvalidCloudEvent = 400, "invalid-cloudevent", "Invalid CloudEvent";
@@ -139,8 +140,8 @@ mod tests {
 
     #[test]
     fn body_is_rfc9457_in_wire_order() {
-        let p = Problem::new(Kind::InvalidCloudEvent, "attribute `time`: bad")
-            .attribute(Some("time"));
+        let p =
+            Problem::new(Kind::InvalidCloudEvent, "attribute `time`: bad").attribute(Some("time"));
         let text = match String::from_utf8(p.to_json()) {
             Ok(t) => t,
             Err(e) => panic!("{e}"),
@@ -150,7 +151,9 @@ mod tests {
             r#"{"type":"urn:eventwire:problem:invalid-cloudevent","title":"Invalid CloudEvent","status":400,"detail":"attribute `time`: bad","attribute":"time"}"#
         );
         let q: Value = match serde_json::from_slice(
-            &Problem::new(Kind::InvalidFrom, "x").parameter(Some("from")).to_json(),
+            &Problem::new(Kind::InvalidFrom, "x")
+                .parameter(Some("from"))
+                .to_json(),
         ) {
             Ok(v) => v,
             Err(e) => panic!("{e}"),
@@ -166,7 +169,9 @@ mod tests {
     fn slugs_are_unique_and_503s_retry() {
         for (i, a) in Kind::ALL.iter().enumerate() {
             assert!(
-                a.slug().bytes().all(|b| b.is_ascii_lowercase() || b == b'-'),
+                a.slug()
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b == b'-'),
                 "{a:?}"
             );
             assert!((400..600).contains(&a.status()), "{a:?}");
@@ -175,7 +180,7 @@ mod tests {
                 assert_ne!(a.slug(), b.slug());
             }
         }
-        assert_eq!(Kind::ALL.len(), 26);
+        assert_eq!(Kind::ALL.len(), 27);
         assert_eq!(Kind::SpoolFull.retry_after(), Some("1"));
         assert_eq!(Kind::BodyTooLarge.retry_after(), None);
     }

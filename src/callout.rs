@@ -1,5 +1,5 @@
-//! The sidecar protocol, host-free: turn a buffered request into the ingest callout
-//! (`POST /v1/events`, CloudEvents HTTP binary mode) and read the sidecar's answer.
+//! The ingest callout, host-free: a buffered request on an enabled route becomes
+//! `POST /v1/events` to the sidecar in CloudEvents HTTP binary mode.
 //!
 //! Binary mode keeps the request body as the event data byte for byte: no JSON
 //! re-serialization, no base64, one copy from the proxy into the callout.
@@ -8,11 +8,10 @@ use crate::cloudevent::{self, Incoming};
 use crate::config::{Rule, Sidecar, ValueSource};
 use crate::problem::FilterError;
 use crate::route::strip_query;
+use eventwire_contract::header_value::encode as encode_header_value;
+use eventwire_contract::{KEY_HEADER, TOPIC_HEADER};
 use serde_json::Value;
 use std::borrow::Cow;
-
-pub const TOPIC_HEADER: &str = "eventwire-topic";
-pub const KEY_HEADER: &str = "eventwire-key";
 
 /// What the shell gathered from the proxy for one request on an enabled route.
 pub struct Request<'a> {
@@ -93,7 +92,7 @@ pub fn build<'a>(
         let key = resolve(src, "partition key", rule, req, &data)?;
         h.push((
             KEY_HEADER.into(),
-            owned(cloudevent::encode_header_value(key.as_bytes())),
+            owned(encode_header_value(key.as_bytes())),
         ));
     }
     let id = match mode {
@@ -249,7 +248,7 @@ fn wrap<'a>(
 ) -> Result<Cow<'a, str>, FilterError> {
     let id: Cow<'a, str> = match req.header("idempotency-key") {
         Some(raw) => match cloudevent::idempotency_id(raw) {
-            Some(id) => owned(cloudevent::encode_header_value(id.as_bytes())),
+            Some(id) => owned(encode_header_value(id.as_bytes())),
             None => {
                 return Err(FilterError::InvalidHeader {
                     name: "idempotency-key".into(),
@@ -262,7 +261,7 @@ fn wrap<'a>(
     h.push(("ce-specversion".into(), cloudevent::SPECVERSION.into()));
     h.push(("ce-id".into(), id.clone()));
     let source = match &rule.source {
-        Some(s) => cloudevent::encode_header_value(s.as_bytes()),
+        Some(s) => encode_header_value(s.as_bytes()),
         None => {
             let s = format!(
                 "{}://{}{}",
@@ -270,13 +269,13 @@ fn wrap<'a>(
                 req.authority,
                 strip_query(req.path)
             );
-            owned(cloudevent::encode_header_value(s.as_bytes()))
+            owned(encode_header_value(s.as_bytes()))
         }
     };
     h.push(("ce-source".into(), source));
     h.push((
         "ce-type".into(),
-        cloudevent::encode_header_value(rule.ce_type.as_bytes()),
+        encode_header_value(rule.ce_type.as_bytes()),
     ));
     h.push((
         "ce-time".into(),
@@ -286,7 +285,7 @@ fn wrap<'a>(
         let subject = resolve(src, "subject", rule, req, data)?;
         h.push((
             "ce-subject".into(),
-            owned(cloudevent::encode_header_value(subject.as_bytes())),
+            owned(encode_header_value(subject.as_bytes())),
         ));
     }
     // An empty body has no data, so no datacontenttype either.
@@ -295,10 +294,7 @@ fn wrap<'a>(
     }
     for ext in &rule.extensions {
         if let Some(v) = req.header(&ext.header) {
-            h.push((
-                ext.ce_header.as_str().into(),
-                cloudevent::encode_header_value(v),
-            ));
+            h.push((ext.ce_header.as_str().into(), encode_header_value(v)));
         }
     }
     // The id may have been percent-encoded for the header; logs want the plain one.
@@ -371,75 +367,6 @@ fn json_kind(v: &Value) -> &'static str {
         Value::String(_) => "a string",
         Value::Array(_) => "an array",
         Value::Object(_) => "an object",
-    }
-}
-
-/// Whether a body callback follows the request headers.
-///
-/// Envoy's `end_of_stream` on headers is exact, and only it: Envoy strips
-/// `transfer-encoding` from chunked HTTP/1 requests, and an HTTP/2 client may send
-/// `content-length: 0` and end the stream with an empty DATA frame. Kong reports
-/// `end_of_stream=false` even without a body and then never calls the body callback, so on
-/// Kong (`framing_only`) the framing headers decide.
-pub fn body_expected(
-    end_of_stream: bool,
-    content_length: Option<u64>,
-    chunked: bool,
-    framing_only: bool,
-) -> bool {
-    if end_of_stream {
-        return false;
-    }
-    if !framing_only {
-        return true;
-    }
-    match content_length {
-        Some(n) => n > 0,
-        None => chunked,
-    }
-}
-
-/// How the sidecar's answer to the callout turns out for the client.
-#[derive(Debug, PartialEq, Eq)]
-pub enum Verdict {
-    /// 2xx: the event is durable; relay the sidecar's JSON body.
-    Accepted,
-    /// The sidecar's own problem+json refusal (bad event, unknown topic, backpressure):
-    /// relay status, body and `Retry-After` as they are.
-    Refused { status: u32 },
-    /// No answer from the sidecar itself: unreachable, reset or timed out.
-    Unavailable { detail: String },
-}
-
-/// `status` is `None` when the callout came back without headers (Kong's failures, resets);
-/// Envoy synthesizes 503/504 replies for connect failures and timeouts instead, which carry
-/// no problem+json and so land here as `Unavailable` too.
-pub fn verdict(
-    status: Option<u32>,
-    content_type: Option<&[u8]>,
-    dispatch_status: Option<&[u8]>,
-    timeout_ms: u64,
-) -> Verdict {
-    let is_problem = content_type.is_some_and(|ct| {
-        std::str::from_utf8(ct)
-            .map(|ct| cloudevent::media_type(ct).eq_ignore_ascii_case("application/problem+json"))
-            .unwrap_or(false)
-    });
-    match status {
-        Some(200..=299) => Verdict::Accepted,
-        Some(s @ 400..=599) if is_problem => Verdict::Refused { status: s },
-        Some(504) => Verdict::Unavailable {
-            detail: format!("the event sidecar did not answer within {timeout_ms} ms"),
-        },
-        Some(s) => Verdict::Unavailable {
-            detail: format!("the event sidecar could not be reached (status {s})"),
-        },
-        None => Verdict::Unavailable {
-            detail: match dispatch_status.map(String::from_utf8_lossy) {
-                Some(why) => format!("the event sidecar could not be reached ({why})"),
-                None => "the event sidecar could not be reached".into(),
-            },
-        },
     }
 }
 
@@ -682,42 +609,5 @@ mod tests {
         )
         .err();
         assert_eq!(e, Some(FilterError::BatchUnsupported));
-    }
-
-    #[test]
-    fn body_presence() {
-        // Envoy: end_of_stream decides, chunked requests arrive without transfer-encoding.
-        assert!(!body_expected(true, None, false, false));
-        assert!(body_expected(false, None, false, false));
-        assert!(body_expected(false, Some(10), false, false));
-        // HTTP/2: content-length 0 without END_STREAM still ends with a (empty) DATA frame.
-        assert!(body_expected(false, Some(0), false, false));
-        // Kong: end_of_stream is always false; the framing headers decide.
-        assert!(!body_expected(false, None, false, true));
-        assert!(body_expected(false, None, true, true));
-        assert!(body_expected(false, Some(3), false, true));
-        assert!(!body_expected(false, Some(0), false, true));
-    }
-
-    #[test]
-    fn verdicts() {
-        assert_eq!(verdict(Some(202), None, None, 5), Verdict::Accepted);
-        assert_eq!(
-            verdict(Some(404), Some(b"application/problem+json"), None, 5),
-            Verdict::Refused { status: 404 }
-        );
-        // Envoy's synthesized replies carry no problem+json.
-        assert!(matches!(
-            verdict(Some(503), Some(b"text/plain"), None, 5),
-            Verdict::Unavailable { .. }
-        ));
-        match verdict(Some(504), Some(b"text/plain"), None, 250) {
-            Verdict::Unavailable { detail } => assert!(detail.contains("250 ms")),
-            v => panic!("{v:?}"),
-        }
-        match verdict(None, None, Some(b"broken connection"), 5) {
-            Verdict::Unavailable { detail } => assert!(detail.contains("broken connection")),
-            v => panic!("{v:?}"),
-        }
     }
 }

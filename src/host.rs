@@ -1,0 +1,108 @@
+//! What the filter needs from the proxy, as a trait: the request state machine (`stream`)
+//! decides, the proxy-wasm shell (`shell`) carries out. Unit tests drive the machine with a
+//! mock host that records every effect.
+//!
+//! Each method maps to one proxy-wasm call (or none) that both Envoy and Kong implement;
+//! the shell must not panic in any of them (a panic kills the VM for every request).
+
+use std::fmt;
+
+pub use log::Level;
+
+/// A host call that answered with an error status (the shell's rendering of it).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HostError(pub String);
+
+impl fmt::Display for HostError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// The filter's counters in the proxy's stats (Envoy: `wasmcustom.<name>` in /stats and
+/// `<name>` in /stats/prometheus; Kong: `pw.<filter>.<name>`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Counter {
+    /// Events the sidecar acknowledged.
+    Accepted,
+    /// Requests the filter itself refused (bad data for an event).
+    Rejected,
+    /// Problem answers of the sidecar (bad event, unknown topic, backpressure).
+    Refused,
+    /// Sidecar unreachable, reset or timed out.
+    Unavailable,
+    /// Requests sent upstream without their event (`on_failure: passthrough`, tap).
+    Passthrough,
+    /// The proxy failed a call the filter needs (e.g. a body it could not hand over).
+    ProxyFailed,
+}
+
+impl Counter {
+    pub const ALL: [Counter; 6] = [
+        Counter::Accepted,
+        Counter::Rejected,
+        Counter::Refused,
+        Counter::Unavailable,
+        Counter::Passthrough,
+        Counter::ProxyFailed,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::Accepted => "eventwire_events_accepted_total",
+            Counter::Rejected => "eventwire_requests_rejected_total",
+            Counter::Refused => "eventwire_sidecar_refused_total",
+            Counter::Unavailable => "eventwire_sidecar_unavailable_total",
+            Counter::Passthrough => "eventwire_passthrough_total",
+            Counter::ProxyFailed => "eventwire_proxy_failures_total",
+        }
+    }
+
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+}
+
+/// Which proxy runs the filter: their phases differ (see `stream::body_expected`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flavor {
+    Envoy,
+    /// Kong's engine, ngx_wasm_module (nginx exposes its variables as `ngx.*` properties).
+    Kong,
+}
+
+/// The headers a callout or local reply is sent with, in the host's calling convention.
+pub type HeaderList<'a> = Vec<(&'a str, &'a str)>;
+
+pub trait Host {
+    /// All request headers (names as the host gives them). Only in the headers phase:
+    /// Envoy panics the SDK when they are read after the headers were continued.
+    fn request_headers(&self) -> Result<Vec<(String, Vec<u8>)>, HostError>;
+    /// One request header as text; `None` when absent or not UTF-8.
+    fn request_header(&self, name: &str) -> Option<String>;
+    /// A property (`["xds", "route_name"]`, `["request", "path"]`) as text.
+    fn property(&self, path: &[&str]) -> Option<String>;
+    /// The buffered request body; `Ok(None)` when the host has none to give.
+    fn request_body(&self, size: usize) -> Result<Option<Vec<u8>>, HostError>;
+    /// One header of the callout's answer. Never called when the answer has no headers
+    /// (that traps in Envoy).
+    fn callout_header(&self, name: &str) -> Option<Vec<u8>>;
+    fn callout_body(&self, size: usize) -> Vec<u8>;
+    /// Sends the callout; its answer arrives as `Stream::on_callout_response`.
+    fn dispatch(
+        &self,
+        upstream: &str,
+        headers: HeaderList<'_>,
+        body: &[u8],
+        timeout_ms: u64,
+    ) -> Result<(), HostError>;
+    /// Answers the client; nothing more goes upstream.
+    fn reply(&self, status: u16, headers: HeaderList<'_>, body: &[u8]);
+    /// Lets a paused request continue upstream.
+    fn resume(&self);
+    fn bump(&self, counter: Counter);
+    fn now_nanos(&self) -> u64;
+    /// 16 random bytes, `None` when the host's generator failed.
+    fn random16(&self) -> Option<[u8; 16]>;
+    fn log(&self, level: Level, message: fmt::Arguments<'_>);
+}

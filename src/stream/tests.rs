@@ -1,0 +1,789 @@
+//! Every path of the request state machine, against a mock host that records each effect
+//! and traps (panics) where Envoy's or Kong's SDK calls would.
+
+use super::*;
+use crate::host::{HeaderList, HostError};
+use std::cell::RefCell;
+use std::fmt;
+#[cfg(target_arch = "wasm32")]
+use wasm_bindgen_test::wasm_bindgen_test as test;
+
+type Headers = Vec<(String, String)>;
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Effect {
+    Dispatch {
+        upstream: String,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+        timeout_ms: u64,
+    },
+    Reply {
+        status: u16,
+        headers: Vec<(String, String)>,
+        body: Vec<u8>,
+    },
+    Resume,
+    Bump(Counter),
+    Log(Level, String),
+}
+
+#[derive(Default)]
+struct Mock {
+    kong: bool,
+    route_name: Option<&'static str>,
+    headers: Vec<(String, Vec<u8>)>,
+    headers_fail: bool,
+    body: Option<Vec<u8>>,
+    body_fail: bool,
+    /// The callout answer's headers; empty = an answer without headers.
+    answer_headers: Vec<(&'static str, &'static str)>,
+    answer_body: Vec<u8>,
+    dispatch_fails: bool,
+    random_fails: bool,
+    effects: RefCell<Vec<Effect>>,
+    /// Every property and single header read, to check what untouched routes cost.
+    reads: RefCell<Vec<String>>,
+}
+
+fn owned(headers: &HeaderList<'_>) -> Vec<(String, String)> {
+    headers
+        .iter()
+        .map(|(n, v)| (n.to_string(), v.to_string()))
+        .collect()
+}
+
+impl Host for Mock {
+    fn request_headers(&self) -> Result<Vec<(String, Vec<u8>)>, HostError> {
+        if self.headers_fail {
+            return Err(HostError("InternalFailure".into()));
+        }
+        Ok(self.headers.clone())
+    }
+
+    fn request_header(&self, name: &str) -> Option<String> {
+        self.reads.borrow_mut().push(name.to_string());
+        let v = callout::header(&self.headers, name)?;
+        String::from_utf8(v.to_vec()).ok()
+    }
+
+    fn property(&self, path: &[&str]) -> Option<String> {
+        let key = path.join(".");
+        self.reads.borrow_mut().push(key.clone());
+        match key.as_str() {
+            "xds.route_name" if !self.kong => self.route_name.map(str::to_string),
+            "ngx.nginx_version" if self.kong => Some("1.27.4".into()),
+            _ => None,
+        }
+    }
+
+    fn request_body(&self, _size: usize) -> Result<Option<Vec<u8>>, HostError> {
+        if self.body_fail {
+            return Err(HostError("NotFound".into()));
+        }
+        Ok(self.body.clone())
+    }
+
+    fn callout_header(&self, name: &str) -> Option<Vec<u8>> {
+        if self.answer_headers.is_empty() {
+            // Envoy's SDK panics reading headers of an answer that has none; Kong's engine
+            // sets only `:dispatch_status` then.
+            assert!(
+                self.kong,
+                "trap: callout header {name} read on an answer without headers"
+            );
+            assert_eq!(
+                name, ":dispatch_status",
+                "Kong has only :dispatch_status here"
+            );
+            return Some(b"broken connection".to_vec());
+        }
+        self.answer_headers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_bytes().to_vec())
+    }
+
+    fn callout_body(&self, size: usize) -> Vec<u8> {
+        assert_eq!(size, self.answer_body.len(), "callout body size");
+        self.answer_body.clone()
+    }
+
+    fn dispatch(
+        &self,
+        upstream: &str,
+        headers: HeaderList<'_>,
+        body: &[u8],
+        timeout_ms: u64,
+    ) -> Result<(), HostError> {
+        if self.dispatch_fails {
+            return Err(HostError("BadArgument".into()));
+        }
+        self.effects.borrow_mut().push(Effect::Dispatch {
+            upstream: upstream.to_string(),
+            headers: owned(&headers),
+            body: body.to_vec(),
+            timeout_ms,
+        });
+        Ok(())
+    }
+
+    fn reply(&self, status: u16, headers: HeaderList<'_>, body: &[u8]) {
+        self.effects.borrow_mut().push(Effect::Reply {
+            status,
+            headers: owned(&headers),
+            body: body.to_vec(),
+        });
+    }
+
+    fn resume(&self) {
+        self.effects.borrow_mut().push(Effect::Resume);
+    }
+
+    fn bump(&self, counter: Counter) {
+        self.effects.borrow_mut().push(Effect::Bump(counter));
+    }
+
+    fn now_nanos(&self) -> u64 {
+        1_522_949_460_000_000_000
+    }
+
+    fn random16(&self) -> Option<[u8; 16]> {
+        (!self.random_fails).then_some([7; 16])
+    }
+
+    fn log(&self, level: Level, message: fmt::Arguments<'_>) {
+        self.effects
+            .borrow_mut()
+            .push(Effect::Log(level, message.to_string()));
+    }
+}
+
+impl Mock {
+    fn with_headers(mut self, list: &[(&str, &str)]) -> Mock {
+        self.headers = list
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+            .collect();
+        self
+    }
+
+    fn effects(&self) -> Vec<Effect> {
+        self.effects.borrow().clone()
+    }
+
+    /// Effects other than logging, in order.
+    fn actions(&self) -> Vec<Effect> {
+        self.effects()
+            .into_iter()
+            .filter(|e| !matches!(e, Effect::Log(..)))
+            .collect()
+    }
+
+    fn counters(&self) -> Vec<Counter> {
+        self.effects()
+            .into_iter()
+            .filter_map(|e| match e {
+                Effect::Bump(c) => Some(c),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn logs(&self, level: Level) -> Vec<String> {
+        self.effects()
+            .into_iter()
+            .filter_map(|e| match e {
+                Effect::Log(l, m) if l == level => Some(m),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn dispatched(&self) -> Option<(Headers, Vec<u8>)> {
+        self.effects().into_iter().find_map(|e| match e {
+            Effect::Dispatch { headers, body, .. } => Some((headers, body)),
+            _ => None,
+        })
+    }
+
+    /// The one local reply, parsed: status, headers, body as JSON.
+    fn reply(&self) -> (u16, Headers, serde_json::Value) {
+        let replies: Vec<_> = self
+            .effects()
+            .into_iter()
+            .filter_map(|e| match e {
+                Effect::Reply {
+                    status,
+                    headers,
+                    body,
+                } => Some((status, headers, body)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(replies.len(), 1, "exactly one reply: {:?}", self.effects());
+        let (status, headers, body) = replies[0].clone();
+        let json = serde_json::from_slice(&body)
+            .unwrap_or_else(|e| panic!("reply body is not JSON ({e}): {body:?}"));
+        (status, headers, json)
+    }
+}
+
+fn header<'a>(headers: &'a [(String, String)], name: &str) -> Option<&'a str> {
+    headers
+        .iter()
+        .find(|(n, _)| n == name)
+        .map(|(_, v)| v.as_str())
+}
+
+const ORDERS: &str = r#"{"sidecar": {"upstream": "sidecar", "timeout_ms": 250}, "max_body_bytes": 64,
+  "rules": [
+    {"name": "orders", "match": {"method": "POST", "path": "/orders"}, "topic": "orders",
+     "type": "com.example.order.placed", "key": {"json_pointer": "/id"}},
+    {"name": "payments", "match": {"path": "/payments"}, "mode": "tap", "topic": "payments",
+     "type": "com.example.payment"},
+    {"name": "strict-tap", "match": {"path": "/strict"}, "mode": "tap", "on_failure": "reject",
+     "topic": "strict", "type": "t"},
+    {"name": "soft-bridge", "match": {"path": "/soft"}, "on_failure": "passthrough",
+     "topic": "soft", "type": "t", "key": {"json_pointer": "/id"}}
+  ]}"#;
+
+fn vm(json: &str) -> Rc<Vm> {
+    match config::parse(json.as_bytes()) {
+        Ok(c) => Vm::new(c),
+        Err(e) => panic!("{e}"),
+    }
+}
+
+fn post(path: &str, body: &str) -> Mock {
+    let len = body.len().to_string();
+    let mut m = Mock::default().with_headers(&[
+        (":method", "POST"),
+        (":path", path),
+        (":scheme", "https"),
+        (":authority", "shop.example.com"),
+        ("content-type", "application/json"),
+        ("content-length", &len),
+    ]);
+    m.body = Some(body.as_bytes().to_vec());
+    m
+}
+
+/// Headers and body through one stream, up to the pending callout.
+fn through_body(m: &Mock, stream: &mut Stream) {
+    assert_eq!(stream.on_request_headers(m, false), Flow::Pause);
+    let size = m.body.as_ref().map_or(0, Vec::len);
+    assert_eq!(stream.on_request_body(m, size, true), Flow::Pause);
+}
+
+fn answer(m: &mut Mock, headers: &[(&'static str, &'static str)], body: &str) {
+    m.answer_headers = headers.to_vec();
+    m.answer_body = body.as_bytes().to_vec();
+}
+
+const ACCEPTED: &[(&str, &str)] = &[
+    (":status", "202"),
+    ("content-type", "application/json"),
+    ("location", "/v1/events/e1"),
+];
+const ACCEPTED_BODY: &str = r#"{"id":"e1","status":"published"}"#;
+
+#[test]
+fn configure_logs_what_it_did() {
+    let m = Mock::default();
+    let c = configure(&m, None);
+    assert!(c.is_some_and(|c| c.rules.is_empty()));
+    assert_eq!(
+        m.logs(Level::Warn),
+        ["configuration has no rules; no route publishes events"]
+    );
+    assert!(configure(&m, Some(b"")).is_some());
+    let m = Mock::default();
+    assert!(configure(&m, Some(ORDERS.as_bytes())).is_some());
+    assert_eq!(
+        m.logs(Level::Info),
+        ["configured 4 rule(s), sidecar upstream 'sidecar'"]
+    );
+    let m = Mock::default();
+    assert!(configure(&m, Some(br#"{"sidecar":{"timeout_ms":0}}"#)).is_none());
+    assert_eq!(
+        m.logs(Level::Error),
+        ["configuration refused: sidecar.timeout_ms: must be from 1 to 300000"]
+    );
+}
+
+#[test]
+fn without_config_or_rules_everything_passes() {
+    let m = post("/orders", "{}");
+    let mut s = Stream::new(None, 1);
+    assert_eq!(s.on_request_headers(&m, false), Flow::Continue);
+    assert_eq!(s.on_request_body(&m, 2, true), Flow::Continue);
+    assert_eq!(s.on_request_trailers(&m), Flow::Continue);
+    let mut s = Stream::new(Some(vm("{}")), 1);
+    assert_eq!(s.on_request_headers(&m, false), Flow::Continue);
+    assert_eq!(m.effects(), []);
+    assert_eq!(*m.reads.borrow(), Vec::<String>::new());
+}
+
+#[test]
+fn untouched_routes_read_only_what_rules_match_on() {
+    let m = post("/elsewhere", "{}");
+    let mut s = Stream::new(Some(vm(ORDERS)), 1);
+    assert_eq!(s.on_request_headers(&m, false), Flow::Continue);
+    assert_eq!(s.on_request_body(&m, 2, true), Flow::Continue);
+    assert_eq!(m.effects(), []);
+    // No rule matches on the route name: it is never asked for.
+    assert_eq!(*m.reads.borrow(), [":method", ":path"]);
+    let by_route = vm(r#"{"rules":[{"match":{"route_name":"r1"},"topic":"t","type":"x"}]}"#);
+    let m = Mock {
+        route_name: Some("r2"),
+        ..post("/orders", "{}")
+    };
+    assert_eq!(
+        Stream::new(Some(by_route), 1).on_request_headers(&m, false),
+        Flow::Continue
+    );
+    assert_eq!(*m.reads.borrow(), ["xds.route_name"]);
+}
+
+#[test]
+fn bridge_publishes_then_answers_202_with_the_sidecars_answer() {
+    let mut m = post("/orders", r#"{"id": 42}"#);
+    let mut s = Stream::new(Some(vm(ORDERS)), 1);
+    through_body(&m, &mut s);
+    let Some((headers, body)) = m.dispatched() else {
+        panic!("no callout: {:?}", m.effects());
+    };
+    assert_eq!(header(&headers, ":path"), Some("/v1/events"));
+    assert_eq!(header(&headers, "eventwire-topic"), Some("orders"));
+    assert_eq!(header(&headers, "eventwire-key"), Some("42"));
+    assert_eq!(
+        header(&headers, "ce-id"),
+        Some("07070707-0707-4707-8707-070707070707")
+    );
+    assert_eq!(body, br#"{"id": 42}"#);
+    assert!(matches!(
+        m.effects().first(),
+        Some(Effect::Dispatch { upstream, timeout_ms: 250, .. }) if upstream == "sidecar"
+    ));
+    // Nothing may continue while the callout is pending.
+    assert_eq!(s.on_request_body(&m, 10, true), Flow::Pause);
+    assert_eq!(s.on_request_trailers(&m), Flow::Pause);
+    answer(&mut m, ACCEPTED, ACCEPTED_BODY);
+    s.on_callout_response(&m, 3, ACCEPTED_BODY.len());
+    let (status, headers, json) = m.reply();
+    assert_eq!(status, 202);
+    assert_eq!(header(&headers, "content-type"), Some("application/json"));
+    assert_eq!(header(&headers, "location"), Some("/v1/events/e1"));
+    assert_eq!(json["status"], "published");
+    assert_eq!(m.counters(), [Counter::Accepted]);
+    assert!(!m.actions().contains(&Effect::Resume));
+    // After our own reply nothing more goes upstream, and a second answer changes nothing.
+    assert_eq!(s.on_request_body(&m, 10, true), Flow::Pause);
+    s.on_callout_response(&m, 3, ACCEPTED_BODY.len());
+    assert_eq!(m.counters(), [Counter::Accepted]);
+}
+
+#[test]
+fn tap_resumes_after_the_ack() {
+    let mut m = post("/payments", r#"{"amount": 1}"#);
+    let mut s = Stream::new(Some(vm(ORDERS)), 1);
+    through_body(&m, &mut s);
+    assert!(m.dispatched().is_some());
+    answer(&mut m, ACCEPTED, ACCEPTED_BODY);
+    s.on_callout_response(&m, 3, ACCEPTED_BODY.len());
+    assert_eq!(
+        m.actions().last(),
+        Some(&Effect::Resume),
+        "{:?}",
+        m.effects()
+    );
+    assert_eq!(m.counters(), [Counter::Accepted]);
+}
+
+#[test]
+fn bodiless_requests_publish_from_the_headers_phase() {
+    // Envoy: end_of_stream on the headers.
+    let m = Mock::default().with_headers(&[(":method", "GET"), (":path", "/payments")]);
+    let mut s = Stream::new(Some(vm(ORDERS)), 1);
+    assert_eq!(s.on_request_headers(&m, true), Flow::Pause);
+    assert!(m.dispatched().is_some_and(|(_, body)| body.is_empty()));
+    // Kong: end_of_stream is never true; no framing header means no body.
+    let m = Mock {
+        kong: true,
+        ..Mock::default().with_headers(&[(":method", "GET"), (":path", "/payments")])
+    };
+    let mut s = Stream::new(Some(vm(ORDERS)), 1);
+    assert_eq!(s.on_request_headers(&m, false), Flow::Pause);
+    assert!(m.dispatched().is_some());
+}
+
+#[test]
+fn the_body_is_buffered_until_end_of_stream() {
+    let m = post("/payments", r#"{"amount": 1}"#);
+    let mut s = Stream::new(Some(vm(ORDERS)), 1);
+    assert_eq!(s.on_request_headers(&m, false), Flow::Pause);
+    assert_eq!(s.on_request_body(&m, 5, false), Flow::Pause);
+    assert_eq!(m.effects(), []);
+    assert_eq!(s.on_request_body(&m, 13, true), Flow::Pause);
+    assert!(m.dispatched().is_some());
+}
+
+#[test]
+fn trailers_end_the_body() {
+    let m = post("/payments", r#"{"amount": 1}"#);
+    let mut s = Stream::new(Some(vm(ORDERS)), 1);
+    assert_eq!(s.on_request_headers(&m, false), Flow::Pause);
+    assert_eq!(s.on_request_body(&m, 13, false), Flow::Pause);
+    assert_eq!(s.on_request_trailers(&m), Flow::Pause);
+    assert!(
+        m.dispatched()
+            .is_some_and(|(_, b)| b == br#"{"amount": 1}"#)
+    );
+}
+
+#[test]
+fn oversize_bodies_are_413_by_length_or_by_size() {
+    let big = "x".repeat(65);
+    let m = post("/orders", &big);
+    let mut s = Stream::new(Some(vm(ORDERS)), 1);
+    assert_eq!(s.on_request_headers(&m, false), Flow::Pause);
+    let (status, headers, json) = m.reply();
+    assert_eq!(status, 413);
+    assert_eq!(
+        header(&headers, "content-type"),
+        Some("application/problem+json")
+    );
+    assert_eq!(header(&headers, "retry-after"), None);
+    assert_eq!(json["type"], "urn:eventwire:problem:body-too-large");
+    assert_eq!(m.counters(), [Counter::Rejected]);
+    assert_eq!(s.on_request_body(&m, 65, true), Flow::Pause);
+    assert!(m.dispatched().is_none());
+    // Chunked: no length up front, so the running size decides.
+    let m = Mock::default().with_headers(&[(":method", "POST"), (":path", "/orders")]);
+    let mut s = Stream::new(Some(vm(ORDERS)), 1);
+    assert_eq!(s.on_request_headers(&m, false), Flow::Pause);
+    assert_eq!(s.on_request_body(&m, 40, false), Flow::Pause);
+    assert_eq!(s.on_request_body(&m, 80, false), Flow::Pause);
+    assert_eq!(m.reply().0, 413);
+    // Tap passes an oversize request on untouched (its default is passthrough).
+    let m = post("/payments", &big);
+    let mut s = Stream::new(Some(vm(ORDERS)), 1);
+    assert_eq!(s.on_request_headers(&m, false), Flow::Continue);
+    assert_eq!(m.counters(), [Counter::Rejected, Counter::Passthrough]);
+    assert_eq!(s.on_request_body(&m, 65, true), Flow::Continue);
+}
+
+#[test]
+fn bad_request_data_is_400_on_a_bridge_and_passes_on_a_tap() {
+    let m = post("/orders", r#"{"no_id": 1}"#);
+    let mut s = Stream::new(Some(vm(ORDERS)), 1);
+    through_body(&m, &mut s);
+    let (status, _, json) = m.reply();
+    assert_eq!(status, 400);
+    assert_eq!(json["type"], "urn:eventwire:problem:unresolved-value");
+    assert_eq!(json["attribute"], "partitionkey");
+    assert_eq!(m.counters(), [Counter::Rejected]);
+    assert!(m.dispatched().is_none());
+    assert_eq!(
+        m.logs(Level::Info),
+        ["rule orders request refused: partition key from JSON pointer /id: not found in the body"]
+    );
+    // Bad data on a bridge is refused even with on_failure: passthrough.
+    let m = post("/soft", "{nope");
+    let mut s = Stream::new(Some(vm(ORDERS)), 1);
+    through_body(&m, &mut s);
+    assert_eq!(m.reply().0, 400);
+    // A tap never turns bad event data into an error by default...
+    let m = post("/payments", "{nope");
+    let mut s = Stream::new(Some(vm(ORDERS)), 1);
+    assert_eq!(s.on_request_headers(&m, false), Flow::Pause);
+    assert_eq!(s.on_request_body(&m, 5, true), Flow::Continue);
+    assert_eq!(m.counters(), [Counter::Rejected, Counter::Passthrough]);
+    assert!(!m.actions().contains(&Effect::Resume));
+    // ...unless told to.
+    let m = post("/strict", "{nope");
+    let mut s = Stream::new(Some(vm(ORDERS)), 1);
+    through_body(&m, &mut s);
+    assert_eq!(m.reply().0, 400);
+}
+
+#[test]
+fn a_callout_that_fails_at_once_is_503_or_passes() {
+    let m = Mock {
+        dispatch_fails: true,
+        ..post("/orders", r#"{"id": 1}"#)
+    };
+    let mut s = Stream::new(Some(vm(ORDERS)), 1);
+    through_body(&m, &mut s);
+    let (status, headers, json) = m.reply();
+    assert_eq!(status, 503);
+    assert_eq!(header(&headers, "retry-after"), Some("1"));
+    assert_eq!(json["type"], "urn:eventwire:problem:sidecar-unavailable");
+    assert_eq!(
+        json["detail"],
+        "the callout to sidecar upstream 'sidecar' failed at once (BadArgument)"
+    );
+    assert_eq!(m.counters(), [Counter::Unavailable]);
+    let m = Mock {
+        dispatch_fails: true,
+        ..post("/soft", r#"{"id": 1}"#)
+    };
+    let mut s = Stream::new(Some(vm(ORDERS)), 1);
+    assert_eq!(s.on_request_headers(&m, false), Flow::Pause);
+    assert_eq!(s.on_request_body(&m, 9, true), Flow::Continue);
+    assert_eq!(m.counters(), [Counter::Unavailable, Counter::Passthrough]);
+    assert!(!m.actions().contains(&Effect::Resume));
+}
+
+#[test]
+fn sidecar_problems_are_relayed_verbatim() {
+    let mut m = post("/orders", r#"{"id": 1}"#);
+    let mut s = Stream::new(Some(vm(ORDERS)), 1);
+    through_body(&m, &mut s);
+    let problem = r#"{"type":"urn:eventwire:problem:spool-full","status":503}"#;
+    answer(
+        &mut m,
+        &[
+            (":status", "503"),
+            ("content-type", "application/problem+json"),
+            ("retry-after", "1"),
+        ],
+        problem,
+    );
+    s.on_callout_response(&m, 3, problem.len());
+    let (status, headers, json) = m.reply();
+    assert_eq!(status, 503);
+    assert_eq!(header(&headers, "retry-after"), Some("1"));
+    assert_eq!(json["type"], "urn:eventwire:problem:spool-full");
+    assert_eq!(m.counters(), [Counter::Refused]);
+    // A 4xx problem without Retry-After.
+    let mut m = post("/orders", r#"{"id": 1}"#);
+    let mut s = Stream::new(Some(vm(ORDERS)), 1);
+    through_body(&m, &mut s);
+    let problem = r#"{"type":"urn:eventwire:problem:unknown-topic","status":404}"#;
+    answer(
+        &mut m,
+        &[
+            (":status", "404"),
+            ("content-type", "application/problem+json"),
+        ],
+        problem,
+    );
+    s.on_callout_response(&m, 2, problem.len());
+    let (status, headers, _) = m.reply();
+    assert_eq!((status, header(&headers, "retry-after")), (404, None));
+}
+
+#[test]
+fn sidecar_refusals_pass_on_by_policy() {
+    let problem = r#"{"type":"urn:eventwire:problem:unknown-topic","status":404}"#;
+    let not_found: &[(&str, &str)] = &[
+        (":status", "404"),
+        ("content-type", "application/problem+json"),
+    ];
+    // Tap: even a 4xx refusal lets the request go on.
+    let mut m = post("/payments", "{}");
+    let mut s = Stream::new(Some(vm(ORDERS)), 1);
+    through_body(&m, &mut s);
+    answer(&mut m, not_found, problem);
+    s.on_callout_response(&m, 2, problem.len());
+    assert_eq!(
+        m.actions(),
+        [
+            m.actions()[0].clone(),
+            Effect::Bump(Counter::Refused),
+            Effect::Bump(Counter::Passthrough),
+            Effect::Resume
+        ]
+    );
+    // A passthrough bridge passes a 5xx refusal on, but not a 4xx one.
+    let mut m = post("/soft", r#"{"id": 1}"#);
+    let mut s = Stream::new(Some(vm(ORDERS)), 1);
+    through_body(&m, &mut s);
+    answer(
+        &mut m,
+        &[
+            (":status", "503"),
+            ("content-type", "application/problem+json"),
+        ],
+        "{}",
+    );
+    s.on_callout_response(&m, 2, 2);
+    assert_eq!(m.actions().last(), Some(&Effect::Resume));
+    let mut m = post("/soft", r#"{"id": 1}"#);
+    let mut s = Stream::new(Some(vm(ORDERS)), 1);
+    through_body(&m, &mut s);
+    answer(&mut m, not_found, problem);
+    s.on_callout_response(&m, 2, problem.len());
+    assert_eq!(m.reply().0, 404);
+}
+
+#[test]
+fn an_unreachable_sidecar_is_503_with_the_hosts_reason() {
+    // Envoy synthesizes a 503/504 without problem+json.
+    let mut m = post("/orders", r#"{"id": 1}"#);
+    let mut s = Stream::new(Some(vm(ORDERS)), 1);
+    through_body(&m, &mut s);
+    answer(
+        &mut m,
+        &[(":status", "504"), ("content-type", "text/plain")],
+        "upstream request timeout",
+    );
+    s.on_callout_response(&m, 2, 24);
+    let (status, headers, json) = m.reply();
+    assert_eq!((status, header(&headers, "retry-after")), (503, Some("1")));
+    assert_eq!(
+        json["detail"],
+        "the event sidecar did not answer within 250 ms"
+    );
+    assert_eq!(m.counters(), [Counter::Unavailable]);
+    // Envoy: an answer without headers (a reset) must not be read (the mock traps).
+    let mut m = post("/orders", r#"{"id": 1}"#);
+    let mut s = Stream::new(Some(vm(ORDERS)), 1);
+    through_body(&m, &mut s);
+    answer(&mut m, &[], "");
+    s.on_callout_response(&m, 0, 0);
+    assert_eq!(
+        m.reply().2["detail"],
+        "the event sidecar could not be reached"
+    );
+    // Kong: the engine says why in `:dispatch_status`.
+    let mut m = Mock {
+        kong: true,
+        ..post("/orders", r#"{"id": 1}"#)
+    };
+    let mut s = Stream::new(Some(vm(ORDERS)), 1);
+    through_body(&m, &mut s);
+    answer(&mut m, &[], "");
+    s.on_callout_response(&m, 0, 0);
+    assert_eq!(
+        m.reply().2["detail"],
+        "the event sidecar could not be reached (broken connection)"
+    );
+    // Tap with passthrough: resumed without the event.
+    let mut m = post("/payments", "{}");
+    let mut s = Stream::new(Some(vm(ORDERS)), 1);
+    through_body(&m, &mut s);
+    answer(&mut m, &[], "");
+    s.on_callout_response(&m, 0, 0);
+    assert_eq!(m.counters(), [Counter::Unavailable, Counter::Passthrough]);
+    assert_eq!(m.actions().last(), Some(&Effect::Resume));
+}
+
+#[test]
+fn a_body_the_proxy_does_not_hand_over_is_never_published_empty() {
+    for m in [
+        Mock {
+            body: None,
+            ..post("/orders", r#"{"id": 1}"#)
+        },
+        Mock {
+            body: Some(b"{".to_vec()),
+            ..post("/orders", r#"{"id": 1}"#)
+        },
+        Mock {
+            body_fail: true,
+            ..post("/orders", r#"{"id": 1}"#)
+        },
+    ] {
+        let mut s = Stream::new(Some(vm(ORDERS)), 1);
+        assert_eq!(s.on_request_headers(&m, false), Flow::Pause);
+        assert_eq!(s.on_request_body(&m, 9, true), Flow::Pause);
+        assert!(m.dispatched().is_none(), "{:?}", m.effects());
+        let (status, _, json) = m.reply();
+        assert_eq!(status, 500);
+        assert_eq!(json["type"], "urn:eventwire:problem:proxy-failure");
+        assert_eq!(m.counters(), [Counter::ProxyFailed]);
+    }
+    // A tap passes the request on (the upstream still gets the body from the proxy).
+    let m = Mock {
+        body: None,
+        ..post("/payments", "{}")
+    };
+    let mut s = Stream::new(Some(vm(ORDERS)), 1);
+    assert_eq!(s.on_request_headers(&m, false), Flow::Pause);
+    assert_eq!(s.on_request_body(&m, 2, true), Flow::Continue);
+    assert!(m.dispatched().is_none());
+    assert_eq!(m.counters(), [Counter::ProxyFailed, Counter::Passthrough]);
+    // An empty body the host has nothing for is an empty body.
+    let m = Mock {
+        body: None,
+        ..post("/payments", "")
+    };
+    let mut s = Stream::new(Some(vm(ORDERS)), 1);
+    assert_eq!(s.on_request_headers(&m, false), Flow::Pause);
+    assert_eq!(s.on_request_body(&m, 0, true), Flow::Pause);
+    assert!(m.dispatched().is_some_and(|(_, b)| b.is_empty()));
+}
+
+#[test]
+fn unreadable_request_headers_fail_closed_on_a_bridge() {
+    let m = Mock {
+        headers_fail: true,
+        ..post("/orders", "{}")
+    };
+    let mut s = Stream::new(Some(vm(ORDERS)), 1);
+    assert_eq!(s.on_request_headers(&m, false), Flow::Pause);
+    assert_eq!(m.reply().0, 500);
+    assert_eq!(m.counters(), [Counter::ProxyFailed]);
+}
+
+#[test]
+fn the_host_flavor_is_asked_once_per_vm() {
+    let shared = vm(ORDERS);
+    let m = Mock {
+        kong: true,
+        ..post("/payments", "{}")
+    };
+    for id in 1..=3 {
+        let mut s = Stream::new(Some(shared.clone()), id);
+        assert_eq!(s.on_request_headers(&m, false), Flow::Pause);
+    }
+    let asked = m
+        .reads
+        .borrow()
+        .iter()
+        .filter(|r| *r == "ngx.nginx_version")
+        .count();
+    assert_eq!(asked, 1);
+}
+
+#[test]
+fn a_failed_random_generator_still_gives_unique_ids() {
+    let ids: Vec<String> = (1..=2)
+        .map(|id| {
+            let m = Mock {
+                random_fails: true,
+                ..post("/payments", "{}")
+            };
+            let mut s = Stream::new(Some(vm(ORDERS)), id);
+            through_body(&m, &mut s);
+            assert_eq!(
+                m.logs(Level::Error),
+                ["random_get failed; mixing time and context id instead"]
+            );
+            let Some((headers, _)) = m.dispatched() else {
+                panic!("no callout");
+            };
+            header(&headers, "ce-id").unwrap_or_default().to_string()
+        })
+        .collect();
+    assert_eq!(ids[0].len(), 36);
+    assert_ne!(ids[0], ids[1]);
+}
+
+#[test]
+fn body_presence() {
+    // Envoy: end_of_stream decides, chunked requests arrive without transfer-encoding.
+    assert!(!body_expected(true, None, false, false));
+    assert!(body_expected(false, None, false, false));
+    assert!(body_expected(false, Some(10), false, false));
+    // HTTP/2: content-length 0 without END_STREAM still ends with a (empty) DATA frame.
+    assert!(body_expected(false, Some(0), false, false));
+    // Kong: end_of_stream is always false; the framing headers decide.
+    assert!(!body_expected(false, None, false, true));
+    assert!(body_expected(false, None, true, true));
+    assert!(body_expected(false, Some(3), false, true));
+    assert!(!body_expected(false, Some(0), false, true));
+}
