@@ -23,6 +23,8 @@ impl fmt::Display for HostError {
 /// `<name>` in /stats/prometheus; Kong: `pw.<filter>.<name>`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Counter {
+    /// Requests the filter saw (with per-route enablement in Envoy: only on enabled routes).
+    Requests,
     /// Events the sidecar acknowledged.
     Accepted,
     /// Requests the filter itself refused (bad data for an event).
@@ -38,7 +40,8 @@ pub enum Counter {
 }
 
 impl Counter {
-    pub const ALL: [Counter; 6] = [
+    pub const ALL: [Counter; 7] = [
+        Counter::Requests,
         Counter::Accepted,
         Counter::Rejected,
         Counter::Refused,
@@ -49,6 +52,7 @@ impl Counter {
 
     pub const fn name(self) -> &'static str {
         match self {
+            Counter::Requests => "eventwire_requests_total",
             Counter::Accepted => "eventwire_events_accepted_total",
             Counter::Rejected => "eventwire_requests_rejected_total",
             Counter::Refused => "eventwire_sidecar_refused_total",

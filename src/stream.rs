@@ -129,6 +129,7 @@ impl Stream {
         let Some(vm) = self.vm.clone() else {
             return Flow::Continue;
         };
+        host.bump(Counter::Requests);
         let cfg = &vm.config;
         let Some(idx) = matching_rule(cfg, host) else {
             return Flow::Continue;

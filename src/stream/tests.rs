@@ -180,10 +180,12 @@ impl Mock {
             .collect()
     }
 
+    /// Counters bumped, but the one every request bumps.
     fn counters(&self) -> Vec<Counter> {
         self.effects()
             .into_iter()
             .filter_map(|e| match e {
+                Effect::Bump(Counter::Requests) => None,
                 Effect::Bump(c) => Some(c),
                 _ => None,
             })
@@ -319,9 +321,10 @@ fn without_config_or_rules_everything_passes() {
     assert_eq!(s.on_request_headers(&m, false), Flow::Continue);
     assert_eq!(s.on_request_body(&m, 2, true), Flow::Continue);
     assert_eq!(s.on_request_trailers(&m), Flow::Continue);
+    assert_eq!(m.effects(), []);
     let mut s = Stream::new(Some(vm("{}")), 1);
     assert_eq!(s.on_request_headers(&m, false), Flow::Continue);
-    assert_eq!(m.effects(), []);
+    assert_eq!(m.effects(), [Effect::Bump(Counter::Requests)]);
     assert_eq!(*m.reads.borrow(), Vec::<String>::new());
 }
 
@@ -331,7 +334,7 @@ fn untouched_routes_read_only_what_rules_match_on() {
     let mut s = Stream::new(Some(vm(ORDERS)), 1);
     assert_eq!(s.on_request_headers(&m, false), Flow::Continue);
     assert_eq!(s.on_request_body(&m, 2, true), Flow::Continue);
-    assert_eq!(m.effects(), []);
+    assert_eq!(m.effects(), [Effect::Bump(Counter::Requests)]);
     // No rule matches on the route name: it is never asked for.
     assert_eq!(*m.reads.borrow(), [":method", ":path"]);
     let by_route = vm(r#"{"rules":[{"match":{"route_name":"r1"},"topic":"t","type":"x"}]}"#);
@@ -363,8 +366,9 @@ fn bridge_publishes_then_answers_202_with_the_sidecars_answer() {
     );
     assert_eq!(body, br#"{"id": 42}"#);
     assert!(matches!(
-        m.effects().first(),
-        Some(Effect::Dispatch { upstream, timeout_ms: 250, .. }) if upstream == "sidecar"
+        &m.actions()[..],
+        [Effect::Bump(Counter::Requests), Effect::Dispatch { upstream, timeout_ms: 250, .. }]
+            if upstream == "sidecar"
     ));
     // Nothing may continue while the callout is pending.
     assert_eq!(s.on_request_body(&m, 10, true), Flow::Pause);
@@ -424,7 +428,7 @@ fn the_body_is_buffered_until_end_of_stream() {
     let mut s = Stream::new(Some(vm(ORDERS)), 1);
     assert_eq!(s.on_request_headers(&m, false), Flow::Pause);
     assert_eq!(s.on_request_body(&m, 5, false), Flow::Pause);
-    assert_eq!(m.effects(), []);
+    assert_eq!(m.actions(), [Effect::Bump(Counter::Requests)]);
     assert_eq!(s.on_request_body(&m, 13, true), Flow::Pause);
     assert!(m.dispatched().is_some());
 }
@@ -591,7 +595,8 @@ fn sidecar_refusals_pass_on_by_policy() {
     assert_eq!(
         m.actions(),
         [
-            m.actions()[0].clone(),
+            Effect::Bump(Counter::Requests),
+            m.actions()[1].clone(),
             Effect::Bump(Counter::Refused),
             Effect::Bump(Counter::Passthrough),
             Effect::Resume
