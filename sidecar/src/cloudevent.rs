@@ -2,13 +2,13 @@
 //! validation, and the Kafka binary-mode mapping (in `kafka`). Pure code, no I/O.
 
 pub mod kafka;
-pub mod percent;
 pub mod validate;
 
 use std::collections::BTreeMap;
 use std::fmt;
 
 use base64::Engine as _;
+use eventwire_contract::header_value;
 use serde::Deserialize;
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
@@ -126,7 +126,7 @@ pub fn parse_binary<'a>(
             reason,
         };
         let text = std::str::from_utf8(raw).map_err(|_| header_err("value is not UTF-8".into()))?;
-        let value = percent::decode(text).map_err(|e| header_err(e.to_string()))?;
+        let value = header_value::decode(text).map_err(|e| header_err(e.to_string()))?;
         if matches!(attr, "data" | "datacontenttype") {
             // Binary mode carries these as body and Content-Type; a header would be ambiguous.
             return Err(header_err(

@@ -12,9 +12,8 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::publish::{
-    BoxFuture, Delivered, EventRecord, EventSink, KafkaPublisher, Outcome, Pending, PublishError,
-};
+use crate::producer::{KafkaProducer, Pending};
+use crate::sink::{BoxFuture, Delivered, EventRecord, EventSink, Outcome, PublishError};
 use crate::spool::{Entry, Refused, Spool, SpoolError};
 use crate::status::{State, StatusStore};
 
@@ -33,7 +32,7 @@ pub enum AckMode {
 }
 
 pub struct DurableSink {
-    kafka: Arc<KafkaPublisher>,
+    kafka: Arc<KafkaProducer>,
     spool: Spool,
     status: Arc<StatusStore>,
     mode: AckMode,
@@ -42,7 +41,7 @@ pub struct DurableSink {
 
 impl DurableSink {
     pub fn new(
-        kafka: Arc<KafkaPublisher>,
+        kafka: Arc<KafkaProducer>,
         spool: Spool,
         status: Arc<StatusStore>,
         mode: AckMode,

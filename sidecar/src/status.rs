@@ -20,7 +20,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::publish::{Delivered, EventRecord, Outcome};
+use crate::sink::{Delivered, EventRecord, Outcome};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "status", rename_all = "lowercase")]
@@ -405,7 +405,7 @@ fn write_line(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::publish::OutRecord;
+    use crate::sink::OutRecord;
 
     fn ev(id: &str, value: &[u8]) -> EventRecord {
         EventRecord {

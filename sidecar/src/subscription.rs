@@ -15,7 +15,7 @@ use tokio::sync::{OwnedSemaphorePermit, broadcast};
 
 use crate::cursor::{Cursor, StartFrom};
 use crate::fanout::{Delivery, Fanout, FanoutError, Joined, assignment};
-use crate::filter::Filter;
+use crate::subscription_filter::Filter;
 
 /// Why a subscription could not start.
 #[derive(Debug, Error)]

@@ -8,8 +8,8 @@ use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::BorrowedMessage;
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
 
-use crate::AppError;
 use crate::config::{KafkaArgs, StartAt, TailArgs};
+use crate::error::AppError;
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
 

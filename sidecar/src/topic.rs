@@ -8,9 +8,8 @@ use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::types::RDKafkaErrorCode;
 
-use crate::AppError;
 use crate::config::KafkaArgs;
-use crate::ingest::validate_topic;
+use crate::error::AppError;
 
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -20,7 +19,7 @@ pub async fn create(
     replication: i32,
     kafka: &KafkaArgs,
 ) -> Result<(), AppError> {
-    validate_topic(name)
+    eventwire_contract::topic::validate(name)
         .map_err(|e| AppError::Other(format!("invalid topic name `{name}`: {e}")))?;
     let mut config = ClientConfig::new();
     config.set("bootstrap.servers", &kafka.brokers);

@@ -18,23 +18,25 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use axum::Router;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::ws::{CloseFrame, Message, WebSocket, WebSocketUpgrade};
 use axum::extract::{Query, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::http::{HeaderMap, header};
 use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
 use axum::response::{Html, IntoResponse, Response};
 use axum::routing::get;
-use axum::{Json, Router};
-use serde::Serialize;
+use eventwire_contract::problem::Kind;
+use eventwire_contract::topic::{self, TopicError};
 use thiserror::Error;
 use tokio::sync::{mpsc, watch};
 
 use crate::cursor::{Cursor, StartFrom};
 use crate::fanout::{Fanout, FanoutError, stopped};
-use crate::filter::Filter;
+use crate::problem::{ProblemSource, allow};
 use crate::subscription::{Behind, End, Event, Lag, StartError, Subscription, cursor_before};
+use crate::subscription_filter::{Filter, FilterError};
 
 /// WebSocket close code for a subscriber that fell too far behind (4000-4999 are private
 /// use; 4008 mirrors 1008 "policy violation").
@@ -61,14 +63,9 @@ pub struct PushState {
 
 pub fn router(state: PushState) -> Router {
     Router::new()
-        .route("/v1/subscribe", get(subscribe).fallback(get_only))
-        .route("/ui", get(viewer).fallback(get_only))
+        .route("/v1/subscribe", get(subscribe).fallback(allow("GET, HEAD")))
+        .route("/ui", get(viewer).fallback(allow("GET, HEAD")))
         .with_state(state)
-}
-
-/// 405 problem+json with `Allow` for the push routes (all GET).
-async fn get_only() -> Response {
-    crate::problem::IngestError::method_not_allowed("GET, HEAD")
 }
 
 async fn viewer() -> Html<&'static str> {
@@ -80,13 +77,13 @@ pub enum SubscribeError {
     #[error("the `topic` query parameter is required")]
     MissingTopic,
     #[error("invalid topic name: {0}")]
-    InvalidTopic(String),
+    InvalidTopic(#[from] TopicError),
     #[error("{0}")]
     InvalidQuery(String),
     #[error("`{part}`: {reason}")]
     InvalidFrom { part: &'static str, reason: String },
     #[error("{0}")]
-    InvalidFilter(#[from] crate::filter::FilterError),
+    InvalidFilter(#[from] FilterError),
     /// Missing, internal or not in `--push-topics`: the same answer, so nothing leaks.
     #[error("topic `{0}` does not exist or is not open to subscribers")]
     UnknownTopic(String),
@@ -102,43 +99,35 @@ pub enum SubscribeError {
     TransportRequired,
 }
 
-impl SubscribeError {
-    fn status(&self) -> StatusCode {
+impl ProblemSource for SubscribeError {
+    fn kind(&self) -> Kind {
         match self {
-            SubscribeError::UnknownTopic(_) => StatusCode::NOT_FOUND,
-            SubscribeError::BrokerUnavailable(_)
-            | SubscribeError::TooManySubscribers(_)
-            | SubscribeError::TooManyReplays(_) => StatusCode::SERVICE_UNAVAILABLE,
-            SubscribeError::TransportRequired => StatusCode::UPGRADE_REQUIRED,
-            _ => StatusCode::BAD_REQUEST,
+            SubscribeError::MissingTopic => Kind::MissingTopic,
+            SubscribeError::InvalidTopic(_) => Kind::InvalidTopic,
+            SubscribeError::InvalidQuery(_) => Kind::InvalidQuery,
+            SubscribeError::InvalidFrom { .. } => Kind::InvalidFrom,
+            SubscribeError::InvalidFilter(_) => Kind::InvalidFilter,
+            SubscribeError::UnknownTopic(_) => Kind::UnknownTopic,
+            SubscribeError::BrokerUnavailable(_) => Kind::BrokerUnavailable,
+            SubscribeError::TooManySubscribers(_) => Kind::TooManySubscribers,
+            SubscribeError::TooManyReplays(_) => Kind::TooManyReplays,
+            SubscribeError::TransportRequired => Kind::TransportRequired,
         }
     }
 
-    fn slug_and_title(&self) -> (&'static str, &'static str) {
+    fn parameter(&self) -> Option<&str> {
         match self {
-            SubscribeError::MissingTopic => ("missing-topic", "Missing topic"),
-            SubscribeError::InvalidTopic(_) => ("invalid-topic", "Invalid topic"),
-            SubscribeError::InvalidQuery(_) => ("invalid-query", "Invalid query string"),
-            SubscribeError::InvalidFrom { .. } => ("invalid-from", "Invalid start position"),
-            SubscribeError::InvalidFilter(_) => ("invalid-filter", "Invalid filter"),
-            SubscribeError::UnknownTopic(_) => ("unknown-topic", "Unknown topic"),
-            SubscribeError::BrokerUnavailable(_) => ("broker-unavailable", "Broker unavailable"),
-            SubscribeError::TooManySubscribers(_) => {
-                ("too-many-subscribers", "Too many subscribers")
-            }
-            SubscribeError::TooManyReplays(_) => ("too-many-replays", "Too many replays"),
-            SubscribeError::TransportRequired => ("transport-required", "Upgrade required"),
-        }
-    }
-
-    /// The query parameter or header at fault.
-    fn parameter(&self) -> Option<String> {
-        match self {
-            SubscribeError::MissingTopic | SubscribeError::InvalidTopic(_) => Some("topic".into()),
-            SubscribeError::InvalidFrom { part, .. } => Some((*part).into()),
-            SubscribeError::InvalidFilter(e) => Some(e.path.clone()),
+            SubscribeError::MissingTopic | SubscribeError::InvalidTopic(_) => Some("topic"),
+            SubscribeError::InvalidFrom { part, .. } => Some(part),
+            SubscribeError::InvalidFilter(e) => Some(&e.path),
             _ => None,
         }
+    }
+}
+
+impl IntoResponse for SubscribeError {
+    fn into_response(self) -> Response {
+        crate::problem::response(&self)
     }
 }
 
@@ -163,47 +152,6 @@ impl From<StartError> for SubscribeError {
     }
 }
 
-/// RFC 9457 body, in the sidecar's problem style.
-#[derive(Serialize)]
-struct Problem {
-    #[serde(rename = "type")]
-    ty: String,
-    title: &'static str,
-    status: u16,
-    detail: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    parameter: Option<String>,
-}
-
-impl IntoResponse for SubscribeError {
-    fn into_response(self) -> Response {
-        let (slug, title) = self.slug_and_title();
-        let problem = Problem {
-            ty: format!("urn:eventwire:problem:{slug}"),
-            title,
-            status: self.status().as_u16(),
-            detail: self.to_string(),
-            parameter: self.parameter(),
-        };
-        let mut response = (self.status(), Json(problem)).into_response();
-        let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/problem+json"),
-        );
-        match self {
-            SubscribeError::TransportRequired => {
-                headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
-            }
-            _ if self.status() == StatusCode::SERVICE_UNAVAILABLE => {
-                headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-            }
-            _ => {}
-        }
-        response
-    }
-}
-
 /// The checked request: what to read, from where, through which filter.
 #[derive(Debug)]
 struct Request {
@@ -218,7 +166,7 @@ fn parse_request(
 ) -> Result<Request, SubscribeError> {
     let param = |name: &str| query.iter().rev().find(|(k, _)| k == name).map(|(_, v)| v);
     let topic = param("topic").ok_or(SubscribeError::MissingTopic)?;
-    crate::ingest::validate_topic(topic).map_err(SubscribeError::InvalidTopic)?;
+    topic::validate(topic)?;
     // An EventSource reconnects to the same URL with Last-Event-ID, so the header wins.
     let from = match last_event_id {
         Some(id) => id.parse::<Cursor>().map(StartFrom::Cursor).map_err(|e| {
@@ -504,6 +452,7 @@ fn serve_sse(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::http::StatusCode;
 
     fn q(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
         pairs
@@ -559,9 +508,9 @@ mod tests {
         ];
         for (query, leid, slug, part) in cases {
             let e = parse_request(&q(query), leid).unwrap_err();
-            assert_eq!(e.slug_and_title().0, slug, "{e}");
-            assert_eq!(e.parameter().as_deref(), Some(part), "{e}");
-            assert_eq!(e.status(), StatusCode::BAD_REQUEST);
+            assert_eq!(e.kind().slug(), slug, "{e}");
+            assert_eq!(e.parameter(), Some(part), "{e}");
+            assert_eq!(e.kind().status(), 400);
         }
     }
 

@@ -20,7 +20,8 @@ use std::sync::{Arc, Mutex, mpsc};
 use thiserror::Error;
 use tokio::sync::{Notify, oneshot};
 
-use crate::publish::{EventRecord, OutRecord, Pending};
+use crate::producer::Pending;
+use crate::sink::{EventRecord, OutRecord};
 
 /// Segments rotate at this size; a segment is deleted once all its records were forwarded.
 const SEGMENT_BYTES: u64 = 64 * 1024 * 1024;

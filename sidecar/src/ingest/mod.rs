@@ -1,21 +1,23 @@
-//! The HTTP API: `POST /v1/events`, health and readiness. Every error is problem+json.
+//! The HTTP API: `POST /v1/events`, `GET /v1/events/<id>`, health and readiness. Every
+//! error is problem+json (`problem`).
+
+mod error;
+mod request;
 
 use std::sync::Arc;
 
-use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use eventwire_contract::INGEST_PATH;
 use serde_json::json;
 
-use crate::cloudevent::{
-    self, BATCH_CONTENT_TYPE, CloudEvent, ParseError, STRUCTURED_CONTENT_TYPE, percent, validate,
-};
-use crate::problem::{IngestError, KEY_HEADER, TOPIC_HEADER};
-use crate::publish::{EventRecord, EventSink, OutRecord};
+pub use error::IngestError;
+
+use crate::problem::{ProblemSource, RouteError, allow};
+use crate::sink::{EventRecord, EventSink};
 use crate::status::{self, Begin, Snapshot, StatusStore};
 
 #[derive(Clone)]
@@ -28,24 +30,18 @@ pub struct AppState {
 pub fn router(state: AppState) -> Router {
     Router::new()
         // Each route names its methods for the 405's `Allow` (RFC 9110).
-        .route("/v1/events", post(post_event).fallback(allow("POST")))
+        .route(INGEST_PATH, post(post_event).fallback(allow("POST")))
         .route(
             "/v1/events/{id}",
             get(get_event).fallback(allow("GET, HEAD")),
         )
         .route("/healthz", get(healthz).fallback(allow("GET, HEAD")))
         .route("/readyz", get(readyz).fallback(allow("GET, HEAD")))
-        .fallback(|| async { IngestError::NotFound })
-        .method_not_allowed_fallback(|| async { IngestError::MethodNotAllowed })
+        .fallback(|| async { RouteError::NotFound })
+        .method_not_allowed_fallback(|| async { RouteError::MethodNotAllowed(None) })
         // We enforce --max-body-bytes ourselves so the 413 is problem+json, not axum's text.
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
-}
-
-fn allow(
-    methods: &'static str,
-) -> impl Fn() -> std::future::Ready<Response> + Clone + Send + Sync + 'static {
-    move || std::future::ready(IngestError::method_not_allowed(methods))
 }
 
 async fn healthz() -> Json<serde_json::Value> {
@@ -60,23 +56,18 @@ async fn readyz(State(state): State<AppState>) -> Response {
     }
 }
 
-enum Mode {
-    Binary,
-    Structured,
-}
-
 async fn post_event(State(state): State<AppState>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
-    let topic = match topic(&parts.headers) {
+    let topic = match request::topic(&parts.headers) {
         Ok(t) => t,
         Err(e) => return reject(e, None),
     };
-    let event = match read_event(&state, &parts.headers, body).await {
+    let event = match request::read_event(&parts.headers, body, state.max_body_bytes).await {
         Ok(event) => event,
         // Binary mode names the id in a header even when the event is invalid.
         Err(e) => return reject(e, parts.headers.get("ce-id").and_then(|v| v.to_str().ok())),
     };
-    let record = match out_record(&parts.headers, &event, &topic) {
+    let record = match request::out_record(&parts.headers, &event, &topic) {
         Ok(r) => r,
         Err(e) => return reject(e, Some(&event.id)),
     };
@@ -156,126 +147,11 @@ async fn get_event(
     }
 }
 
-async fn read_event(
-    state: &AppState,
-    headers: &HeaderMap,
-    body: Body,
-) -> Result<CloudEvent, IngestError> {
-    let mode = mode(headers)?;
-    let body = read_body(headers, body, state.max_body_bytes).await?;
-    let event = match mode {
-        Mode::Structured => cloudevent::parse_structured(&body)?,
-        Mode::Binary => binary(headers, &body)?,
-    };
-    Ok(event)
-}
-
-fn mode(headers: &HeaderMap) -> Result<Mode, IngestError> {
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(validate::essence);
-    match content_type.as_deref() {
-        Some(STRUCTURED_CONTENT_TYPE) => Ok(Mode::Structured),
-        Some(BATCH_CONTENT_TYPE) => Err(IngestError::BatchUnsupported),
-        _ if headers.contains_key("ce-specversion") => Ok(Mode::Binary),
-        _ => Err(IngestError::NotACloudEvent),
-    }
-}
-
-fn binary(headers: &HeaderMap, body: &[u8]) -> Result<CloudEvent, IngestError> {
-    let content_type = match headers.get(header::CONTENT_TYPE) {
-        Some(v) => Some(header_text(header::CONTENT_TYPE.as_str(), v.as_bytes())?),
-        None => None,
-    };
-    let pairs = headers
-        .iter()
-        .map(|(name, value)| (name.as_str(), value.as_bytes()));
-    Ok(cloudevent::parse_binary(pairs, content_type, body)?)
-}
-
-fn header_text<'a>(name: &str, raw: &'a [u8]) -> Result<&'a str, IngestError> {
-    std::str::from_utf8(raw).map_err(|_| header_error(name, "value is not UTF-8".into()))
-}
-
-fn header_error(name: &str, reason: String) -> IngestError {
-    IngestError::Parse(ParseError::Header {
-        header: name.to_owned(),
-        reason,
-    })
-}
-
-/// Reads the body, refusing it early by Content-Length and again while streaming (a client
-/// can lie about the length or use chunked encoding).
-async fn read_body(headers: &HeaderMap, body: Body, max: usize) -> Result<Bytes, IngestError> {
-    let too_large =
-        || IngestError::BodyTooLarge(format!("the body exceeds the limit of {max} bytes"));
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > max as u64) {
-        return Err(too_large());
-    }
-    match Limited::new(body, max).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
-        Err(e) => Err(IngestError::BodyRead(e.to_string())),
-    }
-}
-
-/// Kafka's legal topic names: 1-249 of `[a-zA-Z0-9._-]`, not `.` or `..`.
-pub fn validate_topic(name: &str) -> Result<(), String> {
-    if name.is_empty() || name.len() > 249 {
-        return Err("a topic name has 1 to 249 characters".into());
-    }
-    if name == "." || name == ".." {
-        return Err("`.` and `..` are not topic names".into());
-    }
-    match name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-    {
-        Some(c) => Err(format!(
-            "character {c:?} is not allowed (use a-z A-Z 0-9 . _ -)"
-        )),
-        None => Ok(()),
-    }
-}
-
-fn topic(headers: &HeaderMap) -> Result<String, IngestError> {
-    let raw = headers.get(TOPIC_HEADER).ok_or(IngestError::MissingTopic)?;
-    let name = std::str::from_utf8(raw.as_bytes())
-        .map_err(|_| IngestError::InvalidTopic("not UTF-8".into()))?;
-    validate_topic(name).map_err(IngestError::InvalidTopic)?;
-    Ok(name.to_owned())
-}
-
-fn out_record(
-    headers: &HeaderMap,
-    event: &CloudEvent,
-    topic: &str,
-) -> Result<OutRecord, IngestError> {
-    let key = match headers.get(KEY_HEADER) {
-        Some(raw) => {
-            let text = header_text(KEY_HEADER, raw.as_bytes())?;
-            Some(percent::decode(text).map_err(|e| header_error(KEY_HEADER, e.to_string()))?)
-        }
-        None => None,
-    };
-    let record = event.to_kafka(key);
-    Ok(OutRecord {
-        topic: topic.to_owned(),
-        key: record.key,
-        headers: record.headers,
-        value: record.value,
-    })
-}
-
 /// The 202 the filter relays verbatim, with where to ask for the event's status later.
 fn accepted(snapshot: &Snapshot) -> Response {
     tracing::debug!(event_id = %snapshot.id, topic = %snapshot.topic, state = ?snapshot.state, "event accepted");
     let json = serde_json::to_vec(snapshot).unwrap_or_default();
-    let location = format!("/v1/events/{}", path_segment(&snapshot.id));
+    let location = format!("{INGEST_PATH}/{}", path_segment(&snapshot.id));
     (
         StatusCode::ACCEPTED,
         [
@@ -302,8 +178,9 @@ fn path_segment(s: &str) -> String {
 
 /// Logs a rejection (client faults at info, server-side trouble at warn) and renders it.
 fn reject(error: IngestError, event_id: Option<&str>) -> Response {
-    let (status, slug) = (error.status().as_u16(), error.slug());
-    if error.status().is_server_error() {
+    let kind = error.kind();
+    let (status, slug) = (kind.status(), kind.slug());
+    if status >= 500 {
         tracing::warn!(event_id, status, slug, detail = %error, "event not published");
     } else {
         tracing::info!(event_id, status, slug, detail = %error, "event rejected");
@@ -314,8 +191,13 @@ fn reject(error: IngestError, event_id: Option<&str>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::publish::{BoxFuture, Delivered, Outcome, PublishError};
+    use crate::cloudevent::{BATCH_CONTENT_TYPE, STRUCTURED_CONTENT_TYPE};
+    use crate::sink::{BoxFuture, Delivered, OutRecord, Outcome, PublishError};
+    use axum::body::Body;
+    use axum::http::HeaderMap;
     use axum::http::Request as HttpRequest;
+    use eventwire_contract::{KEY_HEADER, TOPIC_HEADER};
+    use http_body_util::BodyExt;
     use serde_json::Value;
     use std::sync::Mutex;
     use std::time::Duration;
@@ -575,15 +457,5 @@ mod tests {
             (status, body.as_str()),
             (StatusCode::OK, r#"{"status":"ok"}"#)
         );
-    }
-
-    #[test]
-    fn topic_names() {
-        for ok in ["orders", "a.b_c-D9", &"x".repeat(249)] {
-            assert!(validate_topic(ok).is_ok(), "{ok}");
-        }
-        for bad in ["", ".", "..", "a b", "a/b", "é", &"x".repeat(250)] {
-            assert!(validate_topic(bad).is_err(), "{bad}");
-        }
     }
 }

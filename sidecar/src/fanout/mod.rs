@@ -20,7 +20,7 @@ use thiserror::Error;
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, watch};
 
 use crate::cursor::Cursor;
-use crate::filter::{Attributes, attributes_of};
+use crate::subscription_filter::{Attributes, attributes_of};
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
 /// How often a hub checks whether it still has subscribers.
