@@ -1,39 +1,25 @@
-//! One Kafka consumer per topic per sidecar (a hub), shared by all subscribers of the topic
-//! through a `tokio::sync::broadcast` of pre-serialized envelopes: 1,000 subscribers cost one
-//! consumer and one serialization per record. Subscribers that start behind the hub replay
-//! with their own short-lived consumer (see `subscription`). Also the Kafka queries the push
-//! side needs (partitions, watermarks, offsets for a time).
+//! The push side's shared Kafka reading: one hub per topic per sidecar (`hub`), shared by all
+//! subscribers of the topic, so 1,000 subscribers cost one consumer and one serialization per
+//! record; subscribers that start behind the hub replay with their own short-lived consumer
+//! (see `subscription`). Also admission (`--max-subscribers`, `--max-replays`, open topics)
+//! and, in `kafka`, the Kafka queries the push side needs.
+
+mod hub;
+mod kafka;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures_util::FutureExt;
-use futures_util::future::{BoxFuture, Shared};
-use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
 use rdkafka::error::KafkaError;
-use rdkafka::message::BorrowedMessage;
-use rdkafka::types::RDKafkaErrorCode;
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
 use thiserror::Error;
-use tokio::sync::{OwnedSemaphorePermit, Semaphore, broadcast, watch};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 
-use crate::cursor::Cursor;
-use crate::subscription_filter::{Attributes, attributes_of};
+pub use hub::{Delivery, Joined};
+pub use kafka::{KafkaQueries, assignment};
 
-const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
-/// How often a hub checks whether it still has subscribers.
-const IDLE_CHECK: Duration = Duration::from_millis(500);
-/// After a consumer error, wait before polling again so a down broker is not hammered.
-const ERROR_BACKOFF: Duration = Duration::from_millis(500);
-/// Blocking Kafka queries (metadata, watermarks, offsets for a time) the push side runs at
-/// once, so a crowd of subscribers cannot fill the blocking pool that ingest also uses.
-const MAX_QUERIES: usize = 4;
-/// Prefetch bound of every push consumer (librdkafka `queued.max.messages.kbytes`, default
-/// 64 MiB); `fetch.max.bytes` follows it (librdkafka caps it at this, but never below
-/// `message.max.bytes`). One consumer then costs a few MiB, not 64.
-const CONSUMER_QUEUE_KBYTES: &str = "2048";
+use hub::HubSlot;
 
 /// Admission and resource limits of the push side (see `PushArgs`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,105 +108,6 @@ impl From<KafkaError> for FanoutError {
     }
 }
 
-/// One record as every subscriber gets it: serialized once, the cursor appended per
-/// subscriber (it depends on where that subscriber is).
-#[derive(Debug)]
-pub struct Delivery {
-    pub partition: i32,
-    pub offset: i64,
-    /// `None` when the record is not a CloudEvent.
-    pub attributes: Option<Attributes>,
-    /// The envelope JSON without its closing brace.
-    head: String,
-    /// Bytes the hub had published up to and including this record (0 for a replay).
-    end_bytes: u64,
-}
-
-impl Delivery {
-    pub fn from_message(message: &BorrowedMessage<'_>) -> Delivery {
-        let record = crate::consumed::record(message);
-        let envelope = record.envelope();
-        let attributes = envelope.event.as_ref().map(attributes_of);
-        // Serializing a map of JSON values cannot fail; an empty object keeps the frame valid.
-        let mut head = serde_json::to_string(&envelope).unwrap_or_else(|_| "{}".into());
-        head.pop();
-        Delivery {
-            partition: record.partition,
-            offset: record.offset,
-            attributes,
-            head,
-            end_bytes: 0,
-        }
-    }
-
-    /// Bytes this record holds in memory, roughly (the envelope; attributes are small).
-    pub fn size(&self) -> u64 {
-        self.head.len() as u64 + 64
-    }
-
-    pub fn end_bytes(&self) -> u64 {
-        self.end_bytes
-    }
-
-    /// The envelope `tail` prints plus the subscription's cursor after this record.
-    pub fn frame(&self, cursor: &Cursor) -> String {
-        let sep = if self.head.len() > 1 { "," } else { "" };
-        format!("{}{sep}\"cursor\":\"{cursor}\"}}", self.head)
-    }
-}
-
-/// A subscriber's handle on a hub: everything broadcast after `position`.
-pub struct Joined {
-    pub rx: broadcast::Receiver<Arc<Delivery>>,
-    /// The hub's position when `rx` was created: every record at or after it arrives on `rx`.
-    pub position: Cursor,
-    pub partitions: Vec<i32>,
-    /// Bytes the hub has published, ever; minus a subscriber's `end_bytes` = its lag in bytes.
-    pub published: Arc<AtomicU64>,
-    /// `published` when `rx` was created.
-    pub bytes: u64,
-}
-
-struct Hub {
-    tx: broadcast::Sender<Arc<Delivery>>,
-    /// Advanced and broadcast under one lock, so a joiner's (`rx`, `position`) agree.
-    position: Mutex<Cursor>,
-    partitions: Vec<i32>,
-    /// Advanced under the `position` lock too.
-    published: Arc<AtomicU64>,
-}
-
-impl Hub {
-    fn join(&self) -> Joined {
-        let position = lock(&self.position);
-        Joined {
-            rx: self.tx.subscribe(),
-            position: position.clone(),
-            partitions: self.partitions.clone(),
-            published: self.published.clone(),
-            bytes: self.published.load(Ordering::Relaxed),
-        }
-    }
-
-    fn publish(&self, mut delivery: Delivery) {
-        let mut position = lock(&self.position);
-        position.advance(delivery.partition, delivery.offset);
-        let total = self.published.load(Ordering::Relaxed) + delivery.size();
-        self.published.store(total, Ordering::Relaxed);
-        delivery.end_bytes = total;
-        // No receivers is fine: the hub is in its grace period.
-        let _ = self.tx.send(Arc::new(delivery));
-    }
-}
-
-/// A hub being started, or started: every subscriber that arrives meanwhile awaits the same
-/// start (one metadata lookup, one consumer), and shares its error too.
-type HubSlot = Shared<BoxFuture<'static, Result<Arc<Hub>, FanoutError>>>;
-
-fn is_hub(slot: &HubSlot, hub: &Arc<Hub>) -> bool {
-    matches!(slot.peek(), Some(Ok(h)) if Arc::ptr_eq(h, hub))
-}
-
 /// Resolves once shutdown was requested.
 pub async fn stopped(signal: &mut watch::Receiver<bool>) {
     // An error means the sender is gone, which also means shutting down.
@@ -233,15 +120,12 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 
 pub struct Fanout {
     config: FanoutConfig,
-    /// For metadata, watermark and time queries (blocking calls, run on the blocking pool).
-    admin: Arc<BaseConsumer>,
+    kafka: KafkaQueries,
     hubs: Mutex<HashMap<String, HubSlot>>,
     shutdown: watch::Sender<bool>,
-    clients: AtomicU64,
     limits: PushLimits,
     subscribers: Arc<Semaphore>,
     replays: Arc<Semaphore>,
-    queries: Arc<Semaphore>,
 }
 
 impl Fanout {
@@ -249,18 +133,19 @@ impl Fanout {
         config: FanoutConfig,
         limits: PushLimits,
     ) -> Result<Arc<Fanout>, KafkaError> {
-        let admin = client_config(&config, "meta", 0).create()?;
         Ok(Arc::new(Fanout {
+            kafka: KafkaQueries::new(config.clone())?,
             config,
-            admin: Arc::new(admin),
             hubs: Mutex::new(HashMap::new()),
             shutdown: watch::channel(false).0,
-            clients: AtomicU64::new(1),
             subscribers: Arc::new(Semaphore::new(limits.max_subscribers)),
             replays: Arc::new(Semaphore::new(limits.max_replays)),
-            queries: Arc::new(Semaphore::new(MAX_QUERIES)),
             limits,
         }))
+    }
+
+    pub fn kafka(&self) -> &KafkaQueries {
+        &self.kafka
     }
 
     pub fn queue(&self) -> usize {
@@ -334,272 +219,11 @@ impl Fanout {
             }
         }
     }
-
-    async fn start_hub(self: Arc<Self>, topic: String) -> Result<Arc<Hub>, FanoutError> {
-        let (hub, consumer) = self.new_hub(&topic).await?;
-        let hub = Arc::new(hub);
-        tokio::spawn(self.clone().run_hub(topic, hub.clone(), consumer));
-        Ok(hub)
-    }
-
-    async fn new_hub(&self, topic: &str) -> Result<(Hub, StreamConsumer), FanoutError> {
-        let partitions = self.partitions(topic).await?;
-        let start = self.watermarks(topic, &partitions).await?;
-        let start = Cursor::new(start.iter().map(|(p, (_, high))| (*p, *high)));
-        let consumer = self.consumer("hub")?;
-        consumer.assign(&assignment(topic, &start)?)?;
-        // Twice the queue: a subscriber is closed when it stays over the queue for a moment
-        // (see `subscribe`), so the ring must hold more than the queue meanwhile.
-        let (tx, _) = broadcast::channel(self.config.queue.max(1) * 2);
-        let hub = Hub {
-            tx,
-            position: Mutex::new(start),
-            partitions,
-            published: Arc::new(AtomicU64::new(0)),
-        };
-        tracing::info!(topic, "fan-out hub started");
-        Ok((hub, consumer))
-    }
-
-    async fn run_hub(self: Arc<Self>, topic: String, hub: Arc<Hub>, consumer: StreamConsumer) {
-        let mut shutdown = self.shutdown_signal();
-        let mut tick = tokio::time::interval(IDLE_CHECK);
-        let mut idle_since: Option<Instant> = None;
-        loop {
-            tokio::select! {
-                received = consumer.recv() => match received {
-                    Ok(message) => {
-                        hub.publish(Delivery::from_message(&message));
-                        // A ready consumer never yields on its own, and the subscribers just
-                        // woken wait in this worker's unstealable LIFO slot: let them run.
-                        tokio::task::yield_now().await;
-                    }
-                    Err(e) => {
-                        tracing::warn!(topic, error = %e, "fan-out consumer error");
-                        tokio::time::sleep(ERROR_BACKOFF).await;
-                    }
-                },
-                _ = tick.tick() => {
-                    if hub.tx.receiver_count() > 0 {
-                        idle_since = None;
-                    } else if idle_since.get_or_insert_with(Instant::now).elapsed() >= self.config.grace
-                        && self.remove_if_idle(&topic, &hub)
-                    {
-                        break;
-                    }
-                }
-                () = stopped(&mut shutdown) => break,
-            }
-        }
-        tracing::info!(topic, "fan-out hub stopped");
-    }
-
-    /// Under the map lock, so no subscriber can join between the check and the removal.
-    fn remove_if_idle(&self, topic: &str, hub: &Arc<Hub>) -> bool {
-        let mut hubs = lock(&self.hubs);
-        if hub.tx.receiver_count() > 0 {
-            return false;
-        }
-        if hubs.get(topic).is_some_and(|slot| is_hub(slot, hub)) {
-            hubs.remove(topic);
-        }
-        true
-    }
-
-    /// A consumer for assign-only reading: no group membership, no commits.
-    pub fn consumer(&self, role: &str) -> Result<StreamConsumer, KafkaError> {
-        client_config(&self.config, role, self.next_client()).create()
-    }
-
-    fn next_client(&self) -> u64 {
-        self.clients.fetch_add(1, Ordering::Relaxed)
-    }
-
-    pub async fn partitions(&self, topic: &str) -> Result<Vec<i32>, FanoutError> {
-        let admin = self.admin.clone();
-        let name = topic.to_owned();
-        self.query(move || {
-            let metadata = admin.fetch_metadata(Some(&name), METADATA_TIMEOUT)?;
-            let found = metadata.topics().iter().find(|t| t.name() == name);
-            match found {
-                Some(t) if t.error().is_none() && !t.partitions().is_empty() => {
-                    let mut ids: Vec<i32> = t.partitions().iter().map(|p| p.id()).collect();
-                    ids.sort_unstable();
-                    Ok(ids)
-                }
-                Some(t)
-                    if t.error().is_some_and(|e| {
-                        RDKafkaErrorCode::from(e) != RDKafkaErrorCode::UnknownTopicOrPartition
-                    }) =>
-                {
-                    Err(FanoutError::Unavailable(format!(
-                        "metadata for `{name}`: {:?}",
-                        t.error()
-                    )))
-                }
-                _ => Err(FanoutError::UnknownTopic(name)),
-            }
-        })
-        .await
-    }
-
-    /// Runs a blocking Kafka query on the blocking pool, at most `MAX_QUERIES` at once (the
-    /// permit goes with the task, so an abandoned request still counts until it ends).
-    async fn query<T: Send + 'static>(
-        &self,
-        f: impl FnOnce() -> Result<T, FanoutError> + Send + 'static,
-    ) -> Result<T, FanoutError> {
-        let permit = self
-            .queries
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|e| FanoutError::Unavailable(format!("query slots closed: {e}")))?;
-        tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            f()
-        })
-        .await
-        .map_err(|e| FanoutError::Unavailable(format!("query task failed: {e}")))?
-    }
-
-    /// (low, high) watermarks of each partition.
-    pub async fn watermarks(
-        &self,
-        topic: &str,
-        partitions: &[i32],
-    ) -> Result<Vec<(i32, (i64, i64))>, FanoutError> {
-        let admin = self.admin.clone();
-        let (topic, partitions) = (topic.to_owned(), partitions.to_vec());
-        self.query(move || {
-            partitions
-                .iter()
-                .map(|&p| Ok((p, admin.fetch_watermarks(&topic, p, METADATA_TIMEOUT)?)))
-                .collect()
-        })
-        .await
-    }
-
-    /// The first offset at or after `millis` in each partition, or the high watermark when
-    /// there is none.
-    pub async fn offsets_at(
-        &self,
-        topic: &str,
-        partitions: &[i32],
-        millis: i64,
-    ) -> Result<Cursor, FanoutError> {
-        let marks = self.watermarks(topic, partitions).await?;
-        let admin = self.admin.clone();
-        let probe_config = client_config(&self.config, "probe", self.next_client());
-        let topic = topic.to_owned();
-        self.query(move || {
-            let mut query = TopicPartitionList::new();
-            for (p, _) in &marks {
-                query.add_partition_offset(&topic, *p, Offset::Offset(millis))?;
-            }
-            let found = admin.offsets_for_times(query, METADATA_TIMEOUT)?;
-            // One probe for all partitions that need one.
-            let mut probe: Option<BaseConsumer> = None;
-            let mut cursor = Cursor::default();
-            for (p, (low, high)) in marks {
-                let answer = found.find_partition(&topic, p).map(|e| e.offset());
-                let offset = match answer {
-                    Some(Offset::Offset(o)) if o > low => o,
-                    // Tansu 0.6 answers 0 instead of -1 (none) for a time after the last
-                    // record, so an answer at the start must be checked against the record.
-                    Some(Offset::Offset(_)) if low < high => {
-                        if probe.is_none() {
-                            probe = Some(probe_config.create::<BaseConsumer>()?);
-                        }
-                        let before = probe.as_ref().is_some_and(|probe| {
-                            first_record_before(probe, &topic, p, low, millis)
-                        });
-                        if before { high } else { low }
-                    }
-                    Some(Offset::Offset(o)) => o.clamp(low, high),
-                    _ => high,
-                };
-                cursor.set(p, offset);
-            }
-            Ok(cursor)
-        })
-        .await
-    }
-}
-
-/// Whether the record at `offset` has a timestamp before `millis` (unknown counts as not).
-fn first_record_before(
-    probe: &BaseConsumer,
-    topic: &str,
-    partition: i32,
-    offset: i64,
-    millis: i64,
-) -> bool {
-    let mut tpl = TopicPartitionList::new();
-    if tpl
-        .add_partition_offset(topic, partition, Offset::Offset(offset))
-        .and_then(|()| probe.assign(&tpl))
-        .is_err()
-    {
-        return false;
-    }
-    match probe.poll(METADATA_TIMEOUT) {
-        Some(Ok(m)) => m.timestamp().to_millis().is_some_and(|t| t < millis),
-        _ => false,
-    }
-}
-
-pub fn assignment(topic: &str, cursor: &Cursor) -> Result<TopicPartitionList, KafkaError> {
-    let mut tpl = TopicPartitionList::new();
-    for (p, o) in cursor.iter() {
-        tpl.add_partition_offset(topic, p, Offset::Offset(o))?;
-    }
-    Ok(tpl)
-}
-
-fn client_config(config: &FanoutConfig, role: &str, n: u64) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &config.brokers)
-        // Tansu wants a group id even for assign-only use; unique so nothing is shared.
-        .set(
-            "group.id",
-            format!("eventwire-push-{}-{role}-{n}", std::process::id()),
-        )
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        // Small prefetch: one consumer per hub and per replay must stay cheap.
-        .set("queued.max.messages.kbytes", CONSUMER_QUEUE_KBYTES)
-        .set("queued.min.messages", "1000")
-        // Bounds the wait of an empty fetch, which is the latency floor of a live event
-        // when the broker does not answer a fetch as soon as data arrives (Tansu).
-        .set(
-            "fetch.wait.max.ms",
-            config.fetch_wait.as_millis().to_string(),
-        );
-    for (key, value) in &config.overrides {
-        c.set(key, value);
-    }
-    c
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn frame_appends_the_cursor() {
-        let d = Delivery {
-            partition: 1,
-            offset: 7,
-            attributes: None,
-            head: r#"{"topic":"t","partition":1,"offset":7,"key":null,"event":null"#.into(),
-            end_bytes: 0,
-        };
-        let frame = d.frame(&Cursor::new([(0, 3), (1, 8)]));
-        let v: serde_json::Value = serde_json::from_str(&frame).unwrap();
-        assert_eq!(v["cursor"], "0:3,1:8");
-        assert_eq!(v["offset"], 7);
-    }
 
     fn limits(topics: &[&str]) -> PushLimits {
         PushLimits {
@@ -636,19 +260,6 @@ mod tests {
         assert_eq!((l.max_subscribers, l.max_replays), (10_000, 32));
         assert_eq!(l.queue_bytes, 64 << 20);
         assert_eq!(l.max_replay, Duration::from_secs(300));
-    }
-
-    #[test]
-    fn consumers_prefetch_little() {
-        let config = FanoutConfig {
-            brokers: "127.0.0.1:1".into(),
-            overrides: vec![],
-            queue: 8,
-            grace: Duration::from_secs(1),
-            fetch_wait: Duration::from_millis(100),
-        };
-        let c = client_config(&config, "replay", 1);
-        assert_eq!(c.get("queued.max.messages.kbytes"), Some("2048"));
     }
 
     #[tokio::test]
