@@ -73,15 +73,15 @@ pub async fn serve(args: ServeArgs) -> Result<(), AppError> {
     let probe = publisher.spawn_health_probe();
     std::fs::create_dir_all(&d.data_dir)?;
     let spool = Spool::open(&d.data_dir.join("spool"), d.spool_max_bytes)?;
-    let status = Arc::new(StatusStore::open(
+    let status = StatusStore::open(
         Some(&d.data_dir.join("status.log")),
         Duration::from_secs(d.idempotency_window_s),
         d.idempotency_max_entries,
-    )?);
+    )?;
     let sink = Arc::new(DurableSink::new(
         publisher.clone(),
         spool,
-        status.clone(),
+        status,
         d.ack,
         Duration::from_millis(d.ack_timeout_ms),
     ));
@@ -92,7 +92,6 @@ pub async fn serve(args: ServeArgs) -> Result<(), AppError> {
     let fanout = push_fanout(&args)?;
     let app = ingest::router(ingest::AppState {
         sink,
-        status,
         max_body_bytes: args.max_body_bytes,
     })
     .merge(subscribe::router(subscribe::PushState {

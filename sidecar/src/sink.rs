@@ -6,6 +6,8 @@ use std::pin::Pin;
 
 use thiserror::Error;
 
+use crate::status::{Accepted, Snapshot};
+
 /// A record ready to produce (the Kafka binary-mode form of an event plus its topic).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct OutRecord {
@@ -72,8 +74,11 @@ pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// The one thing the HTTP layer needs from the backend.
 pub trait EventSink: Send + Sync {
-    /// Resolves once the event is durable: acknowledged by the broker or in the spool.
-    fn publish(&self, event: EventRecord) -> BoxFuture<'_, Result<Outcome, PublishError>>;
+    /// Accepts an event once per `source` + `id`: a new one resolves once it is durable
+    /// (acknowledged by the broker or in the spool), a repeat with the first answer.
+    fn accept(&self, event: EventRecord) -> BoxFuture<'_, Result<Accepted, PublishError>>;
+    /// Where an accepted event is now, by id (and source, when ids repeat across sources).
+    fn status(&self, id: &str, source: Option<&str>) -> Option<Snapshot>;
     /// Whether the backend answered recently (for `/readyz`).
     fn is_ready(&self) -> bool;
 }

@@ -6,12 +6,17 @@
 //! - `GET /v1/events/<id>` reads the status: `spooled`, `published` (topic, partition,
 //!   offset) or `failed` (why).
 //!
+//! The durable sink owns the store, so an accepted event's status is written only by what
+//! made it durable: `once` on acceptance, the forwarder's `update`, the in-doubt `record`.
+//! The HTTP layer reads it through `EventSink`.
+//!
 //! Final states are appended to `status.log` (JSON lines) and replayed on start, so both
 //! survive a restart; writes are not synced: a killed process keeps them (page cache), only a
 //! machine crash can lose the newest, which then costs at most a duplicate record.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
+use std::future::Future;
 use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -78,9 +83,20 @@ pub struct StatusStore {
     max_entries: usize,
 }
 
+/// What `once` made of an event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Accepted {
+    /// Made durable by this request.
+    New(Snapshot),
+    /// Accepted before: the first answer, with where the event is now.
+    Repeat(Snapshot),
+    /// The id was accepted before for another topic or payload: that first event.
+    Conflict(Snapshot),
+}
+
 /// What to do with an incoming event.
-pub enum Begin {
-    /// First time seen: publish it, then call `finish`.
+enum Begin {
+    /// First time seen: make it durable, then call `finish`.
     New,
     /// Seen before: answer with this.
     Known(Snapshot),
@@ -103,7 +119,7 @@ struct LogLine {
 
 /// Identifies the payload of an event for conflict detection. Attributes such as `time` are
 /// left out: a client retrying with the same Idempotency-Key gets a new `time` from the proxy.
-pub fn fingerprint(event: &EventRecord) -> u32 {
+fn fingerprint(event: &EventRecord) -> u32 {
     let mut h = crc32fast::Hasher::new();
     h.update(event.record.topic.as_bytes());
     h.update(&[0]);
@@ -211,46 +227,86 @@ impl StatusStore {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    pub fn begin(&self, event: &EventRecord, fingerprint: u32) -> Begin {
+    /// Accepts an event at most once per `source` + `id` within the window. The first
+    /// request runs `make_durable` and records what it made of the event, or forgets the
+    /// event when it failed (so that a retry can succeed); a duplicate meanwhile waits for
+    /// it, and every later one gets its answer with the event's current status.
+    pub async fn once<F, E>(
+        &self,
+        event: EventRecord,
+        make_durable: impl FnOnce(EventRecord) -> F,
+    ) -> Result<Accepted, E>
+    where
+        F: Future<Output = Result<Outcome, E>>,
+    {
+        let fingerprint = fingerprint(&event);
+        if let Some(known) = self.wait_turn(&event, fingerprint).await {
+            return Ok(known);
+        }
+        // The answer needs only the identity; the record (and its body) moves on.
+        let (id, source, topic) = (
+            event.id.clone(),
+            event.source.clone(),
+            event.record.topic.clone(),
+        );
+        match make_durable(event).await {
+            Ok(outcome) => {
+                self.finish(&id, &source, Some(outcome));
+                let state = outcome.into();
+                Ok(Accepted::New(Snapshot {
+                    id,
+                    source,
+                    topic,
+                    state,
+                }))
+            }
+            Err(e) => {
+                self.finish(&id, &source, None);
+                Err(e)
+            }
+        }
+    }
+
+    /// `None` once this request may make the event durable; else the answer it gets.
+    async fn wait_turn(&self, event: &EventRecord, fingerprint: u32) -> Option<Accepted> {
+        loop {
+            match self.begin(event, fingerprint) {
+                Begin::New => return None,
+                Begin::Known(snapshot) => return Some(Accepted::Repeat(snapshot)),
+                Begin::Conflict(first) => return Some(Accepted::Conflict(first)),
+                Begin::Wait(mut done) => {
+                    let _ = done.wait_for(|d| *d).await;
+                }
+            }
+        }
+    }
+
+    fn begin(&self, event: &EventRecord, fingerprint: u32) -> Begin {
         let mut inner = self.lock();
         self.expire(&mut inner);
         let key = (event.source.clone(), event.id.clone());
-        if let Some(e) = inner.entries.get(&key) {
-            let snapshot = |state: &State| Snapshot {
-                id: event.id.clone(),
-                source: event.source.clone(),
-                topic: e.topic.clone(),
-                state: state.clone(),
-            };
-            return match &e.state {
-                None => Begin::Wait(e.done.subscribe()),
-                Some(s) if e.fingerprint != fingerprint || e.topic != event.record.topic => {
-                    Begin::Conflict(snapshot(s))
-                }
-                Some(s) => Begin::Known(snapshot(s)),
-            };
+        let Some(e) = inner.entries.get(&key) else {
+            insert_in_progress(&mut inner, key, event, fingerprint);
+            return Begin::New;
+        };
+        let snapshot = |state: &State| Snapshot {
+            id: event.id.clone(),
+            source: event.source.clone(),
+            topic: e.topic.clone(),
+            state: state.clone(),
+        };
+        match &e.state {
+            None => Begin::Wait(e.done.subscribe()),
+            Some(s) if e.fingerprint != fingerprint || e.topic != event.record.topic => {
+                Begin::Conflict(snapshot(s))
+            }
+            Some(s) => Begin::Known(snapshot(s)),
         }
-        let at_ms = now_ms();
-        inner.order.push_back((at_ms, key.clone()));
-        inner
-            .latest_source
-            .insert(event.id.clone(), event.source.clone());
-        inner.entries.insert(
-            key,
-            Entry {
-                topic: event.record.topic.clone(),
-                fingerprint,
-                at_ms,
-                state: None,
-                done: watch::Sender::new(false),
-            },
-        );
-        Begin::New
     }
 
     /// Ends what `begin` started: records the outcome, or forgets the event when it was not
-    /// accepted (so that a retry can succeed), and wakes the waiting duplicates.
-    pub fn finish(&self, id: &str, source: &str, outcome: Option<Outcome>) {
+    /// accepted, and wakes the waiting duplicates.
+    fn finish(&self, id: &str, source: &str, outcome: Option<Outcome>) {
         let key = (source.to_owned(), id.to_owned());
         match outcome {
             Some(o) => self.set(&key, State::from(o)),
@@ -274,26 +330,12 @@ impl StatusStore {
     /// Records the state of an event whose request already ended (its entry may be gone):
     /// an in-doubt write that the broker acknowledged after the client heard 503, so that a
     /// retry with the same id gets this answer instead of a second record.
-    pub fn record(&self, event: &EventRecord, fingerprint: u32, state: State) {
+    pub fn record(&self, event: &EventRecord, state: State) {
         let key = (event.source.clone(), event.id.clone());
         {
             let mut inner = self.lock();
             if !inner.entries.contains_key(&key) {
-                let at_ms = now_ms();
-                inner.order.push_back((at_ms, key.clone()));
-                inner
-                    .latest_source
-                    .insert(event.id.clone(), event.source.clone());
-                inner.entries.insert(
-                    key.clone(),
-                    Entry {
-                        topic: event.record.topic.clone(),
-                        fingerprint,
-                        at_ms,
-                        state: None,
-                        done: watch::Sender::new(false),
-                    },
-                );
+                insert_in_progress(&mut inner, key.clone(), event, fingerprint(event));
             }
         }
         self.set(&key, state);
@@ -382,6 +424,25 @@ impl StatusStore {
     }
 }
 
+/// A new entry with no state yet: the event is being made durable.
+fn insert_in_progress(inner: &mut Inner, key: Key, event: &EventRecord, fingerprint: u32) {
+    let at_ms = now_ms();
+    inner.order.push_back((at_ms, key.clone()));
+    inner
+        .latest_source
+        .insert(event.id.clone(), event.source.clone());
+    inner.entries.insert(
+        key,
+        Entry {
+            topic: event.record.topic.clone(),
+            fingerprint,
+            at_ms,
+            state: None,
+            done: watch::Sender::new(false),
+        },
+    );
+}
+
 fn write_line(
     out: &mut impl Write,
     id: &str,
@@ -406,6 +467,8 @@ fn write_line(
 mod tests {
     use super::*;
     use crate::sink::OutRecord;
+    use std::sync::Arc;
+    use tokio::sync::oneshot;
 
     fn ev(id: &str, value: &[u8]) -> EventRecord {
         EventRecord {
@@ -552,6 +615,64 @@ mod tests {
         short.finish("w", "/s", Some(Outcome::Spooled));
         std::thread::sleep(Duration::from_millis(5));
         assert!(short.get("w", None).is_none());
+    }
+
+    #[tokio::test]
+    async fn once_makes_an_event_durable_once() {
+        let store = Arc::new(StatusStore::open(None, DAY, 100).unwrap());
+        let e = ev("o", b"1");
+        let (started_tx, started_rx) = oneshot::channel();
+        let (release_tx, release_rx) = oneshot::channel::<()>();
+        let first = tokio::spawn({
+            let (store, e) = (store.clone(), e.clone());
+            async move {
+                let durable = |_| async move {
+                    let _ = started_tx.send(());
+                    let _ = release_rx.await;
+                    Ok::<_, ()>(Outcome::Spooled)
+                };
+                store.once(e, durable).await
+            }
+        });
+        started_rx.await.unwrap();
+        assert!(matches!(store.begin(&e, fingerprint(&e)), Begin::Wait(_)));
+        let second = tokio::spawn({
+            let (store, e) = (store.clone(), e.clone());
+            async move {
+                let never = |_| async { panic!("a duplicate must not be made durable") };
+                store.once::<_, ()>(e, never).await
+            }
+        });
+        release_tx.send(()).unwrap();
+        let snapshot = Snapshot {
+            id: "o".into(),
+            source: "/s".into(),
+            topic: "t".into(),
+            state: State::Spooled,
+        };
+        assert_eq!(first.await.unwrap(), Ok(Accepted::New(snapshot.clone())));
+        assert_eq!(
+            second.await.unwrap(),
+            Ok(Accepted::Repeat(snapshot.clone()))
+        );
+        let other = ev("o", b"2");
+        let never = |_| async { panic!("a conflict must not be made durable") };
+        assert_eq!(
+            store.once::<_, ()>(other, never).await,
+            Ok(Accepted::Conflict(snapshot))
+        );
+    }
+
+    #[tokio::test]
+    async fn once_forgets_a_failed_attempt() {
+        let store = StatusStore::open(None, DAY, 100).unwrap();
+        let e = ev("f", b"1");
+        let failed = store.once(e.clone(), |_| async { Err::<Outcome, _>("down") });
+        assert_eq!(failed.await, Err("down"));
+        assert!(store.get("f", None).is_none());
+        let retried = store.once(e, |_| async { Ok::<_, ()>(Outcome::Spooled) });
+        assert!(matches!(retried.await, Ok(Accepted::New(_))));
+        assert_eq!(store.get("f", None).map(|s| s.state), Some(State::Spooled));
     }
 
     #[test]

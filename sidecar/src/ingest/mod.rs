@@ -17,13 +17,12 @@ use serde_json::json;
 pub use error::IngestError;
 
 use crate::problem::{ProblemSource, RouteError, allow};
-use crate::sink::{EventRecord, EventSink};
-use crate::status::{self, Begin, Snapshot, StatusStore};
+use crate::sink::{EventRecord, EventSink, PublishError};
+use crate::status::{Accepted, Snapshot};
 
 #[derive(Clone)]
 pub struct AppState {
     pub sink: Arc<dyn EventSink>,
-    pub status: Arc<StatusStore>,
     pub max_body_bytes: usize,
 }
 
@@ -78,8 +77,9 @@ async fn post_event(State(state): State<AppState>, request: Request) -> Response
     };
     // A task of its own: a client that hangs up must not cut an accepted event's bookkeeping
     // short (the duplicates waiting on it would wait forever).
-    match tokio::spawn(publish_once(state, event)).await {
-        Ok(response) => response,
+    let (sink, id) = (state.sink.clone(), event.id.clone());
+    match tokio::spawn(async move { sink.accept(event).await }).await {
+        Ok(accepted) => answer(accepted, &id),
         Err(e) => reject(
             IngestError::BrokerUnavailable(format!("publish task failed: {e}")),
             None,
@@ -87,46 +87,18 @@ async fn post_event(State(state): State<AppState>, request: Request) -> Response
     }
 }
 
-/// Publishes an event unless the same `source` + `id` was accepted before, in which case
-/// the first answer is repeated.
-async fn publish_once(state: AppState, event: EventRecord) -> Response {
-    let fingerprint = status::fingerprint(&event);
-    loop {
-        match state.status.begin(&event, fingerprint) {
-            Begin::New => break,
-            Begin::Known(snapshot) => return accepted(&snapshot),
-            Begin::Conflict(first) => {
-                let detail = format!(
-                    "event id `{}` from `{}` was already accepted for topic `{}` with another payload",
-                    first.id, first.source, first.topic
-                );
-                return reject(IngestError::IdempotencyConflict(detail), Some(&event.id));
-            }
-            Begin::Wait(mut done) => {
-                let _ = done.wait_for(|d| *d).await;
-            }
+/// The 202, or why the event was not accepted.
+fn answer(accepted: Result<Accepted, PublishError>, id: &str) -> Response {
+    match accepted {
+        Ok(Accepted::New(snapshot) | Accepted::Repeat(snapshot)) => accepted_answer(&snapshot),
+        Ok(Accepted::Conflict(first)) => {
+            let detail = format!(
+                "event id `{}` from `{}` was already accepted for topic `{}` with another payload",
+                first.id, first.source, first.topic
+            );
+            reject(IngestError::IdempotencyConflict(detail), Some(id))
         }
-    }
-    // The answer needs only the identity; the record (and its body) moves to the sink.
-    let (id, source, topic) = (
-        event.id.clone(),
-        event.source.clone(),
-        event.record.topic.clone(),
-    );
-    match state.sink.publish(event).await {
-        Ok(outcome) => {
-            state.status.finish(&id, &source, Some(outcome));
-            accepted(&Snapshot {
-                id,
-                source,
-                topic,
-                state: outcome.into(),
-            })
-        }
-        Err(e) => {
-            state.status.finish(&id, &source, None);
-            reject(e.into(), Some(&id))
-        }
+        Err(e) => reject(e.into(), Some(id)),
     }
 }
 
@@ -141,14 +113,14 @@ async fn get_event(
     Path(id): Path<String>,
     Query(q): Query<StatusQuery>,
 ) -> Response {
-    match state.status.get(&id, q.source.as_deref()) {
+    match state.sink.status(&id, q.source.as_deref()) {
         Some(snapshot) => Json(snapshot).into_response(),
         None => IngestError::UnknownEvent(id).into_response(),
     }
 }
 
 /// The 202 the filter relays verbatim, with where to ask for the event's status later.
-fn accepted(snapshot: &Snapshot) -> Response {
+fn accepted_answer(snapshot: &Snapshot) -> Response {
     tracing::debug!(event_id = %snapshot.id, topic = %snapshot.topic, state = ?snapshot.state, "event accepted");
     let json = serde_json::to_vec(snapshot).unwrap_or_default();
     let location = format!("{INGEST_PATH}/{}", path_segment(&snapshot.id));
@@ -192,7 +164,8 @@ fn reject(error: IngestError, event_id: Option<&str>) -> Response {
 mod tests {
     use super::*;
     use crate::cloudevent::{BATCH_CONTENT_TYPE, STRUCTURED_CONTENT_TYPE};
-    use crate::sink::{BoxFuture, Delivered, OutRecord, Outcome, PublishError};
+    use crate::sink::{BoxFuture, Delivered, OutRecord, Outcome};
+    use crate::status::StatusStore;
     use axum::body::Body;
     use axum::http::HeaderMap;
     use axum::http::Request as HttpRequest;
@@ -204,25 +177,41 @@ mod tests {
     use tower::ServiceExt;
 
     /// Records what would have been produced; topic "missing" does not exist.
-    #[derive(Default)]
     struct FakeSink {
         records: Mutex<Vec<OutRecord>>,
+        status: StatusStore,
+    }
+
+    impl Default for FakeSink {
+        fn default() -> Self {
+            FakeSink {
+                records: Mutex::default(),
+                status: StatusStore::open(None, Duration::from_secs(60), 100).unwrap(),
+            }
+        }
+    }
+
+    impl FakeSink {
+        async fn produce(&self, event: EventRecord) -> Result<Outcome, PublishError> {
+            let record = event.record;
+            if record.topic == "missing" {
+                return Err(PublishError::UnknownTopic(record.topic));
+            }
+            let mut records = self.records.lock().unwrap();
+            records.push(record);
+            Ok(Outcome::Published(Delivered {
+                partition: 2,
+                offset: records.len() as i64 - 1,
+            }))
+        }
     }
 
     impl EventSink for FakeSink {
-        fn publish(&self, event: EventRecord) -> BoxFuture<'_, Result<Outcome, PublishError>> {
-            Box::pin(async move {
-                let record = event.record;
-                if record.topic == "missing" {
-                    return Err(PublishError::UnknownTopic(record.topic));
-                }
-                let mut records = self.records.lock().unwrap();
-                records.push(record);
-                Ok(Outcome::Published(Delivered {
-                    partition: 2,
-                    offset: records.len() as i64 - 1,
-                }))
-            })
+        fn accept(&self, event: EventRecord) -> BoxFuture<'_, Result<Accepted, PublishError>> {
+            Box::pin(self.status.once(event, |e| self.produce(e)))
+        }
+        fn status(&self, id: &str, source: Option<&str>) -> Option<Snapshot> {
+            self.status.get(id, source)
         }
         fn is_ready(&self) -> bool {
             false
@@ -232,7 +221,6 @@ mod tests {
     fn app(sink: Arc<FakeSink>) -> Router {
         router(AppState {
             sink,
-            status: Arc::new(StatusStore::open(None, Duration::from_secs(60), 100).unwrap()),
             max_body_bytes: 128,
         })
     }
@@ -457,5 +445,61 @@ mod tests {
             (status, body.as_str()),
             (StatusCode::OK, r#"{"status":"ok"}"#)
         );
+    }
+
+    #[tokio::test]
+    async fn repeats_get_the_first_answer_and_status_is_served() {
+        let sink = Arc::new(FakeSink::default());
+        let post = |body: &'static str| binary_request("orders").body(Body::from(body)).unwrap();
+        let (status, headers, first) = send(app(sink.clone()), post("a")).await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+        let (status, again, repeat) = send(app(sink.clone()), post("a")).await;
+        assert_eq!(
+            (status, repeat.as_str()),
+            (StatusCode::ACCEPTED, first.as_str())
+        );
+        assert_eq!(again[header::LOCATION], headers[header::LOCATION]);
+        assert_eq!(
+            sink.records.lock().unwrap().len(),
+            1,
+            "a repeat is not produced"
+        );
+
+        let (status, _, body) = send(app(sink.clone()), post("b")).await;
+        assert_eq!(
+            (status, slug(&body).as_str()),
+            (StatusCode::CONFLICT, "idempotency-conflict")
+        );
+        assert!(
+            body.contains("was already accepted for topic `orders`"),
+            "{body}"
+        );
+
+        let get = |uri: &str| HttpRequest::get(uri).body(Body::empty()).unwrap();
+        let (status, _, body) = send(app(sink.clone()), get("/v1/events/e1")).await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, first.as_str()));
+        let (status, _, body) = send(app(sink.clone()), get("/v1/events/e1?source=/other")).await;
+        assert_eq!(
+            (status, slug(&body).as_str()),
+            (StatusCode::NOT_FOUND, "unknown-event")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_event_is_forgotten() {
+        let sink = Arc::new(FakeSink::default());
+        let req = || binary_request("missing").body(Body::empty()).unwrap();
+        for _ in 0..2 {
+            let (status, _, body) = send(app(sink.clone()), req()).await;
+            assert_eq!(
+                (status, slug(&body).as_str()),
+                (StatusCode::NOT_FOUND, "unknown-topic")
+            );
+        }
+        let get = HttpRequest::get("/v1/events/e1")
+            .body(Body::empty())
+            .unwrap();
+        let (status, _, _) = send(app(sink), get).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
     }
 }
