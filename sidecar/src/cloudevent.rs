@@ -373,11 +373,14 @@ mod tests {
     use super::*;
     use serde_json::Value;
 
+    /// The CloudEvents conformance project's JSON-format events, copied into the repository.
+    const CONFORMANCE: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/fixtures/cloudevents/conformance/format-json"
+    );
+
     fn conformance(file: &str) -> Vec<(String, Value)> {
-        let path = format!(
-            "{}/../../shared/cloudevents/conformance/format-json/{file}",
-            env!("CARGO_MANIFEST_DIR")
-        );
+        let path = format!("{CONFORMANCE}/{file}");
         let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
         let doc: Value = serde_json::from_str(text.trim_start_matches('\u{feff}')).expect("JSON");
         let tests = doc["tests"].as_array().expect("tests array");

@@ -81,6 +81,7 @@ pub struct StatusStore {
     path: Option<PathBuf>,
     window: Duration,
     max_entries: usize,
+    clock: Clock,
 }
 
 /// What `once` made of an event.
@@ -129,15 +130,39 @@ fn fingerprint(event: &EventRecord) -> u32 {
     h.finalize()
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+/// Milliseconds since the epoch, which entries are stamped with and the window is measured
+/// in: the system clock, or in tests one that moves only when told to.
+#[derive(Debug, Clone)]
+enum Clock {
+    System,
+    #[cfg(test)]
+    Manual(std::sync::Arc<std::sync::atomic::AtomicU64>),
+}
+
+impl Clock {
+    fn now_ms(&self) -> u64 {
+        match self {
+            Clock::System => SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            #[cfg(test)]
+            Clock::Manual(ms) => ms.load(std::sync::atomic::Ordering::SeqCst),
+        }
+    }
 }
 
 impl StatusStore {
     /// Opens the store, replaying `path` (when given) for entries still in the window.
     pub fn open(path: Option<&Path>, window: Duration, max_entries: usize) -> io::Result<Self> {
+        Self::with_clock(path, window, max_entries, Clock::System)
+    }
+
+    fn with_clock(
+        path: Option<&Path>,
+        window: Duration,
+        max_entries: usize,
+        clock: Clock,
+    ) -> io::Result<Self> {
         let store = StatusStore {
             inner: Mutex::new(Inner {
                 entries: HashMap::new(),
@@ -149,6 +174,7 @@ impl StatusStore {
             path: path.map(Path::to_path_buf),
             window,
             max_entries,
+            clock,
         };
         if let Some(path) = path {
             store.replay(path)?;
@@ -169,7 +195,7 @@ impl StatusStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(e),
         };
-        let horizon = now_ms().saturating_sub(self.window.as_millis() as u64);
+        let horizon = self.horizon();
         let mut inner = self.lock();
         for line in BufReader::new(file).lines() {
             // A torn last line from a crash is skipped like any unreadable one.
@@ -286,7 +312,7 @@ impl StatusStore {
         self.expire(&mut inner);
         let key = (event.source.clone(), event.id.clone());
         let Some(e) = inner.entries.get(&key) else {
-            insert_in_progress(&mut inner, key, event, fingerprint);
+            insert_in_progress(&mut inner, key, event, fingerprint, self.clock.now_ms());
             return Begin::New;
         };
         let snapshot = |state: &State| Snapshot {
@@ -335,7 +361,8 @@ impl StatusStore {
         {
             let mut inner = self.lock();
             if !inner.entries.contains_key(&key) {
-                insert_in_progress(&mut inner, key.clone(), event, fingerprint(event));
+                let at_ms = self.clock.now_ms();
+                insert_in_progress(&mut inner, key.clone(), event, fingerprint(event), at_ms);
             }
         }
         self.set(&key, state);
@@ -396,8 +423,15 @@ impl StatusStore {
         })
     }
 
+    /// Entries stamped before this are out of the window.
+    fn horizon(&self) -> u64 {
+        self.clock
+            .now_ms()
+            .saturating_sub(self.window.as_millis() as u64)
+    }
+
     fn expire(&self, inner: &mut Inner) {
-        let horizon = now_ms().saturating_sub(self.window.as_millis() as u64);
+        let horizon = self.horizon();
         while let Some((at, key)) = inner.order.front() {
             // A record whose entry is gone (a refused event) or was re-created later only
             // takes room: drop it without counting it.
@@ -425,8 +459,13 @@ impl StatusStore {
 }
 
 /// A new entry with no state yet: the event is being made durable.
-fn insert_in_progress(inner: &mut Inner, key: Key, event: &EventRecord, fingerprint: u32) {
-    let at_ms = now_ms();
+fn insert_in_progress(
+    inner: &mut Inner,
+    key: Key,
+    event: &EventRecord,
+    fingerprint: u32,
+    at_ms: u64,
+) {
     inner.order.push_back((at_ms, key.clone()));
     inner
         .latest_source
@@ -468,6 +507,7 @@ mod tests {
     use super::*;
     use crate::sink::OutRecord;
     use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
     use tokio::sync::oneshot;
 
     fn ev(id: &str, value: &[u8]) -> EventRecord {
@@ -609,12 +649,24 @@ mod tests {
         store.get("z", None);
         assert!(store.get("x", None).is_none());
         assert!(store.get("z", None).is_some());
-        let short = StatusStore::open(None, Duration::ZERO, 100).unwrap();
-        let e = ev("w", b"1");
-        short.begin(&e, 1);
-        short.finish("w", "/s", Some(Outcome::Spooled));
-        std::thread::sleep(Duration::from_millis(5));
-        assert!(short.get("w", None).is_none());
+        for window in [Duration::ZERO, Duration::from_secs(60)] {
+            let ms = Arc::new(AtomicU64::new(1_000_000));
+            let clock = Clock::Manual(ms.clone());
+            let store = StatusStore::with_clock(None, window, 100, clock).unwrap();
+            let e = ev("w", b"1");
+            store.begin(&e, 1);
+            store.finish("w", "/s", Some(Outcome::Spooled));
+            ms.fetch_add(window.as_millis() as u64, Ordering::SeqCst);
+            assert!(
+                store.get("w", None).is_some(),
+                "{window:?}: at the window's end"
+            );
+            ms.fetch_add(1, Ordering::SeqCst);
+            assert!(
+                store.get("w", None).is_none(),
+                "{window:?}: past the window"
+            );
+        }
     }
 
     #[tokio::test]
