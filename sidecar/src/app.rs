@@ -7,7 +7,7 @@ use std::time::Duration;
 use eventwire_contract::DEFAULT_CALLOUT_TIMEOUT_MS;
 use tracing_subscriber::EnvFilter;
 
-use crate::config::{Cli, Command, LogFormat, ServeArgs, TopicCommand};
+use crate::config::{Cli, Command, DurabilityArgs, LogFormat, ServeArgs, TopicCommand};
 use crate::durable::DurableSink;
 use crate::error::AppError;
 use crate::producer::{KafkaProducer, KafkaSettings};
@@ -56,21 +56,57 @@ pub fn init_tracing(format: LogFormat) {
     }
 }
 
+/// Serves until SIGTERM or SIGINT, then drains: open requests finish, the producer is
+/// flushed while the forwarder still records deliveries, and what is not in Kafka by then
+/// stays in the spool for the next start.
 pub async fn serve(args: ServeArgs) -> Result<(), AppError> {
+    warn_on_ack_timeout(args.durability.ack_timeout_ms);
+    let producer = Arc::new(KafkaProducer::new(&kafka_settings(&args))?);
+    let probe = producer.spawn_health_probe();
+    let sink = Arc::new(durable_sink(&args.durability, producer.clone())?);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let forwarder = sink.spawn_forwarder(stopped);
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
     let d = &args.durability;
-    if d.ack_timeout_ms >= DEFAULT_CALLOUT_TIMEOUT_MS {
+    tracing::info!(listen = %args.listen, brokers = %args.kafka.brokers, data_dir = %d.data_dir.display(), ack = ?d.ack, "eventwire sidecar listening");
+    let fanout = push_fanout(&args)?;
+    axum::serve(listener, router(&args, sink, fanout.clone()))
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            // Open subscriptions would otherwise hold the graceful shutdown forever.
+            fanout.shutdown();
+        })
+        .await?;
+    if producer.is_ready() {
+        flush(producer.clone()).await;
+    }
+    let _ = stop.send(true);
+    let _ = forwarder.await;
+    probe.abort();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The filter must hear our answer (202 after spooling) before its callout times out.
+fn warn_on_ack_timeout(ack_timeout_ms: u64) {
+    if ack_timeout_ms >= DEFAULT_CALLOUT_TIMEOUT_MS {
         tracing::warn!(
-            ack_timeout_ms = d.ack_timeout_ms,
+            ack_timeout_ms,
             "ack timeout is not below the filter's default callout timeout ({DEFAULT_CALLOUT_TIMEOUT_MS} ms)"
         );
     }
-    let settings = KafkaSettings {
+}
+
+fn kafka_settings(args: &ServeArgs) -> KafkaSettings {
+    KafkaSettings {
         brokers: args.kafka.brokers.clone(),
-        delivery_timeout: Duration::from_millis(d.delivery_timeout_ms),
+        delivery_timeout: Duration::from_millis(args.durability.delivery_timeout_ms),
         overrides: args.kafka.kafka.clone(),
-    };
-    let publisher = Arc::new(KafkaProducer::new(&settings)?);
-    let probe = publisher.spawn_health_probe();
+    }
+}
+
+/// The spool and the status store under `--data-dir`, owned by the sink.
+fn durable_sink(d: &DurabilityArgs, producer: Arc<KafkaProducer>) -> Result<DurableSink, AppError> {
     std::fs::create_dir_all(&d.data_dir)?;
     let spool = Spool::open(&d.data_dir.join("spool"), d.spool_max_bytes)?;
     let status = StatusStore::open(
@@ -78,43 +114,26 @@ pub async fn serve(args: ServeArgs) -> Result<(), AppError> {
         Duration::from_secs(d.idempotency_window_s),
         d.idempotency_max_entries,
     )?;
-    let sink = Arc::new(DurableSink::new(
-        publisher.clone(),
+    let ack_timeout = Duration::from_millis(d.ack_timeout_ms);
+    Ok(DurableSink::new(
+        producer,
         spool,
         status,
         d.ack,
-        Duration::from_millis(d.ack_timeout_ms),
-    ));
-    let (stop, stopped) = tokio::sync::watch::channel(false);
-    let forwarder = sink.spawn_forwarder(stopped);
-    let listener = tokio::net::TcpListener::bind(args.listen).await?;
-    tracing::info!(listen = %args.listen, brokers = %args.kafka.brokers, data_dir = %d.data_dir.display(), ack = ?d.ack, "eventwire sidecar listening");
-    let fanout = push_fanout(&args)?;
-    let app = ingest::router(ingest::AppState {
+        ack_timeout,
+    ))
+}
+
+/// The ingest API and the push side on one listener.
+fn router(args: &ServeArgs, sink: Arc<DurableSink>, fanout: Arc<fanout::Fanout>) -> axum::Router {
+    ingest::router(ingest::AppState {
         sink,
         max_body_bytes: args.max_body_bytes,
     })
     .merge(subscribe::router(subscribe::PushState {
-        fanout: fanout.clone(),
+        fanout,
         ping_interval: Duration::from_secs(args.push.ping_interval_s),
-    }));
-    axum::serve(listener, app)
-        .with_graceful_shutdown(async move {
-            shutdown_signal().await;
-            // Open subscriptions would otherwise hold the graceful shutdown forever.
-            fanout.shutdown();
-        })
-        .await?;
-    // Flush while the forwarder still records what gets delivered, then stop it; whatever is
-    // not in Kafka by then stays in the spool for the next start.
-    if publisher.is_ready() {
-        flush(publisher.clone()).await;
-    }
-    let _ = stop.send(true);
-    let _ = forwarder.await;
-    probe.abort();
-    tracing::info!("stopped");
-    Ok(())
+    }))
 }
 
 fn push_fanout(args: &ServeArgs) -> Result<Arc<fanout::Fanout>, AppError> {
@@ -131,9 +150,9 @@ fn push_fanout(args: &ServeArgs) -> Result<Arc<fanout::Fanout>, AppError> {
     )?)
 }
 
-async fn flush(publisher: Arc<KafkaProducer>) {
+async fn flush(producer: Arc<KafkaProducer>) {
     tracing::info!("flushing the producer");
-    match tokio::task::spawn_blocking(move || publisher.flush(SHUTDOWN_FLUSH)).await {
+    match tokio::task::spawn_blocking(move || producer.flush(SHUTDOWN_FLUSH)).await {
         Ok(Ok(())) => {}
         Ok(Err(e)) => tracing::warn!(error = %e, "producer flush incomplete"),
         Err(e) => tracing::warn!(error = %e, "producer flush task failed"),

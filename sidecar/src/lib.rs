@@ -23,6 +23,8 @@ mod fanout;
 #[cfg(feature = "server")]
 mod ingest;
 #[cfg(feature = "server")]
+mod kafka_config;
+#[cfg(feature = "server")]
 mod problem;
 #[cfg(feature = "server")]
 mod producer;

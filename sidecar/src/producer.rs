@@ -13,6 +13,7 @@ use rdkafka::metadata::Metadata;
 use rdkafka::producer::future_producer::DeliveryFuture;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
+use crate::kafka_config;
 use crate::sink::{Delivered, OutRecord, PublishError};
 
 /// A delivery still in flight in the producer.
@@ -61,9 +62,12 @@ pub struct KafkaProducer {
 
 impl KafkaProducer {
     pub fn new(settings: &KafkaSettings) -> KafkaResult<Self> {
-        let mut config = ClientConfig::new();
+        let mut config = kafka_config::client(&settings.brokers);
+        // The delivery timeout is long on purpose: requests stop waiting after the ack
+        // timeout and spool the event, while the producer keeps retrying idempotently. (Tansu
+        // 0.6.0's sqlite storage also panics when an idempotent producer bumps its epoch after
+        // a timed-out in-flight request, which a long timeout avoids.)
         config
-            .set("bootstrap.servers", &settings.brokers)
             .set("acks", "all")
             .set("enable.idempotence", "true")
             .set("linger.ms", "1")
@@ -71,13 +75,7 @@ impl KafkaProducer {
                 "message.timeout.ms",
                 settings.delivery_timeout.as_millis().to_string(),
             );
-        // The delivery timeout is long on purpose: requests stop waiting after the ack
-        // timeout and spool the event, while the producer keeps retrying idempotently. (Tansu
-        // 0.6.0's sqlite storage also panics when an idempotent producer bumps its epoch after
-        // a timed-out in-flight request, which a long timeout avoids.)
-        for (key, value) in &settings.overrides {
-            config.set(key, value);
-        }
+        let config = kafka_config::with_overrides(config, &settings.overrides);
         Ok(Self {
             producer: std::sync::RwLock::new(config.create()?),
             config,

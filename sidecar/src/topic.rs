@@ -3,13 +3,13 @@
 
 use std::time::Duration;
 
-use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::types::RDKafkaErrorCode;
 
 use crate::config::KafkaArgs;
 use crate::error::AppError;
+use crate::kafka_config;
 
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -21,11 +21,7 @@ pub async fn create(
 ) -> Result<(), AppError> {
     eventwire_contract::topic::validate(name)
         .map_err(|e| AppError::Other(format!("invalid topic name `{name}`: {e}")))?;
-    let mut config = ClientConfig::new();
-    config.set("bootstrap.servers", &kafka.brokers);
-    for (key, value) in &kafka.kafka {
-        config.set(key, value);
-    }
+    let config = kafka_config::with_overrides(kafka_config::client(&kafka.brokers), &kafka.kafka);
     let admin: AdminClient<DefaultClientContext> = config.create()?;
     let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(replication));
     let options = AdminOptions::new()

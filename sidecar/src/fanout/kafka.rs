@@ -14,6 +14,7 @@ use tokio::sync::Semaphore;
 
 use super::{FanoutConfig, FanoutError};
 use crate::cursor::Cursor;
+use crate::kafka_config;
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
 /// Blocking Kafka queries (metadata, watermarks, offsets for a time) the push side runs at
@@ -206,17 +207,10 @@ pub fn assignment(topic: &str, cursor: &Cursor) -> Result<TopicPartitionList, Ka
 }
 
 fn client_config(config: &FanoutConfig, role: &str, n: u64) -> ClientConfig {
-    let mut c = ClientConfig::new();
-    c.set("bootstrap.servers", &config.brokers)
-        // Tansu wants a group id even for assign-only use; unique so nothing is shared.
-        .set(
-            "group.id",
-            format!("eventwire-push-{}-{role}-{n}", std::process::id()),
-        )
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false")
-        // Small prefetch: one consumer per hub and per replay must stay cheap.
-        .set("queued.max.messages.kbytes", CONSUMER_QUEUE_KBYTES)
+    let group = format!("eventwire-push-{}-{role}-{n}", std::process::id());
+    let mut c = kafka_config::assign_only(&config.brokers, group);
+    // Small prefetch: one consumer per hub and per replay must stay cheap.
+    c.set("queued.max.messages.kbytes", CONSUMER_QUEUE_KBYTES)
         .set("queued.min.messages", "1000")
         // Bounds the wait of an empty fetch, which is the latency floor of a live event
         // when the broker does not answer a fetch as soon as data arrives (Tansu).
@@ -224,10 +218,7 @@ fn client_config(config: &FanoutConfig, role: &str, n: u64) -> ClientConfig {
             "fetch.wait.max.ms",
             config.fetch_wait.as_millis().to_string(),
         );
-    for (key, value) in &config.overrides {
-        c.set(key, value);
-    }
-    c
+    kafka_config::with_overrides(c, &config.overrides)
 }
 
 #[cfg(test)]
@@ -236,14 +227,7 @@ mod tests {
 
     #[test]
     fn consumers_prefetch_little() {
-        let config = FanoutConfig {
-            brokers: "127.0.0.1:1".into(),
-            overrides: vec![],
-            queue: 8,
-            grace: Duration::from_secs(1),
-            fetch_wait: Duration::from_millis(100),
-        };
-        let c = client_config(&config, "replay", 1);
+        let c = client_config(&FanoutConfig::unreachable(), "replay", 1);
         assert_eq!(c.get("queued.max.messages.kbytes"), Some("2048"));
     }
 }

@@ -88,6 +88,20 @@ pub struct FanoutConfig {
     pub fetch_wait: Duration,
 }
 
+#[cfg(test)]
+impl FanoutConfig {
+    /// A configuration whose broker never answers: for what must not need Kafka.
+    pub fn unreachable() -> FanoutConfig {
+        FanoutConfig {
+            brokers: "127.0.0.1:1".into(),
+            overrides: vec![],
+            queue: 8,
+            grace: Duration::from_secs(1),
+            fetch_wait: Duration::from_millis(100),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Error)]
 pub enum FanoutError {
     #[error("topic `{0}` does not exist")]
@@ -264,15 +278,8 @@ mod tests {
 
     #[tokio::test]
     async fn admission_is_bounded() {
-        let config = FanoutConfig {
-            brokers: "127.0.0.1:1".into(),
-            overrides: vec![],
-            queue: 8,
-            grace: Duration::from_secs(1),
-            fetch_wait: Duration::from_millis(100),
-        };
         let fanout = Fanout::with_limits(
-            config,
+            FanoutConfig::unreachable(),
             PushLimits {
                 max_subscribers: 2,
                 max_replays: 1,

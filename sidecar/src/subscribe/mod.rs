@@ -113,13 +113,7 @@ mod tests {
         use http_body_util::BodyExt;
         use tower::ServiceExt;
         let fanout = Fanout::with_limits(
-            crate::fanout::FanoutConfig {
-                brokers: "127.0.0.1:1".into(),
-                overrides: vec![],
-                queue: 8,
-                grace: Duration::from_secs(1),
-                fetch_wait: Duration::from_millis(100),
-            },
+            crate::fanout::FanoutConfig::unreachable(),
             crate::fanout::PushLimits {
                 max_subscribers: 1,
                 topics: vec!["t".into(), "u".into()],
