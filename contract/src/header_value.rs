@@ -100,9 +100,8 @@ mod tests {
     use wasm_bindgen_test::wasm_bindgen_test as test;
 
     /// Compiled in, so the same vectors run natively and in wasm (no file system there).
-    const VECTORS: &str = include_str!(
-        "../../tests/fixtures/cloudevents/vectors/http-header-percent-encoding.json"
-    );
+    const VECTORS: &str =
+        include_str!("../../tests/fixtures/cloudevents/vectors/http-header-percent-encoding.json");
 
     fn cases(key: &str) -> Vec<Value> {
         let v: Value = serde_json::from_str(VECTORS.trim_start_matches('\u{feff}'))

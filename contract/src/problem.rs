@@ -139,8 +139,8 @@ mod tests {
 
     #[test]
     fn body_is_rfc9457_in_wire_order() {
-        let p = Problem::new(Kind::InvalidCloudEvent, "attribute `time`: bad")
-            .attribute(Some("time"));
+        let p =
+            Problem::new(Kind::InvalidCloudEvent, "attribute `time`: bad").attribute(Some("time"));
         let text = match String::from_utf8(p.to_json()) {
             Ok(t) => t,
             Err(e) => panic!("{e}"),
@@ -150,7 +150,9 @@ mod tests {
             r#"{"type":"urn:eventwire:problem:invalid-cloudevent","title":"Invalid CloudEvent","status":400,"detail":"attribute `time`: bad","attribute":"time"}"#
         );
         let q: Value = match serde_json::from_slice(
-            &Problem::new(Kind::InvalidFrom, "x").parameter(Some("from")).to_json(),
+            &Problem::new(Kind::InvalidFrom, "x")
+                .parameter(Some("from"))
+                .to_json(),
         ) {
             Ok(v) => v,
             Err(e) => panic!("{e}"),
@@ -166,7 +168,9 @@ mod tests {
     fn slugs_are_unique_and_503s_retry() {
         for (i, a) in Kind::ALL.iter().enumerate() {
             assert!(
-                a.slug().bytes().all(|b| b.is_ascii_lowercase() || b == b'-'),
+                a.slug()
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b == b'-'),
                 "{a:?}"
             );
             assert!((400..600).contains(&a.status()), "{a:?}");
