@@ -1,15 +1,14 @@
 //! The sidecar's CloudEvents parsing: the structured (JSON) parser, the binary-mode parser
-//! with its percent decoder, the attribute validators, and the Kafka mapping of whatever
-//! parses. Must never panic; an accepted event must map to a record that reads back as a
+//! with the contract's header decoder, the attribute validators, and the Kafka mapping of
+//! whatever parses. Must never panic; an accepted event must map to a record that reads back as a
 //! CloudEvent with the same id.
 //!
 //! Input layout: byte 0 picks the mode; for binary mode the rest is split on 0xFF into
 //! `name\x00value` header pairs, the content type and the body (the last part).
 #![no_main]
 
-use eventwire_fuzz::sidecar::cloudevent::{
-    self, CloudEvent, ConsumedRecord, kafka, percent, validate,
-};
+use eventwire_contract::header_value;
+use eventwire_sidecar::cloudevent::{self, CloudEvent, ConsumedRecord, kafka, validate};
 use libfuzzer_sys::fuzz_target;
 
 fn round_trip(event: &CloudEvent, key: Option<String>) {
@@ -81,9 +80,9 @@ fuzz_target!(|data: &[u8]| {
         }
         _ => {
             if let Ok(text) = std::str::from_utf8(rest) {
-                if let Ok(decoded) = percent::decode(text) {
+                if let Ok(decoded) = header_value::decode(text) {
                     // Encoding the decoded value and decoding it again is the identity.
-                    let again = percent::decode(&percent::encode(&decoded));
+                    let again = header_value::decode(&header_value::encode(decoded.as_bytes()));
                     assert_eq!(again.as_deref(), Ok(decoded.as_str()));
                 }
                 let _ = validate::timestamp(text);

@@ -2,13 +2,13 @@
 //! validation, and the Kafka binary-mode mapping (in `kafka`). Pure code, no I/O.
 
 pub mod kafka;
-pub mod percent;
 pub mod validate;
 
 use std::collections::BTreeMap;
 use std::fmt;
 
 use base64::Engine as _;
+use eventwire_contract::header_value;
 use serde::Deserialize;
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde_json::value::RawValue;
@@ -126,7 +126,7 @@ pub fn parse_binary<'a>(
             reason,
         };
         let text = std::str::from_utf8(raw).map_err(|_| header_err("value is not UTF-8".into()))?;
-        let value = percent::decode(text).map_err(|e| header_err(e.to_string()))?;
+        let value = header_value::decode(text).map_err(|e| header_err(e.to_string()))?;
         if matches!(attr, "data" | "datacontenttype") {
             // Binary mode carries these as body and Content-Type; a header would be ambiguous.
             return Err(header_err(
@@ -373,11 +373,14 @@ mod tests {
     use super::*;
     use serde_json::Value;
 
+    /// The CloudEvents conformance project's JSON-format events, copied into the repository.
+    const CONFORMANCE: &str = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../tests/fixtures/cloudevents/conformance/format-json"
+    );
+
     fn conformance(file: &str) -> Vec<(String, Value)> {
-        let path = format!(
-            "{}/../../shared/cloudevents/conformance/format-json/{file}",
-            env!("CARGO_MANIFEST_DIR")
-        );
+        let path = format!("{CONFORMANCE}/{file}");
         let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));
         let doc: Value = serde_json::from_str(text.trim_start_matches('\u{feff}')).expect("JSON");
         let tests = doc["tests"].as_array().expect("tests array");

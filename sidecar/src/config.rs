@@ -4,6 +4,7 @@
 use std::net::SocketAddr;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
+use eventwire_contract::DEFAULT_MAX_BODY_BYTES;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -60,7 +61,7 @@ pub struct ServeArgs {
     #[command(flatten)]
     pub kafka: KafkaArgs,
     /// Largest accepted request body.
-    #[arg(long, env = "EVENTWIRE_MAX_BODY_BYTES", default_value_t = 1_048_576)]
+    #[arg(long, env = "EVENTWIRE_MAX_BODY_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES as usize)]
     pub max_body_bytes: usize,
     #[command(flatten)]
     pub durability: DurabilityArgs,
@@ -200,6 +201,7 @@ mod tests {
         assert_eq!(cli.serve.durability.ack_timeout_ms, 2000);
         assert_eq!(cli.serve.durability.ack, crate::durable::AckMode::Broker);
         assert_eq!(cli.serve.max_body_bytes, 1_048_576);
+        assert_eq!(cli.serve.max_body_bytes as u64, DEFAULT_MAX_BODY_BYTES);
         assert_eq!(cli.serve.push.subscriber_queue, 1024);
         assert_eq!(cli.serve.push.ping_interval_s, 15);
         assert_eq!(cli.serve.push.max_subscribers, 10_000);

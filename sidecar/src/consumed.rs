@@ -1,5 +1,5 @@
-//! Kafka messages as the CloudEvents mapping reads them. Apart from `cloudevent`, which
-//! stays free of rdkafka so the fuzz targets can compile it on its own.
+//! Kafka messages as the CloudEvents mapping reads them: the rdkafka side of
+//! `cloudevent::ConsumedRecord`, kept out of `cloudevent` so that stays free of rdkafka.
 
 use rdkafka::message::{BorrowedMessage, Headers, Message};
 

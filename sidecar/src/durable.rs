@@ -12,11 +12,10 @@ use std::time::Duration;
 
 use tokio::sync::watch;
 
-use crate::publish::{
-    BoxFuture, Delivered, EventRecord, EventSink, KafkaPublisher, Outcome, Pending, PublishError,
-};
+use crate::producer::{KafkaProducer, Pending};
+use crate::sink::{BoxFuture, Delivered, EventRecord, EventSink, Outcome, PublishError};
 use crate::spool::{Entry, Refused, Spool, SpoolError};
-use crate::status::{State, StatusStore};
+use crate::status::{Accepted, Snapshot, State, StatusStore};
 
 /// How long a request whose event the spool refused still waits for its in-flight write.
 const IN_DOUBT_WAIT: Duration = Duration::from_millis(1500);
@@ -33,8 +32,9 @@ pub enum AckMode {
 }
 
 pub struct DurableSink {
-    kafka: Arc<KafkaPublisher>,
+    kafka: Arc<KafkaProducer>,
     spool: Spool,
+    /// Owned here: every state of an accepted event is written by what made it durable.
     status: Arc<StatusStore>,
     mode: AckMode,
     ack_timeout: Duration,
@@ -42,22 +42,22 @@ pub struct DurableSink {
 
 impl DurableSink {
     pub fn new(
-        kafka: Arc<KafkaPublisher>,
+        kafka: Arc<KafkaProducer>,
         spool: Spool,
-        status: Arc<StatusStore>,
+        status: StatusStore,
         mode: AckMode,
         ack_timeout: Duration,
     ) -> Self {
         DurableSink {
             kafka,
             spool,
-            status,
+            status: Arc::new(status),
             mode,
             ack_timeout,
         }
     }
 
-    async fn accept(&self, event: EventRecord) -> Result<Outcome, PublishError> {
+    async fn make_durable(&self, event: EventRecord) -> Result<Outcome, PublishError> {
         if !self.kafka.is_ready() {
             // Without the broker the topic cannot be checked; a topic known to be missing
             // is still refused at once.
@@ -124,7 +124,7 @@ impl DurableSink {
                             partition: d.partition,
                             offset: d.offset,
                         };
-                        status.record(&keep, crate::status::fingerprint(&keep), state);
+                        status.record(&keep, state);
                     }
                 });
                 Err(refused)
@@ -232,8 +232,12 @@ fn spool_error(e: SpoolError) -> PublishError {
 }
 
 impl EventSink for DurableSink {
-    fn publish(&self, event: EventRecord) -> BoxFuture<'_, Result<Outcome, PublishError>> {
-        Box::pin(self.accept(event))
+    fn accept(&self, event: EventRecord) -> BoxFuture<'_, Result<Accepted, PublishError>> {
+        Box::pin(self.status.once(event, |e| self.make_durable(e)))
+    }
+
+    fn status(&self, id: &str, source: Option<&str>) -> Option<Snapshot> {
+        self.status.get(id, source)
     }
 
     fn is_ready(&self) -> bool {

@@ -1,250 +1,182 @@
-//! RFC 9457 problem details for every way a request can fail. The filter relays these to the
-//! HTTP client, so each error has a stable machine-readable slug in `type`.
+//! The one place a refusal becomes an HTTP answer: RFC 9457 `application/problem+json` from
+//! the contract's [`Kind`] table, with the headers its status calls for (`Retry-After` on a
+//! 503, `Allow` on a 405, `Upgrade: websocket` on a 426). Errors only say which kind they
+//! are and what is at fault; they never build a response themselves.
 
-use axum::http::{HeaderValue, StatusCode, header};
+use std::fmt;
+use std::future::Ready;
+
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde::Serialize;
+use eventwire_contract::problem::{CONTENT_TYPE, Kind, Problem};
 use thiserror::Error;
 
-use crate::cloudevent::ParseError;
-use crate::publish::PublishError;
+/// An error that can be answered as a problem; its `Display` is the `detail`.
+pub trait ProblemSource: fmt::Display {
+    fn kind(&self) -> Kind;
+    /// The CloudEvents attribute or HTTP header at fault.
+    fn attribute(&self) -> Option<&str> {
+        None
+    }
+    /// The query parameter (or request header standing in for one) at fault.
+    fn parameter(&self) -> Option<&str> {
+        None
+    }
+    /// The methods the resource supports, for a 405's `Allow` (RFC 9110 requires it).
+    fn allow(&self) -> Option<&'static str> {
+        None
+    }
+}
 
-pub const TOPIC_HEADER: &str = "eventwire-topic";
-pub const KEY_HEADER: &str = "eventwire-key";
+/// Renders any problem source: the body, its content type and the headers its kind needs.
+pub fn response(source: &impl ProblemSource) -> Response {
+    let kind = source.kind();
+    let detail = source.to_string();
+    let body = Problem::new(kind, &detail)
+        .attribute(source.attribute())
+        .parameter(source.parameter())
+        .to_json();
+    let status = StatusCode::from_u16(kind.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let mut response = (status, body).into_response();
+    add_headers(response.headers_mut(), kind, source.allow());
+    response
+}
 
-#[derive(Debug, Error)]
-pub enum IngestError {
-    #[error("the `eventwire-topic` header is required")]
-    MissingTopic,
-    #[error("invalid topic name: {0}")]
-    InvalidTopic(String),
-    #[error(
-        "send a CloudEvent in binary mode (ce-specversion, ce-id, ce-source, ce-type headers; the body is \
-         the data) or in structured mode (Content-Type: application/cloudevents+json)"
-    )]
-    NotACloudEvent,
-    #[error(
-        "batches (application/cloudevents-batch+json) are not supported; send one event per request"
-    )]
-    BatchUnsupported,
-    #[error("{0}")]
-    BodyTooLarge(String),
-    #[error("could not read the request body: {0}")]
-    BodyRead(String),
-    #[error("{0}")]
-    Parse(#[from] ParseError),
-    #[error("topic `{0}` does not exist")]
-    UnknownTopic(String),
-    #[error("Kafka is not available: {0}")]
-    BrokerUnavailable(String),
-    #[error("{0}; retry shortly")]
-    SpoolFull(String),
-    #[error("{0}")]
-    BrokerRefused(String),
-    #[error("{0}")]
-    IdempotencyConflict(String),
-    #[error("no event with id `{0}` is known (or it is older than the status window)")]
-    UnknownEvent(String),
+fn add_headers(headers: &mut HeaderMap, kind: Kind, allow: Option<&'static str>) {
+    headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
+    if let Some(seconds) = kind.retry_after() {
+        headers.insert(header::RETRY_AFTER, HeaderValue::from_static(seconds));
+    }
+    match (kind, allow) {
+        (Kind::MethodNotAllowed, Some(methods)) => {
+            headers.insert(header::ALLOW, HeaderValue::from_static(methods));
+        }
+        (Kind::TransportRequired, _) => {
+            headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
+        }
+        _ => {}
+    }
+}
+
+/// Refusals of the routing itself, the same on every route.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum RouteError {
     #[error("no such resource")]
     NotFound,
+    /// With the methods the resource does support, when the route knows them.
     #[error("method not allowed for this resource")]
-    MethodNotAllowed,
-    #[error("no successful Kafka metadata request recently")]
-    NotReady,
+    MethodNotAllowed(Option<&'static str>),
 }
 
-impl From<PublishError> for IngestError {
-    fn from(e: PublishError) -> Self {
-        match e {
-            PublishError::UnknownTopic(t) => IngestError::UnknownTopic(t),
-            // The durable sink spools on a full producer queue; should one get through, it is
-            // the broker side that cannot keep up.
-            PublishError::QueueFull => {
-                IngestError::BrokerUnavailable("the producer queue is full".into())
-            }
-            PublishError::TooLarge(why) => IngestError::BodyTooLarge(why),
-            PublishError::Unavailable(why) => IngestError::BrokerUnavailable(why),
-            PublishError::SpoolFull(why) => IngestError::SpoolFull(why),
-            PublishError::Refused(why) => IngestError::BrokerRefused(why),
+impl ProblemSource for RouteError {
+    fn kind(&self) -> Kind {
+        match self {
+            RouteError::NotFound => Kind::NotFound,
+            RouteError::MethodNotAllowed(_) => Kind::MethodNotAllowed,
+        }
+    }
+
+    fn allow(&self) -> Option<&'static str> {
+        match self {
+            RouteError::MethodNotAllowed(allow) => *allow,
+            RouteError::NotFound => None,
         }
     }
 }
 
-impl IngestError {
-    pub fn status(&self) -> StatusCode {
-        use IngestError::*;
-        match self {
-            MissingTopic | InvalidTopic(_) | BodyRead(_) | Parse(_) => StatusCode::BAD_REQUEST,
-            NotACloudEvent | BatchUnsupported => StatusCode::UNSUPPORTED_MEDIA_TYPE,
-            BodyTooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            UnknownTopic(_) | NotFound | UnknownEvent(_) => StatusCode::NOT_FOUND,
-            MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            IdempotencyConflict(_) => StatusCode::CONFLICT,
-            BrokerRefused(_) => StatusCode::UNPROCESSABLE_ENTITY,
-            BrokerUnavailable(_) | SpoolFull(_) | NotReady => StatusCode::SERVICE_UNAVAILABLE,
-        }
-    }
-
-    pub fn slug(&self) -> &'static str {
-        use IngestError::*;
-        match self {
-            MissingTopic => "missing-topic",
-            InvalidTopic(_) => "invalid-topic",
-            NotACloudEvent => "not-a-cloudevent",
-            BatchUnsupported => "batch-unsupported",
-            BodyTooLarge(_) => "body-too-large",
-            BodyRead(_) => "invalid-body",
-            Parse(ParseError::Header { .. }) => "invalid-header",
-            Parse(ParseError::Json { .. }) => "invalid-json",
-            Parse(ParseError::Invalid(_)) => "invalid-cloudevent",
-            UnknownTopic(_) => "unknown-topic",
-            BrokerUnavailable(_) => "broker-unavailable",
-            SpoolFull(_) => "spool-full",
-            BrokerRefused(_) => "broker-refused",
-            IdempotencyConflict(_) => "idempotency-conflict",
-            UnknownEvent(_) => "unknown-event",
-            NotFound => "not-found",
-            MethodNotAllowed => "method-not-allowed",
-            NotReady => "not-ready",
-        }
-    }
-
-    fn title(&self) -> &'static str {
-        use IngestError::*;
-        match self {
-            MissingTopic => "Missing topic",
-            InvalidTopic(_) => "Invalid topic",
-            NotACloudEvent => "Not a CloudEvent",
-            BatchUnsupported => "Batch mode unsupported",
-            BodyTooLarge(_) => "Body too large",
-            BodyRead(_) => "Invalid body",
-            Parse(ParseError::Header { .. }) => "Invalid header",
-            Parse(ParseError::Json { .. }) => "Invalid JSON",
-            Parse(ParseError::Invalid(_)) => "Invalid CloudEvent",
-            UnknownTopic(_) => "Unknown topic",
-            BrokerUnavailable(_) => "Broker unavailable",
-            SpoolFull(_) => "Spool full",
-            BrokerRefused(_) => "Refused by the broker",
-            IdempotencyConflict(_) => "Event id reused with another payload",
-            UnknownEvent(_) => "Unknown event",
-            NotFound => "Not found",
-            MethodNotAllowed => "Method not allowed",
-            NotReady => "Not ready",
-        }
-    }
-
-    /// The CloudEvents attribute or HTTP header at fault, when there is one.
-    pub fn attribute(&self) -> Option<&str> {
-        match self {
-            IngestError::MissingTopic | IngestError::InvalidTopic(_) => Some(TOPIC_HEADER),
-            IngestError::Parse(ParseError::Header { header, .. }) => Some(header),
-            IngestError::Parse(ParseError::Invalid(e)) if !e.attribute.is_empty() => {
-                Some(&e.attribute)
-            }
-            _ => None,
-        }
-    }
-
-    /// The 405 answer of a resource that supports only `allow` (e.g. `"GET, HEAD"`): RFC 9110
-    /// requires the `Allow` header, and only the route knows its methods, so each route's
-    /// method fallback passes them (`get(h).fallback(|| async { IngestError::method_not_allowed("GET, HEAD") })`).
-    pub fn method_not_allowed(allow: &'static str) -> Response {
-        let mut response = IngestError::MethodNotAllowed.into_response();
-        response
-            .headers_mut()
-            .insert(header::ALLOW, HeaderValue::from_static(allow));
-        response
-    }
-
-    pub fn problem(&self) -> Problem<'_> {
-        Problem {
-            ty: format!("urn:eventwire:problem:{}", self.slug()),
-            title: self.title(),
-            status: self.status().as_u16(),
-            detail: self.to_string(),
-            attribute: self.attribute(),
-        }
-    }
-}
-
-/// The `application/problem+json` body; field order is the wire order.
-#[derive(Debug, Serialize)]
-pub struct Problem<'a> {
-    #[serde(rename = "type")]
-    pub ty: String,
-    pub title: &'static str,
-    pub status: u16,
-    pub detail: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub attribute: Option<&'a str>,
-}
-
-impl IntoResponse for IngestError {
+impl IntoResponse for RouteError {
     fn into_response(self) -> Response {
-        let body = serde_json::to_vec(&self.problem()).unwrap_or_default();
-        let mut response = (self.status(), body).into_response();
-        let headers = response.headers_mut();
-        headers.insert(
-            header::CONTENT_TYPE,
-            HeaderValue::from_static("application/problem+json"),
-        );
-        if self.status() == StatusCode::SERVICE_UNAVAILABLE {
-            // Every 503 here is transient (broker down, queue full, not yet ready).
-            headers.insert(header::RETRY_AFTER, HeaderValue::from_static("1"));
-        }
-        response
+        response(&self)
     }
+}
+
+/// A route's method fallback: only the route knows its methods, so each passes them
+/// (`get(h).fallback(problem::allow("GET, HEAD"))`).
+pub fn allow(
+    methods: &'static str,
+) -> impl Fn() -> Ready<Response> + Clone + Send + Sync + 'static {
+    move || std::future::ready(RouteError::MethodNotAllowed(Some(methods)).into_response())
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cloudevent::CeError;
+    use axum::body::to_bytes;
     use serde_json::{Value, json};
 
-    #[test]
-    fn problem_json_shape() {
-        let err = IngestError::Parse(ParseError::Invalid(CeError {
-            attribute: "time".into(),
-            reason: "bad".into(),
-        }));
-        let v: Value = serde_json::to_value(err.problem()).unwrap();
+    struct Fault(Kind, Option<&'static str>, Option<&'static str>);
+
+    impl fmt::Display for Fault {
+        fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+            f.write_str("what went wrong")
+        }
+    }
+
+    impl ProblemSource for Fault {
+        fn kind(&self) -> Kind {
+            self.0
+        }
+        fn attribute(&self) -> Option<&str> {
+            self.1
+        }
+        fn parameter(&self) -> Option<&str> {
+            self.2
+        }
+    }
+
+    async fn body(r: Response) -> Value {
+        let bytes = to_bytes(r.into_body(), usize::MAX).await.unwrap();
+        serde_json::from_slice(&bytes).unwrap()
+    }
+
+    #[tokio::test]
+    async fn problem_json_shape() {
+        let r = response(&Fault(Kind::InvalidCloudEvent, Some("time"), None));
+        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
         assert_eq!(
-            v,
+            body(r).await,
             json!({
                 "type": "urn:eventwire:problem:invalid-cloudevent",
                 "title": "Invalid CloudEvent",
                 "status": 400,
-                "detail": "attribute `time`: bad",
+                "detail": "what went wrong",
                 "attribute": "time",
             })
         );
-        let text = serde_json::to_string(&IngestError::NotReady.problem()).unwrap();
-        assert!(
-            text.starts_with(r#"{"type":"urn:eventwire:problem:not-ready","title":"#),
-            "{text}"
-        );
-        assert!(!text.contains("attribute"));
+        let r = response(&Fault(Kind::InvalidFrom, None, Some("from")));
+        let v = body(r).await;
+        assert_eq!(v["parameter"], "from");
+        assert!(v.get("attribute").is_none(), "{v}");
     }
 
-    #[test]
-    fn responses_carry_status_and_headers() {
-        let r = IngestError::BrokerUnavailable("down".into()).into_response();
-        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(r.headers()[header::RETRY_AFTER], "1");
-        assert_eq!(
-            r.headers()[header::CONTENT_TYPE],
-            "application/problem+json"
-        );
-        let r = IngestError::method_not_allowed("GET, HEAD");
+    #[tokio::test]
+    async fn responses_carry_status_and_headers() {
+        for kind in Kind::ALL {
+            let r = response(&Fault(*kind, None, None));
+            assert_eq!(r.status().as_u16(), kind.status(), "{kind:?}");
+            assert_eq!(r.headers()[header::CONTENT_TYPE], CONTENT_TYPE);
+            let retry = r.headers().get(header::RETRY_AFTER);
+            assert_eq!(retry.is_some(), kind.status() == 503, "{kind:?}");
+            if let Some(retry) = retry {
+                assert_eq!(retry, "1");
+            }
+            let upgrade = r.headers().get(header::UPGRADE);
+            assert_eq!(
+                upgrade.is_some(),
+                *kind == Kind::TransportRequired,
+                "{kind:?}"
+            );
+            let v = body(r).await;
+            assert_eq!(v["status"], kind.status(), "{kind:?}");
+            assert_eq!(v["title"], kind.title(), "{kind:?}");
+        }
+        let r = RouteError::MethodNotAllowed(Some("GET, HEAD")).into_response();
         assert_eq!(r.status(), StatusCode::METHOD_NOT_ALLOWED);
         assert_eq!(r.headers()[header::ALLOW], "GET, HEAD");
-        assert_eq!(
-            r.headers()[header::CONTENT_TYPE],
-            "application/problem+json"
-        );
-        let r = IngestError::MissingTopic.into_response();
-        assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+        assert_eq!(r.headers()[header::CONTENT_TYPE], CONTENT_TYPE);
+        let r = RouteError::NotFound.into_response();
+        assert_eq!(r.status(), StatusCode::NOT_FOUND);
+        assert!(r.headers().get(header::ALLOW).is_none());
         assert!(r.headers().get(header::RETRY_AFTER).is_none());
     }
 }

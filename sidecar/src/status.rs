@@ -6,12 +6,17 @@
 //! - `GET /v1/events/<id>` reads the status: `spooled`, `published` (topic, partition,
 //!   offset) or `failed` (why).
 //!
+//! The durable sink owns the store, so an accepted event's status is written only by what
+//! made it durable: `once` on acceptance, the forwarder's `update`, the in-doubt `record`.
+//! The HTTP layer reads it through `EventSink`.
+//!
 //! Final states are appended to `status.log` (JSON lines) and replayed on start, so both
 //! survive a restart; writes are not synced: a killed process keeps them (page cache), only a
 //! machine crash can lose the newest, which then costs at most a duplicate record.
 
 use std::collections::{HashMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
+use std::future::Future;
 use std::io::{self, BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -20,7 +25,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use tokio::sync::watch;
 
-use crate::publish::{Delivered, EventRecord, Outcome};
+use crate::sink::{Delivered, EventRecord, Outcome};
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "status", rename_all = "lowercase")]
@@ -76,11 +81,23 @@ pub struct StatusStore {
     path: Option<PathBuf>,
     window: Duration,
     max_entries: usize,
+    clock: Clock,
+}
+
+/// What `once` made of an event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Accepted {
+    /// Made durable by this request.
+    New(Snapshot),
+    /// Accepted before: the first answer, with where the event is now.
+    Repeat(Snapshot),
+    /// The id was accepted before for another topic or payload: that first event.
+    Conflict(Snapshot),
 }
 
 /// What to do with an incoming event.
-pub enum Begin {
-    /// First time seen: publish it, then call `finish`.
+enum Begin {
+    /// First time seen: make it durable, then call `finish`.
     New,
     /// Seen before: answer with this.
     Known(Snapshot),
@@ -103,7 +120,7 @@ struct LogLine {
 
 /// Identifies the payload of an event for conflict detection. Attributes such as `time` are
 /// left out: a client retrying with the same Idempotency-Key gets a new `time` from the proxy.
-pub fn fingerprint(event: &EventRecord) -> u32 {
+fn fingerprint(event: &EventRecord) -> u32 {
     let mut h = crc32fast::Hasher::new();
     h.update(event.record.topic.as_bytes());
     h.update(&[0]);
@@ -113,15 +130,39 @@ pub fn fingerprint(event: &EventRecord) -> u32 {
     h.finalize()
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
+/// Milliseconds since the epoch, which entries are stamped with and the window is measured
+/// in: the system clock, or in tests one that moves only when told to.
+#[derive(Debug, Clone)]
+enum Clock {
+    System,
+    #[cfg(test)]
+    Manual(std::sync::Arc<std::sync::atomic::AtomicU64>),
+}
+
+impl Clock {
+    fn now_ms(&self) -> u64 {
+        match self {
+            Clock::System => SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .map_or(0, |d| d.as_millis() as u64),
+            #[cfg(test)]
+            Clock::Manual(ms) => ms.load(std::sync::atomic::Ordering::SeqCst),
+        }
+    }
 }
 
 impl StatusStore {
     /// Opens the store, replaying `path` (when given) for entries still in the window.
     pub fn open(path: Option<&Path>, window: Duration, max_entries: usize) -> io::Result<Self> {
+        Self::with_clock(path, window, max_entries, Clock::System)
+    }
+
+    fn with_clock(
+        path: Option<&Path>,
+        window: Duration,
+        max_entries: usize,
+        clock: Clock,
+    ) -> io::Result<Self> {
         let store = StatusStore {
             inner: Mutex::new(Inner {
                 entries: HashMap::new(),
@@ -133,6 +174,7 @@ impl StatusStore {
             path: path.map(Path::to_path_buf),
             window,
             max_entries,
+            clock,
         };
         if let Some(path) = path {
             store.replay(path)?;
@@ -153,7 +195,7 @@ impl StatusStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(e),
         };
-        let horizon = now_ms().saturating_sub(self.window.as_millis() as u64);
+        let horizon = self.horizon();
         let mut inner = self.lock();
         for line in BufReader::new(file).lines() {
             // A torn last line from a crash is skipped like any unreadable one.
@@ -211,46 +253,86 @@ impl StatusStore {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    pub fn begin(&self, event: &EventRecord, fingerprint: u32) -> Begin {
+    /// Accepts an event at most once per `source` + `id` within the window. The first
+    /// request runs `make_durable` and records what it made of the event, or forgets the
+    /// event when it failed (so that a retry can succeed); a duplicate meanwhile waits for
+    /// it, and every later one gets its answer with the event's current status.
+    pub async fn once<F, E>(
+        &self,
+        event: EventRecord,
+        make_durable: impl FnOnce(EventRecord) -> F,
+    ) -> Result<Accepted, E>
+    where
+        F: Future<Output = Result<Outcome, E>>,
+    {
+        let fingerprint = fingerprint(&event);
+        if let Some(known) = self.wait_turn(&event, fingerprint).await {
+            return Ok(known);
+        }
+        // The answer needs only the identity; the record (and its body) moves on.
+        let (id, source, topic) = (
+            event.id.clone(),
+            event.source.clone(),
+            event.record.topic.clone(),
+        );
+        match make_durable(event).await {
+            Ok(outcome) => {
+                self.finish(&id, &source, Some(outcome));
+                let state = outcome.into();
+                Ok(Accepted::New(Snapshot {
+                    id,
+                    source,
+                    topic,
+                    state,
+                }))
+            }
+            Err(e) => {
+                self.finish(&id, &source, None);
+                Err(e)
+            }
+        }
+    }
+
+    /// `None` once this request may make the event durable; else the answer it gets.
+    async fn wait_turn(&self, event: &EventRecord, fingerprint: u32) -> Option<Accepted> {
+        loop {
+            match self.begin(event, fingerprint) {
+                Begin::New => return None,
+                Begin::Known(snapshot) => return Some(Accepted::Repeat(snapshot)),
+                Begin::Conflict(first) => return Some(Accepted::Conflict(first)),
+                Begin::Wait(mut done) => {
+                    let _ = done.wait_for(|d| *d).await;
+                }
+            }
+        }
+    }
+
+    fn begin(&self, event: &EventRecord, fingerprint: u32) -> Begin {
         let mut inner = self.lock();
         self.expire(&mut inner);
         let key = (event.source.clone(), event.id.clone());
-        if let Some(e) = inner.entries.get(&key) {
-            let snapshot = |state: &State| Snapshot {
-                id: event.id.clone(),
-                source: event.source.clone(),
-                topic: e.topic.clone(),
-                state: state.clone(),
-            };
-            return match &e.state {
-                None => Begin::Wait(e.done.subscribe()),
-                Some(s) if e.fingerprint != fingerprint || e.topic != event.record.topic => {
-                    Begin::Conflict(snapshot(s))
-                }
-                Some(s) => Begin::Known(snapshot(s)),
-            };
+        let Some(e) = inner.entries.get(&key) else {
+            insert_in_progress(&mut inner, key, event, fingerprint, self.clock.now_ms());
+            return Begin::New;
+        };
+        let snapshot = |state: &State| Snapshot {
+            id: event.id.clone(),
+            source: event.source.clone(),
+            topic: e.topic.clone(),
+            state: state.clone(),
+        };
+        match &e.state {
+            None => Begin::Wait(e.done.subscribe()),
+            Some(s) if e.fingerprint != fingerprint || e.topic != event.record.topic => {
+                Begin::Conflict(snapshot(s))
+            }
+            Some(s) => Begin::Known(snapshot(s)),
         }
-        let at_ms = now_ms();
-        inner.order.push_back((at_ms, key.clone()));
-        inner
-            .latest_source
-            .insert(event.id.clone(), event.source.clone());
-        inner.entries.insert(
-            key,
-            Entry {
-                topic: event.record.topic.clone(),
-                fingerprint,
-                at_ms,
-                state: None,
-                done: watch::Sender::new(false),
-            },
-        );
-        Begin::New
     }
 
     /// Ends what `begin` started: records the outcome, or forgets the event when it was not
-    /// accepted (so that a retry can succeed), and wakes the waiting duplicates.
-    pub fn finish(&self, id: &str, source: &str, outcome: Option<Outcome>) {
+    /// accepted, and wakes the waiting duplicates.
+    fn finish(&self, id: &str, source: &str, outcome: Option<Outcome>) {
         let key = (source.to_owned(), id.to_owned());
         match outcome {
             Some(o) => self.set(&key, State::from(o)),
@@ -274,26 +356,13 @@ impl StatusStore {
     /// Records the state of an event whose request already ended (its entry may be gone):
     /// an in-doubt write that the broker acknowledged after the client heard 503, so that a
     /// retry with the same id gets this answer instead of a second record.
-    pub fn record(&self, event: &EventRecord, fingerprint: u32, state: State) {
+    pub fn record(&self, event: &EventRecord, state: State) {
         let key = (event.source.clone(), event.id.clone());
         {
             let mut inner = self.lock();
             if !inner.entries.contains_key(&key) {
-                let at_ms = now_ms();
-                inner.order.push_back((at_ms, key.clone()));
-                inner
-                    .latest_source
-                    .insert(event.id.clone(), event.source.clone());
-                inner.entries.insert(
-                    key.clone(),
-                    Entry {
-                        topic: event.record.topic.clone(),
-                        fingerprint,
-                        at_ms,
-                        state: None,
-                        done: watch::Sender::new(false),
-                    },
-                );
+                let at_ms = self.clock.now_ms();
+                insert_in_progress(&mut inner, key.clone(), event, fingerprint(event), at_ms);
             }
         }
         self.set(&key, state);
@@ -354,8 +423,15 @@ impl StatusStore {
         })
     }
 
+    /// Entries stamped before this are out of the window.
+    fn horizon(&self) -> u64 {
+        self.clock
+            .now_ms()
+            .saturating_sub(self.window.as_millis() as u64)
+    }
+
     fn expire(&self, inner: &mut Inner) {
-        let horizon = now_ms().saturating_sub(self.window.as_millis() as u64);
+        let horizon = self.horizon();
         while let Some((at, key)) = inner.order.front() {
             // A record whose entry is gone (a refused event) or was re-created later only
             // takes room: drop it without counting it.
@@ -382,6 +458,30 @@ impl StatusStore {
     }
 }
 
+/// A new entry with no state yet: the event is being made durable.
+fn insert_in_progress(
+    inner: &mut Inner,
+    key: Key,
+    event: &EventRecord,
+    fingerprint: u32,
+    at_ms: u64,
+) {
+    inner.order.push_back((at_ms, key.clone()));
+    inner
+        .latest_source
+        .insert(event.id.clone(), event.source.clone());
+    inner.entries.insert(
+        key,
+        Entry {
+            topic: event.record.topic.clone(),
+            fingerprint,
+            at_ms,
+            state: None,
+            done: watch::Sender::new(false),
+        },
+    );
+}
+
 fn write_line(
     out: &mut impl Write,
     id: &str,
@@ -405,7 +505,10 @@ fn write_line(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::publish::OutRecord;
+    use crate::sink::OutRecord;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicU64, Ordering};
+    use tokio::sync::oneshot;
 
     fn ev(id: &str, value: &[u8]) -> EventRecord {
         EventRecord {
@@ -546,12 +649,82 @@ mod tests {
         store.get("z", None);
         assert!(store.get("x", None).is_none());
         assert!(store.get("z", None).is_some());
-        let short = StatusStore::open(None, Duration::ZERO, 100).unwrap();
-        let e = ev("w", b"1");
-        short.begin(&e, 1);
-        short.finish("w", "/s", Some(Outcome::Spooled));
-        std::thread::sleep(Duration::from_millis(5));
-        assert!(short.get("w", None).is_none());
+        for window in [Duration::ZERO, Duration::from_secs(60)] {
+            let ms = Arc::new(AtomicU64::new(1_000_000));
+            let clock = Clock::Manual(ms.clone());
+            let store = StatusStore::with_clock(None, window, 100, clock).unwrap();
+            let e = ev("w", b"1");
+            store.begin(&e, 1);
+            store.finish("w", "/s", Some(Outcome::Spooled));
+            ms.fetch_add(window.as_millis() as u64, Ordering::SeqCst);
+            assert!(
+                store.get("w", None).is_some(),
+                "{window:?}: at the window's end"
+            );
+            ms.fetch_add(1, Ordering::SeqCst);
+            assert!(
+                store.get("w", None).is_none(),
+                "{window:?}: past the window"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn once_makes_an_event_durable_once() {
+        let store = Arc::new(StatusStore::open(None, DAY, 100).unwrap());
+        let e = ev("o", b"1");
+        let (started_tx, started_rx) = oneshot::channel();
+        let (release_tx, release_rx) = oneshot::channel::<()>();
+        let first = tokio::spawn({
+            let (store, e) = (store.clone(), e.clone());
+            async move {
+                let durable = |_| async move {
+                    let _ = started_tx.send(());
+                    let _ = release_rx.await;
+                    Ok::<_, ()>(Outcome::Spooled)
+                };
+                store.once(e, durable).await
+            }
+        });
+        started_rx.await.unwrap();
+        assert!(matches!(store.begin(&e, fingerprint(&e)), Begin::Wait(_)));
+        let second = tokio::spawn({
+            let (store, e) = (store.clone(), e.clone());
+            async move {
+                let never = |_| async { panic!("a duplicate must not be made durable") };
+                store.once::<_, ()>(e, never).await
+            }
+        });
+        release_tx.send(()).unwrap();
+        let snapshot = Snapshot {
+            id: "o".into(),
+            source: "/s".into(),
+            topic: "t".into(),
+            state: State::Spooled,
+        };
+        assert_eq!(first.await.unwrap(), Ok(Accepted::New(snapshot.clone())));
+        assert_eq!(
+            second.await.unwrap(),
+            Ok(Accepted::Repeat(snapshot.clone()))
+        );
+        let other = ev("o", b"2");
+        let never = |_| async { panic!("a conflict must not be made durable") };
+        assert_eq!(
+            store.once::<_, ()>(other, never).await,
+            Ok(Accepted::Conflict(snapshot))
+        );
+    }
+
+    #[tokio::test]
+    async fn once_forgets_a_failed_attempt() {
+        let store = StatusStore::open(None, DAY, 100).unwrap();
+        let e = ev("f", b"1");
+        let failed = store.once(e.clone(), |_| async { Err::<Outcome, _>("down") });
+        assert_eq!(failed.await, Err("down"));
+        assert!(store.get("f", None).is_none());
+        let retried = store.once(e, |_| async { Ok::<_, ()>(Outcome::Spooled) });
+        assert!(matches!(retried.await, Ok(Accepted::New(_))));
+        assert_eq!(store.get("f", None).map(|s| s.state), Some(State::Spooled));
     }
 
     #[test]

@@ -15,7 +15,7 @@ use tokio::sync::{OwnedSemaphorePermit, broadcast};
 
 use crate::cursor::{Cursor, StartFrom};
 use crate::fanout::{Delivery, Fanout, FanoutError, Joined, assignment};
-use crate::filter::Filter;
+use crate::subscription_filter::Filter;
 
 /// Why a subscription could not start.
 #[derive(Debug, Error)]
@@ -155,6 +155,10 @@ impl Subscription {
         };
         sub.plan_replay(joined.position)?;
         Ok(sub)
+    }
+
+    pub fn topic(&self) -> &str {
+        &self.topic
     }
 
     pub fn cursor(&self) -> &Cursor {
@@ -319,7 +323,11 @@ impl Subscription {
                     Some(p) => p,
                     None => self.fanout.admit_replay()?,
                 };
-                (self.fanout.consumer("replay")?, Instant::now(), permit)
+                (
+                    self.fanout.kafka().consumer("replay")?,
+                    Instant::now(),
+                    permit,
+                )
             }
         };
         consumer.assign(&assignment(&self.topic, &behind)?)?;
@@ -345,10 +353,13 @@ async fn resolve(
     match from {
         StartFrom::Latest => Ok(joined.position.clone()),
         StartFrom::Earliest => {
-            let marks = fanout.watermarks(topic, partitions).await?;
+            let marks = fanout.kafka().watermarks(topic, partitions).await?;
             Ok(Cursor::new(marks.iter().map(|(p, (low, _))| (*p, *low))))
         }
-        StartFrom::Time(millis) => Ok(fanout.offsets_at(topic, partitions, *millis).await?),
+        StartFrom::Time(millis) => Ok(fanout
+            .kafka()
+            .offsets_at(topic, partitions, *millis)
+            .await?),
         StartFrom::Cursor(given) => {
             if let Some((partition, _)) = given.iter().find(|(p, _)| !partitions.contains(p)) {
                 return Err(StartError::UnknownPartition {
@@ -357,7 +368,7 @@ async fn resolve(
                     count: partitions.len(),
                 });
             }
-            let marks = fanout.watermarks(topic, partitions).await?;
+            let marks = fanout.kafka().watermarks(topic, partitions).await?;
             Ok(Cursor::new(marks.iter().map(|(p, (low, high))| {
                 // A partition the cursor lacks was added after it was taken: all of it is
                 // new. Offsets outside the log (retention, another cluster) are clamped.

@@ -6,10 +6,11 @@ use std::time::Duration;
 
 use rdkafka::consumer::{Consumer, StreamConsumer};
 use rdkafka::message::BorrowedMessage;
-use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use rdkafka::{Offset, TopicPartitionList};
 
-use crate::AppError;
 use crate::config::{KafkaArgs, StartAt, TailArgs};
+use crate::error::AppError;
+use crate::kafka_config;
 
 const METADATA_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -32,17 +33,9 @@ pub async fn run(args: TailArgs) -> Result<(), AppError> {
 }
 
 fn consumer(kafka: &KafkaArgs) -> Result<StreamConsumer, AppError> {
-    let mut config = ClientConfig::new();
-    config
-        .set("bootstrap.servers", &kafka.brokers)
-        // Required by some brokers (Tansu) even for assign-only use; unique so nothing is shared.
-        .set("group.id", format!("eventwire-tail-{}", std::process::id()))
-        .set("enable.auto.commit", "false")
-        .set("enable.auto.offset.store", "false");
-    for (key, value) in &kafka.kafka {
-        config.set(key, value);
-    }
-    Ok(config.create()?)
+    let group = format!("eventwire-tail-{}", std::process::id());
+    let config = kafka_config::assign_only(&kafka.brokers, group);
+    Ok(kafka_config::with_overrides(config, &kafka.kafka).create()?)
 }
 
 fn partitions(consumer: &StreamConsumer, topic: &str) -> Result<Vec<i32>, AppError> {

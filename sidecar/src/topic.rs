@@ -3,14 +3,13 @@
 
 use std::time::Duration;
 
-use rdkafka::ClientConfig;
 use rdkafka::admin::{AdminClient, AdminOptions, NewTopic, TopicReplication};
 use rdkafka::client::DefaultClientContext;
 use rdkafka::types::RDKafkaErrorCode;
 
-use crate::AppError;
 use crate::config::KafkaArgs;
-use crate::ingest::validate_topic;
+use crate::error::AppError;
+use crate::kafka_config;
 
 const ADMIN_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -20,13 +19,9 @@ pub async fn create(
     replication: i32,
     kafka: &KafkaArgs,
 ) -> Result<(), AppError> {
-    validate_topic(name)
+    eventwire_contract::topic::validate(name)
         .map_err(|e| AppError::Other(format!("invalid topic name `{name}`: {e}")))?;
-    let mut config = ClientConfig::new();
-    config.set("bootstrap.servers", &kafka.brokers);
-    for (key, value) in &kafka.kafka {
-        config.set(key, value);
-    }
+    let config = kafka_config::with_overrides(kafka_config::client(&kafka.brokers), &kafka.kafka);
     let admin: AdminClient<DefaultClientContext> = config.create()?;
     let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(replication));
     let options = AdminOptions::new()

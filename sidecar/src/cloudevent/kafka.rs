@@ -1,5 +1,5 @@
 //! CloudEvents Kafka protocol binding, binary content mode, in both directions.
-//! `from_kafka` is shared by `tail` and the (future) fan-out, so it is lenient: it maps what a
+//! `from_kafka` is shared by `tail` and the fan-out, so it is lenient: it maps what a
 //! record carries and only insists on the marker of a CloudEvent, `ce_specversion`.
 
 use base64::Engine as _;
@@ -135,7 +135,7 @@ fn data_member(content_type: Option<&str>, value: &[u8]) -> (&'static str, Value
     }
 }
 
-/// The line `tail` prints (and the fan-out will send): position, key and event.
+/// The line `tail` prints and the fan-out sends (plus a cursor): position, key and event.
 #[derive(Debug, Serialize)]
 pub struct Envelope<'a> {
     pub topic: &'a str,

@@ -1,8 +1,7 @@
-//! Producing records to Kafka. The HTTP layer only sees the `EventSink` trait; the durable
-//! sink (`durable.rs`) puts the spool in front of `KafkaPublisher`.
+//! The Kafka producer (idempotent, `acks=all`): hands records to librdkafka, classifies its
+//! errors, keeps a topic-existence cache and the broker liveness `/readyz` reports.
 
 use std::collections::HashMap;
-use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -13,67 +12,9 @@ use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::metadata::Metadata;
 use rdkafka::producer::future_producer::DeliveryFuture;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use thiserror::Error;
 
-/// A record ready to produce (the Kafka binary-mode form of an event plus its topic).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct OutRecord {
-    pub topic: String,
-    pub key: Option<String>,
-    pub headers: Vec<(String, String)>,
-    pub value: Option<Vec<u8>>,
-}
-
-/// An accepted event: the record to produce plus the identity idempotency and status use.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct EventRecord {
-    pub id: String,
-    pub source: String,
-    pub record: OutRecord,
-}
-
-/// Where the broker stored the record.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Delivered {
-    pub partition: i32,
-    pub offset: i64,
-}
-
-#[derive(Debug, Error, Clone, PartialEq, Eq)]
-pub enum PublishError {
-    #[error("topic `{0}` does not exist")]
-    UnknownTopic(String),
-    #[error("producer queue full")]
-    QueueFull,
-    #[error("{0}")]
-    TooLarge(String),
-    #[error("{0}")]
-    Unavailable(String),
-    #[error("{0}")]
-    SpoolFull(String),
-    /// The broker refuses this record for good (authorization, policy, invalid record).
-    #[error("the broker refused the record: {0}")]
-    Refused(String),
-}
-
-impl PublishError {
-    /// Errors that retrying the same record can never fix.
-    pub fn is_permanent(&self) -> bool {
-        matches!(
-            self,
-            PublishError::UnknownTopic(_) | PublishError::TooLarge(_)
-        )
-    }
-}
-
-/// Where an accepted event is now.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Outcome {
-    /// The broker acknowledged it.
-    Published(Delivered),
-    /// Durable in the local spool; the forwarder will publish it.
-    Spooled,
-}
+use crate::kafka_config;
+use crate::sink::{Delivered, OutRecord, PublishError};
 
 /// A delivery still in flight in the producer.
 pub struct Pending(Pin<Box<DeliveryFuture>>);
@@ -94,16 +35,6 @@ impl Pending {
     }
 }
 
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
-
-/// The one thing the HTTP layer needs from the backend.
-pub trait EventSink: Send + Sync {
-    /// Resolves once the event is durable: acknowledged by the broker or in the spool.
-    fn publish(&self, event: EventRecord) -> BoxFuture<'_, Result<Outcome, PublishError>>;
-    /// Whether the backend answered recently (for `/readyz`).
-    fn is_ready(&self) -> bool;
-}
-
 /// Positive topic answers change rarely; negative ones are kept short so a topic created a
 /// moment ago becomes usable quickly.
 const TOPIC_TTL_EXISTS: Duration = Duration::from_secs(60);
@@ -120,7 +51,7 @@ pub struct KafkaSettings {
     pub overrides: Vec<(String, String)>,
 }
 
-pub struct KafkaPublisher {
+pub struct KafkaProducer {
     /// Replaced when librdkafka reports a fatal error (idempotent producer state lost):
     /// such a producer never delivers again.
     producer: std::sync::RwLock<FutureProducer>,
@@ -129,11 +60,14 @@ pub struct KafkaPublisher {
     last_metadata_ok: Mutex<Option<Instant>>,
 }
 
-impl KafkaPublisher {
+impl KafkaProducer {
     pub fn new(settings: &KafkaSettings) -> KafkaResult<Self> {
-        let mut config = ClientConfig::new();
+        let mut config = kafka_config::client(&settings.brokers);
+        // The delivery timeout is long on purpose: requests stop waiting after the ack
+        // timeout and spool the event, while the producer keeps retrying idempotently. (Tansu
+        // 0.6.0's sqlite storage also panics when an idempotent producer bumps its epoch after
+        // a timed-out in-flight request, which a long timeout avoids.)
         config
-            .set("bootstrap.servers", &settings.brokers)
             .set("acks", "all")
             .set("enable.idempotence", "true")
             .set("linger.ms", "1")
@@ -141,13 +75,7 @@ impl KafkaPublisher {
                 "message.timeout.ms",
                 settings.delivery_timeout.as_millis().to_string(),
             );
-        // The delivery timeout is long on purpose: requests stop waiting after the ack
-        // timeout and spool the event, while the producer keeps retrying idempotently. (Tansu
-        // 0.6.0's sqlite storage also panics when an idempotent producer bumps its epoch after
-        // a timed-out in-flight request, which a long timeout avoids.)
-        for (key, value) in &settings.overrides {
-            config.set(key, value);
-        }
+        let config = kafka_config::with_overrides(config, &settings.overrides);
         Ok(Self {
             producer: std::sync::RwLock::new(config.create()?),
             config,

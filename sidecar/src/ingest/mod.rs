@@ -1,51 +1,46 @@
-//! The HTTP API: `POST /v1/events`, health and readiness. Every error is problem+json.
+//! The HTTP API: `POST /v1/events`, `GET /v1/events/<id>`, health and readiness. Every
+//! error is problem+json (`problem`).
+
+mod error;
+mod request;
 
 use std::sync::Arc;
 
-use axum::body::{Body, Bytes};
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
-use http_body_util::{BodyExt, LengthLimitError, Limited};
+use eventwire_contract::INGEST_PATH;
 use serde_json::json;
 
-use crate::cloudevent::{
-    self, BATCH_CONTENT_TYPE, CloudEvent, ParseError, STRUCTURED_CONTENT_TYPE, percent, validate,
-};
-use crate::problem::{IngestError, KEY_HEADER, TOPIC_HEADER};
-use crate::publish::{EventRecord, EventSink, OutRecord};
-use crate::status::{self, Begin, Snapshot, StatusStore};
+pub use error::IngestError;
+
+use crate::problem::{ProblemSource, RouteError, allow};
+use crate::sink::{EventRecord, EventSink, PublishError};
+use crate::status::{Accepted, Snapshot};
 
 #[derive(Clone)]
 pub struct AppState {
     pub sink: Arc<dyn EventSink>,
-    pub status: Arc<StatusStore>,
     pub max_body_bytes: usize,
 }
 
 pub fn router(state: AppState) -> Router {
     Router::new()
         // Each route names its methods for the 405's `Allow` (RFC 9110).
-        .route("/v1/events", post(post_event).fallback(allow("POST")))
+        .route(INGEST_PATH, post(post_event).fallback(allow("POST")))
         .route(
             "/v1/events/{id}",
             get(get_event).fallback(allow("GET, HEAD")),
         )
         .route("/healthz", get(healthz).fallback(allow("GET, HEAD")))
         .route("/readyz", get(readyz).fallback(allow("GET, HEAD")))
-        .fallback(|| async { IngestError::NotFound })
-        .method_not_allowed_fallback(|| async { IngestError::MethodNotAllowed })
+        .fallback(|| async { RouteError::NotFound })
+        .method_not_allowed_fallback(|| async { RouteError::MethodNotAllowed(None) })
         // We enforce --max-body-bytes ourselves so the 413 is problem+json, not axum's text.
         .layer(DefaultBodyLimit::disable())
         .with_state(state)
-}
-
-fn allow(
-    methods: &'static str,
-) -> impl Fn() -> std::future::Ready<Response> + Clone + Send + Sync + 'static {
-    move || std::future::ready(IngestError::method_not_allowed(methods))
 }
 
 async fn healthz() -> Json<serde_json::Value> {
@@ -60,23 +55,18 @@ async fn readyz(State(state): State<AppState>) -> Response {
     }
 }
 
-enum Mode {
-    Binary,
-    Structured,
-}
-
 async fn post_event(State(state): State<AppState>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
-    let topic = match topic(&parts.headers) {
+    let topic = match request::topic(&parts.headers) {
         Ok(t) => t,
         Err(e) => return reject(e, None),
     };
-    let event = match read_event(&state, &parts.headers, body).await {
+    let event = match request::read_event(&parts.headers, body, state.max_body_bytes).await {
         Ok(event) => event,
         // Binary mode names the id in a header even when the event is invalid.
         Err(e) => return reject(e, parts.headers.get("ce-id").and_then(|v| v.to_str().ok())),
     };
-    let record = match out_record(&parts.headers, &event, &topic) {
+    let record = match request::out_record(&parts.headers, &event, &topic) {
         Ok(r) => r,
         Err(e) => return reject(e, Some(&event.id)),
     };
@@ -87,8 +77,9 @@ async fn post_event(State(state): State<AppState>, request: Request) -> Response
     };
     // A task of its own: a client that hangs up must not cut an accepted event's bookkeeping
     // short (the duplicates waiting on it would wait forever).
-    match tokio::spawn(publish_once(state, event)).await {
-        Ok(response) => response,
+    let (sink, id) = (state.sink.clone(), event.id.clone());
+    match tokio::spawn(async move { sink.accept(event).await }).await {
+        Ok(accepted) => answer(accepted, &id),
         Err(e) => reject(
             IngestError::BrokerUnavailable(format!("publish task failed: {e}")),
             None,
@@ -96,46 +87,18 @@ async fn post_event(State(state): State<AppState>, request: Request) -> Response
     }
 }
 
-/// Publishes an event unless the same `source` + `id` was accepted before, in which case
-/// the first answer is repeated.
-async fn publish_once(state: AppState, event: EventRecord) -> Response {
-    let fingerprint = status::fingerprint(&event);
-    loop {
-        match state.status.begin(&event, fingerprint) {
-            Begin::New => break,
-            Begin::Known(snapshot) => return accepted(&snapshot),
-            Begin::Conflict(first) => {
-                let detail = format!(
-                    "event id `{}` from `{}` was already accepted for topic `{}` with another payload",
-                    first.id, first.source, first.topic
-                );
-                return reject(IngestError::IdempotencyConflict(detail), Some(&event.id));
-            }
-            Begin::Wait(mut done) => {
-                let _ = done.wait_for(|d| *d).await;
-            }
+/// The 202, or why the event was not accepted.
+fn answer(accepted: Result<Accepted, PublishError>, id: &str) -> Response {
+    match accepted {
+        Ok(Accepted::New(snapshot) | Accepted::Repeat(snapshot)) => accepted_answer(&snapshot),
+        Ok(Accepted::Conflict(first)) => {
+            let detail = format!(
+                "event id `{}` from `{}` was already accepted for topic `{}` with another payload",
+                first.id, first.source, first.topic
+            );
+            reject(IngestError::IdempotencyConflict(detail), Some(id))
         }
-    }
-    // The answer needs only the identity; the record (and its body) moves to the sink.
-    let (id, source, topic) = (
-        event.id.clone(),
-        event.source.clone(),
-        event.record.topic.clone(),
-    );
-    match state.sink.publish(event).await {
-        Ok(outcome) => {
-            state.status.finish(&id, &source, Some(outcome));
-            accepted(&Snapshot {
-                id,
-                source,
-                topic,
-                state: outcome.into(),
-            })
-        }
-        Err(e) => {
-            state.status.finish(&id, &source, None);
-            reject(e.into(), Some(&id))
-        }
+        Err(e) => reject(e.into(), Some(id)),
     }
 }
 
@@ -150,132 +113,17 @@ async fn get_event(
     Path(id): Path<String>,
     Query(q): Query<StatusQuery>,
 ) -> Response {
-    match state.status.get(&id, q.source.as_deref()) {
+    match state.sink.status(&id, q.source.as_deref()) {
         Some(snapshot) => Json(snapshot).into_response(),
         None => IngestError::UnknownEvent(id).into_response(),
     }
 }
 
-async fn read_event(
-    state: &AppState,
-    headers: &HeaderMap,
-    body: Body,
-) -> Result<CloudEvent, IngestError> {
-    let mode = mode(headers)?;
-    let body = read_body(headers, body, state.max_body_bytes).await?;
-    let event = match mode {
-        Mode::Structured => cloudevent::parse_structured(&body)?,
-        Mode::Binary => binary(headers, &body)?,
-    };
-    Ok(event)
-}
-
-fn mode(headers: &HeaderMap) -> Result<Mode, IngestError> {
-    let content_type = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .map(validate::essence);
-    match content_type.as_deref() {
-        Some(STRUCTURED_CONTENT_TYPE) => Ok(Mode::Structured),
-        Some(BATCH_CONTENT_TYPE) => Err(IngestError::BatchUnsupported),
-        _ if headers.contains_key("ce-specversion") => Ok(Mode::Binary),
-        _ => Err(IngestError::NotACloudEvent),
-    }
-}
-
-fn binary(headers: &HeaderMap, body: &[u8]) -> Result<CloudEvent, IngestError> {
-    let content_type = match headers.get(header::CONTENT_TYPE) {
-        Some(v) => Some(header_text(header::CONTENT_TYPE.as_str(), v.as_bytes())?),
-        None => None,
-    };
-    let pairs = headers
-        .iter()
-        .map(|(name, value)| (name.as_str(), value.as_bytes()));
-    Ok(cloudevent::parse_binary(pairs, content_type, body)?)
-}
-
-fn header_text<'a>(name: &str, raw: &'a [u8]) -> Result<&'a str, IngestError> {
-    std::str::from_utf8(raw).map_err(|_| header_error(name, "value is not UTF-8".into()))
-}
-
-fn header_error(name: &str, reason: String) -> IngestError {
-    IngestError::Parse(ParseError::Header {
-        header: name.to_owned(),
-        reason,
-    })
-}
-
-/// Reads the body, refusing it early by Content-Length and again while streaming (a client
-/// can lie about the length or use chunked encoding).
-async fn read_body(headers: &HeaderMap, body: Body, max: usize) -> Result<Bytes, IngestError> {
-    let too_large =
-        || IngestError::BodyTooLarge(format!("the body exceeds the limit of {max} bytes"));
-    let declared = headers
-        .get(header::CONTENT_LENGTH)
-        .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-    if declared.is_some_and(|len| len > max as u64) {
-        return Err(too_large());
-    }
-    match Limited::new(body, max).collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(e) if e.downcast_ref::<LengthLimitError>().is_some() => Err(too_large()),
-        Err(e) => Err(IngestError::BodyRead(e.to_string())),
-    }
-}
-
-/// Kafka's legal topic names: 1-249 of `[a-zA-Z0-9._-]`, not `.` or `..`.
-pub fn validate_topic(name: &str) -> Result<(), String> {
-    if name.is_empty() || name.len() > 249 {
-        return Err("a topic name has 1 to 249 characters".into());
-    }
-    if name == "." || name == ".." {
-        return Err("`.` and `..` are not topic names".into());
-    }
-    match name
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-')))
-    {
-        Some(c) => Err(format!(
-            "character {c:?} is not allowed (use a-z A-Z 0-9 . _ -)"
-        )),
-        None => Ok(()),
-    }
-}
-
-fn topic(headers: &HeaderMap) -> Result<String, IngestError> {
-    let raw = headers.get(TOPIC_HEADER).ok_or(IngestError::MissingTopic)?;
-    let name = std::str::from_utf8(raw.as_bytes())
-        .map_err(|_| IngestError::InvalidTopic("not UTF-8".into()))?;
-    validate_topic(name).map_err(IngestError::InvalidTopic)?;
-    Ok(name.to_owned())
-}
-
-fn out_record(
-    headers: &HeaderMap,
-    event: &CloudEvent,
-    topic: &str,
-) -> Result<OutRecord, IngestError> {
-    let key = match headers.get(KEY_HEADER) {
-        Some(raw) => {
-            let text = header_text(KEY_HEADER, raw.as_bytes())?;
-            Some(percent::decode(text).map_err(|e| header_error(KEY_HEADER, e.to_string()))?)
-        }
-        None => None,
-    };
-    let record = event.to_kafka(key);
-    Ok(OutRecord {
-        topic: topic.to_owned(),
-        key: record.key,
-        headers: record.headers,
-        value: record.value,
-    })
-}
-
 /// The 202 the filter relays verbatim, with where to ask for the event's status later.
-fn accepted(snapshot: &Snapshot) -> Response {
+fn accepted_answer(snapshot: &Snapshot) -> Response {
     tracing::debug!(event_id = %snapshot.id, topic = %snapshot.topic, state = ?snapshot.state, "event accepted");
     let json = serde_json::to_vec(snapshot).unwrap_or_default();
-    let location = format!("/v1/events/{}", path_segment(&snapshot.id));
+    let location = format!("{INGEST_PATH}/{}", path_segment(&snapshot.id));
     (
         StatusCode::ACCEPTED,
         [
@@ -302,8 +150,9 @@ fn path_segment(s: &str) -> String {
 
 /// Logs a rejection (client faults at info, server-side trouble at warn) and renders it.
 fn reject(error: IngestError, event_id: Option<&str>) -> Response {
-    let (status, slug) = (error.status().as_u16(), error.slug());
-    if error.status().is_server_error() {
+    let kind = error.kind();
+    let (status, slug) = (kind.status(), kind.slug());
+    if status >= 500 {
         tracing::warn!(event_id, status, slug, detail = %error, "event not published");
     } else {
         tracing::info!(event_id, status, slug, detail = %error, "event rejected");
@@ -314,33 +163,55 @@ fn reject(error: IngestError, event_id: Option<&str>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::publish::{BoxFuture, Delivered, Outcome, PublishError};
+    use crate::cloudevent::{BATCH_CONTENT_TYPE, STRUCTURED_CONTENT_TYPE};
+    use crate::sink::{BoxFuture, Delivered, OutRecord, Outcome};
+    use crate::status::StatusStore;
+    use axum::body::Body;
+    use axum::http::HeaderMap;
     use axum::http::Request as HttpRequest;
+    use eventwire_contract::{KEY_HEADER, TOPIC_HEADER};
+    use http_body_util::BodyExt;
     use serde_json::Value;
     use std::sync::Mutex;
     use std::time::Duration;
     use tower::ServiceExt;
 
     /// Records what would have been produced; topic "missing" does not exist.
-    #[derive(Default)]
     struct FakeSink {
         records: Mutex<Vec<OutRecord>>,
+        status: StatusStore,
+    }
+
+    impl Default for FakeSink {
+        fn default() -> Self {
+            FakeSink {
+                records: Mutex::default(),
+                status: StatusStore::open(None, Duration::from_secs(60), 100).unwrap(),
+            }
+        }
+    }
+
+    impl FakeSink {
+        async fn produce(&self, event: EventRecord) -> Result<Outcome, PublishError> {
+            let record = event.record;
+            if record.topic == "missing" {
+                return Err(PublishError::UnknownTopic(record.topic));
+            }
+            let mut records = self.records.lock().unwrap();
+            records.push(record);
+            Ok(Outcome::Published(Delivered {
+                partition: 2,
+                offset: records.len() as i64 - 1,
+            }))
+        }
     }
 
     impl EventSink for FakeSink {
-        fn publish(&self, event: EventRecord) -> BoxFuture<'_, Result<Outcome, PublishError>> {
-            Box::pin(async move {
-                let record = event.record;
-                if record.topic == "missing" {
-                    return Err(PublishError::UnknownTopic(record.topic));
-                }
-                let mut records = self.records.lock().unwrap();
-                records.push(record);
-                Ok(Outcome::Published(Delivered {
-                    partition: 2,
-                    offset: records.len() as i64 - 1,
-                }))
-            })
+        fn accept(&self, event: EventRecord) -> BoxFuture<'_, Result<Accepted, PublishError>> {
+            Box::pin(self.status.once(event, |e| self.produce(e)))
+        }
+        fn status(&self, id: &str, source: Option<&str>) -> Option<Snapshot> {
+            self.status.get(id, source)
         }
         fn is_ready(&self) -> bool {
             false
@@ -350,7 +221,6 @@ mod tests {
     fn app(sink: Arc<FakeSink>) -> Router {
         router(AppState {
             sink,
-            status: Arc::new(StatusStore::open(None, Duration::from_secs(60), 100).unwrap()),
             max_body_bytes: 128,
         })
     }
@@ -577,13 +447,59 @@ mod tests {
         );
     }
 
-    #[test]
-    fn topic_names() {
-        for ok in ["orders", "a.b_c-D9", &"x".repeat(249)] {
-            assert!(validate_topic(ok).is_ok(), "{ok}");
+    #[tokio::test]
+    async fn repeats_get_the_first_answer_and_status_is_served() {
+        let sink = Arc::new(FakeSink::default());
+        let post = |body: &'static str| binary_request("orders").body(Body::from(body)).unwrap();
+        let (status, headers, first) = send(app(sink.clone()), post("a")).await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+        let (status, again, repeat) = send(app(sink.clone()), post("a")).await;
+        assert_eq!(
+            (status, repeat.as_str()),
+            (StatusCode::ACCEPTED, first.as_str())
+        );
+        assert_eq!(again[header::LOCATION], headers[header::LOCATION]);
+        assert_eq!(
+            sink.records.lock().unwrap().len(),
+            1,
+            "a repeat is not produced"
+        );
+
+        let (status, _, body) = send(app(sink.clone()), post("b")).await;
+        assert_eq!(
+            (status, slug(&body).as_str()),
+            (StatusCode::CONFLICT, "idempotency-conflict")
+        );
+        assert!(
+            body.contains("was already accepted for topic `orders`"),
+            "{body}"
+        );
+
+        let get = |uri: &str| HttpRequest::get(uri).body(Body::empty()).unwrap();
+        let (status, _, body) = send(app(sink.clone()), get("/v1/events/e1")).await;
+        assert_eq!((status, body.as_str()), (StatusCode::OK, first.as_str()));
+        let (status, _, body) = send(app(sink.clone()), get("/v1/events/e1?source=/other")).await;
+        assert_eq!(
+            (status, slug(&body).as_str()),
+            (StatusCode::NOT_FOUND, "unknown-event")
+        );
+    }
+
+    #[tokio::test]
+    async fn a_refused_event_is_forgotten() {
+        let sink = Arc::new(FakeSink::default());
+        let req = || binary_request("missing").body(Body::empty()).unwrap();
+        for _ in 0..2 {
+            let (status, _, body) = send(app(sink.clone()), req()).await;
+            assert_eq!(
+                (status, slug(&body).as_str()),
+                (StatusCode::NOT_FOUND, "unknown-topic")
+            );
         }
-        for bad in ["", ".", "..", "a b", "a/b", "é", &"x".repeat(250)] {
-            assert!(validate_topic(bad).is_err(), "{bad}");
-        }
+        let get = HttpRequest::get("/v1/events/e1")
+            .body(Body::empty())
+            .unwrap();
+        let (status, _, _) = send(app(sink), get).await;
+        assert_eq!(status, StatusCode::NOT_FOUND);
     }
 }

@@ -1,0 +1,186 @@
+//! Running a command: `serve` wires the HTTP API, the durable sink and the push side
+//! together and shuts them down in order; `tail` and `topic create` are in their modules.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use eventwire_contract::DEFAULT_CALLOUT_TIMEOUT_MS;
+use tracing_subscriber::EnvFilter;
+
+use crate::config::{Cli, Command, DurabilityArgs, LogFormat, ServeArgs, TopicCommand};
+use crate::durable::DurableSink;
+use crate::error::AppError;
+use crate::producer::{KafkaProducer, KafkaSettings};
+use crate::spool::Spool;
+use crate::status::StatusStore;
+use crate::{fanout, ingest, subscribe, tail, topic};
+
+/// Everything the broker has not acknowledged is already in the spool, so the flush on
+/// shutdown only saves the next start some re-sends; keep it short.
+const SHUTDOWN_FLUSH: Duration = Duration::from_secs(3);
+
+/// Runs the command the command line names (`serve` when it names none).
+pub async fn run(cli: Cli) -> Result<(), AppError> {
+    match cli.command {
+        None => serve(cli.serve).await,
+        Some(Command::Serve(args)) => serve(args).await,
+        Some(Command::Tail(args)) => tail::run(args).await,
+        Some(Command::Topic {
+            action:
+                TopicCommand::Create {
+                    name,
+                    partitions,
+                    replication_factor,
+                    kafka,
+                },
+        }) => topic::create(&name, partitions, replication_factor, &kafka).await,
+    }
+}
+
+/// `EVENTWIRE_LOG` wins over `RUST_LOG` so the sidecar can be tuned apart from other Rust
+/// processes sharing an environment.
+pub fn init_tracing(format: LogFormat) {
+    let directives = std::env::var("EVENTWIRE_LOG")
+        .or_else(|_| std::env::var("RUST_LOG"))
+        .unwrap_or_else(|_| "info".to_owned());
+    let filter = EnvFilter::try_new(&directives).unwrap_or_else(|e| {
+        eprintln!("warning: invalid log filter {directives:?} ({e}); using info");
+        EnvFilter::new("info")
+    });
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+/// Serves until SIGTERM or SIGINT, then drains: open requests finish, the producer is
+/// flushed while the forwarder still records deliveries, and what is not in Kafka by then
+/// stays in the spool for the next start.
+pub async fn serve(args: ServeArgs) -> Result<(), AppError> {
+    warn_on_ack_timeout(args.durability.ack_timeout_ms);
+    let producer = Arc::new(KafkaProducer::new(&kafka_settings(&args))?);
+    let probe = producer.spawn_health_probe();
+    let sink = Arc::new(durable_sink(&args.durability, producer.clone())?);
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let forwarder = sink.spawn_forwarder(stopped);
+    let listener = tokio::net::TcpListener::bind(args.listen).await?;
+    let d = &args.durability;
+    tracing::info!(listen = %args.listen, brokers = %args.kafka.brokers, data_dir = %d.data_dir.display(), ack = ?d.ack, "eventwire sidecar listening");
+    let fanout = push_fanout(&args)?;
+    axum::serve(listener, router(&args, sink, fanout.clone()))
+        .with_graceful_shutdown(async move {
+            shutdown_signal().await;
+            // Open subscriptions would otherwise hold the graceful shutdown forever.
+            fanout.shutdown();
+        })
+        .await?;
+    if producer.is_ready() {
+        flush(producer.clone()).await;
+    }
+    let _ = stop.send(true);
+    let _ = forwarder.await;
+    probe.abort();
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// The filter must hear our answer (202 after spooling) before its callout times out.
+fn warn_on_ack_timeout(ack_timeout_ms: u64) {
+    if ack_timeout_ms >= DEFAULT_CALLOUT_TIMEOUT_MS {
+        tracing::warn!(
+            ack_timeout_ms,
+            "ack timeout is not below the filter's default callout timeout ({DEFAULT_CALLOUT_TIMEOUT_MS} ms)"
+        );
+    }
+}
+
+fn kafka_settings(args: &ServeArgs) -> KafkaSettings {
+    KafkaSettings {
+        brokers: args.kafka.brokers.clone(),
+        delivery_timeout: Duration::from_millis(args.durability.delivery_timeout_ms),
+        overrides: args.kafka.kafka.clone(),
+    }
+}
+
+/// The spool and the status store under `--data-dir`, owned by the sink.
+fn durable_sink(d: &DurabilityArgs, producer: Arc<KafkaProducer>) -> Result<DurableSink, AppError> {
+    std::fs::create_dir_all(&d.data_dir)?;
+    let spool = Spool::open(&d.data_dir.join("spool"), d.spool_max_bytes)?;
+    let status = StatusStore::open(
+        Some(&d.data_dir.join("status.log")),
+        Duration::from_secs(d.idempotency_window_s),
+        d.idempotency_max_entries,
+    )?;
+    let ack_timeout = Duration::from_millis(d.ack_timeout_ms);
+    Ok(DurableSink::new(
+        producer,
+        spool,
+        status,
+        d.ack,
+        ack_timeout,
+    ))
+}
+
+/// The ingest API and the push side on one listener.
+fn router(args: &ServeArgs, sink: Arc<DurableSink>, fanout: Arc<fanout::Fanout>) -> axum::Router {
+    ingest::router(ingest::AppState {
+        sink,
+        max_body_bytes: args.max_body_bytes,
+    })
+    .merge(subscribe::router(subscribe::PushState {
+        fanout,
+        ping_interval: Duration::from_secs(args.push.ping_interval_s),
+    }))
+}
+
+fn push_fanout(args: &ServeArgs) -> Result<Arc<fanout::Fanout>, AppError> {
+    let config = fanout::FanoutConfig {
+        brokers: args.kafka.brokers.clone(),
+        overrides: args.kafka.kafka.clone(),
+        queue: args.push.subscriber_queue as usize,
+        grace: Duration::from_millis(args.push.hub_grace_ms),
+        fetch_wait: Duration::from_millis(args.push.push_fetch_wait_ms),
+    };
+    Ok(fanout::Fanout::with_limits(
+        config,
+        fanout::PushLimits::from(&args.push),
+    )?)
+}
+
+async fn flush(producer: Arc<KafkaProducer>) {
+    tracing::info!("flushing the producer");
+    match tokio::task::spawn_blocking(move || producer.flush(SHUTDOWN_FLUSH)).await {
+        Ok(Ok(())) => {}
+        Ok(Err(e)) => tracing::warn!(error = %e, "producer flush incomplete"),
+        Err(e) => tracing::warn!(error = %e, "producer flush task failed"),
+    }
+}
+
+/// Resolves on SIGTERM (orchestrators) or SIGINT (a terminal).
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if let Err(e) = tokio::signal::ctrl_c().await {
+            tracing::warn!(error = %e, "cannot listen for SIGINT");
+            std::future::pending::<()>().await;
+        }
+    };
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot listen for SIGTERM");
+                std::future::pending::<()>().await;
+            }
+        }
+    };
+    tokio::select! {
+        () = ctrl_c => {}
+        () = term => {}
+    }
+    tracing::info!("shutdown requested; finishing in-flight requests");
+}

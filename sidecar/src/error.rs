@@ -1,0 +1,15 @@
+//! What ends a command (`serve`, `tail`, `topic create`) with a failure exit code.
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum AppError {
+    #[error("Kafka: {0}")]
+    Kafka(#[from] rdkafka::error::KafkaError),
+    #[error("{0}")]
+    Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Spool(#[from] crate::spool::SpoolError),
+    #[error("{0}")]
+    Other(String),
+}
