@@ -233,7 +233,25 @@ struct RawRule {
     key: Option<Value>,
     #[serde(default)]
     extensions: BTreeMap<String, String>,
+    consumer: Option<Value>,
 }
+
+/// Kong's authenticated consumer, as its auth plugins set it on the request: which of the
+/// three headers become which extension attributes.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConsumer {
+    id: Option<String>,
+    username: Option<String>,
+    credential: Option<String>,
+}
+
+/// The headers Kong's auth plugins set for the authenticated consumer.
+pub const KONG_CONSUMER_HEADERS: [(&str, &str); 3] = [
+    ("id", "x-consumer-id"),
+    ("username", "x-consumer-username"),
+    ("credential", "x-credential-identifier"),
+];
 
 /// Deserializes one nested object, prefixing serde's message with the field's path.
 fn typed<T: serde::de::DeserializeOwned>(v: Value, field: &str) -> Result<T, ConfigError> {
@@ -378,15 +396,24 @@ fn parse_rule(v: Value, i: usize) -> Result<Rule, ConfigError> {
         .subject
         .map(|v| parse_value_source(v, &at("subject"), &matcher))
         .transpose()?;
-    let mut extensions = Vec::with_capacity(raw.extensions.len());
+    let mut extensions = Vec::with_capacity(raw.extensions.len() + 3);
     for (header, attr) in raw.extensions {
         let field = format!("rules[{i}].extensions.{header}");
         let header = validate_header_name(&header).map_err(|e| err(&field, e))?;
-        validate_extension_name(&attr).map_err(|e| err(&field, e))?;
-        extensions.push(Extension {
-            header,
-            ce_header: format!("ce-{attr}"),
-        });
+        add_extension(&mut extensions, header, &attr, &field)?;
+    }
+    if let Some(v) = raw.consumer {
+        let c: RawConsumer = typed(v, &at("consumer"))?;
+        for ((key, header), attr) in
+            KONG_CONSUMER_HEADERS
+                .iter()
+                .zip([c.id, c.username, c.credential])
+        {
+            if let Some(attr) = attr {
+                let field = format!("rules[{i}].consumer.{key}");
+                add_extension(&mut extensions, (*header).to_string(), &attr, &field)?;
+            }
+        }
     }
     Ok(Rule {
         name,
@@ -400,6 +427,24 @@ fn parse_rule(v: Value, i: usize) -> Result<Rule, ConfigError> {
         key,
         extensions,
     })
+}
+
+fn add_extension(
+    extensions: &mut Vec<Extension>,
+    header: String,
+    attr: &str,
+    field: &str,
+) -> Result<(), ConfigError> {
+    validate_extension_name(attr).map_err(|e| err(field, e))?;
+    let ce_header = format!("ce-{attr}");
+    if extensions.iter().any(|x| x.ce_header == ce_header) {
+        return Err(err(field, format!("extension '{attr}' is set twice")));
+    }
+    if extensions.iter().any(|x| x.header == header) {
+        return Err(err(field, format!("header '{header}' is copied twice")));
+    }
+    extensions.push(Extension { header, ce_header });
+    Ok(())
 }
 
 fn parse_match(raw: RawMatch, field: &str) -> Result<Matcher, ConfigError> {
@@ -572,6 +617,27 @@ mod tests {
         assert_eq!(c.find(None, "GET", "/"), None);
     }
 
+    #[test]
+    fn kong_consumer_becomes_extensions() {
+        let c = ok(
+            r#"{"rules":[{"topic":"t","type":"x","extensions":{"x-tenant":"tenant"},
+                "consumer":{"id":"consumerid","credential":"credential"}}]}"#,
+        );
+        let got: Vec<(&str, &str)> = c.rules[0]
+            .extensions
+            .iter()
+            .map(|e| (e.header.as_str(), e.ce_header.as_str()))
+            .collect();
+        assert_eq!(
+            got,
+            [
+                ("x-tenant", "ce-tenant"),
+                ("x-consumer-id", "ce-consumerid"),
+                ("x-credential-identifier", "ce-credential")
+            ]
+        );
+    }
+
     /// Each invalid config is refused with the field and the reason an operator needs.
     #[test]
     fn invalid_configs_name_the_field() {
@@ -614,6 +680,18 @@ mod tests {
             ),
             (rule(r#","extensions":{"x-a":"My.Ext"}"#), "rules[0].extensions.x-a", "lower-case"),
             (rule(r#","extensions":{"x-a":"id"}"#), "rules[0].extensions.x-a", "reserved"),
+            (
+                rule(r#","extensions":{"x-a":"t","x-b":"t"}"#),
+                "rules[0].extensions.x-b",
+                "set twice",
+            ),
+            (rule(r#","consumer":{"id":"X"}"#), "rules[0].consumer.id", "lower-case"),
+            (rule(r#","consumer":{"group":"g"}"#), "rules[0].consumer", "unknown field `group`"),
+            (
+                rule(r#","extensions":{"x-consumer-id":"c"},"consumer":{"id":"d"}"#),
+                "rules[0].consumer.id",
+                "copied twice",
+            ),
             (
                 r#"{"rules":[{"name":"a","topic":"t","type":"x"},{"name":"a","topic":"t","type":"x"}]}"#.into(),
                 "rules[1].name",
