@@ -375,7 +375,7 @@ mod tests {
 
     fn conformance(file: &str) -> Vec<(String, Value)> {
         let path = format!(
-            "{}/../../shared/cloudevents/conformance/format-json/{file}",
+            "{}/../tests/fixtures/cloudevents/conformance/format-json/{file}",
             env!("CARGO_MANIFEST_DIR")
         );
         let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{path}: {e}"));

@@ -77,7 +77,7 @@ mod tests {
     fn vectors() -> Value {
         let path = concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../../shared/cloudevents/vectors/http-header-percent-encoding.json"
+            "/../tests/fixtures/cloudevents/vectors/http-header-percent-encoding.json"
         );
         let text = std::fs::read_to_string(path).expect("percent-encoding vectors readable");
         serde_json::from_str(text.trim_start_matches('\u{feff}')).expect("vectors are JSON")
