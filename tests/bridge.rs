@@ -215,7 +215,8 @@ async fn idempotency_key_and_incoming_cloudevents() {
     assert_eq!(resp.0, 202, "{}", String::from_utf8_lossy(&resp.2));
     assert_eq!(json_of(&resp.2)["id"], "evt-str-1");
 
-    let recs = s.broker.records(ORDERS, 3, WAIT);
+    // Read on after the third, so that a fourth (a wrapped-again event) would show.
+    let recs = s.broker.records_settled(ORDERS, 3, WAIT);
     assert_eq!(recs.len(), 3);
     assert_eq!(recs[0].header("ce_id"), Some("order-7-attempt"));
     assert_eq!(recs[0].key_str(), Some("ord-7"));
@@ -444,7 +445,18 @@ async fn bad_requests_get_precise_answers() {
 
     assert!(s.broker.all_records(ORDERS).is_empty());
     assert!(s.broker.all_records(PAYMENTS).is_empty());
-    let _ = &s.sidecar;
+    // Who answered what: the filter itself the two 413s, the bad JSON, the two unresolved
+    // keys and the tap's broken body (which then went upstream without an event); the
+    // sidecar the unknown topic and the bad time, relayed.
+    for (counter, want) in [
+        ("eventwire_requests_rejected_total", 6),
+        ("eventwire_sidecar_refused_total", 2),
+        ("eventwire_passthrough_total", 1),
+        ("eventwire_sidecar_unavailable_total", 0),
+        ("eventwire_events_accepted_total", 0),
+    ] {
+        assert_eq!(s.envoy.counter(counter).await, want, "{counter}");
+    }
 }
 
 /// Sends raw bytes and returns the whole answer (the request must say `connection: close`).
