@@ -573,7 +573,8 @@ async fn slow_client_is_closed_with_4008_while_a_fast_client_gets_everything() {
         "fast client finished {behind:?} after the producer"
     );
 
-    // The slow client now reads: a prefix of the events, then the close with the cursor.
+    // The slow client now reads: a prefix of the events, then the close with the cursor
+    // (reading ends at the close; the 20 s are only its deadline).
     let got = slow.drain(Duration::from_secs(20)).await;
     let Some(Some(close)) = slow.closed.clone() else {
         panic!("slow client was not closed (got {} events)", got.len());
