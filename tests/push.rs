@@ -10,7 +10,10 @@ use std::time::Duration;
 
 const ORDERS: &str = "order-placed-events";
 const WAIT: Duration = Duration::from_secs(15);
-/// Long enough for a stray event to show up, short enough to keep the suite quick.
+/// How long to go on listening after the events a test waited for, to prove that nothing
+/// more comes (a stray, a duplicate). The only fixed wait here: it is the check itself, never
+/// a wait for something to happen. Long enough for a stray event to show up, short enough to
+/// keep the suite quick.
 const QUIET: Duration = Duration::from_millis(1500);
 
 async fn stack(topics: &[(&str, i32)], sidecar_args: &[&str]) -> Stack {
@@ -154,7 +157,9 @@ async fn websocket_and_sse_through_envoy_receive_bridged_orders_in_order_per_key
             "sse order for {key}"
         );
     }
-    assert!(ws.drain(QUIET).await.is_empty(), "nothing beyond the 15");
+    let (ws_more, sse_more) = tokio::join!(ws.drain(QUIET), sse.take(usize::MAX, QUIET));
+    assert!(ws_more.is_empty(), "websocket: nothing beyond the 15");
+    assert!(sse_more.is_empty(), "sse: nothing beyond the 15");
 }
 
 /// Event ids as owned strings, for the `(key, id, type, subject)` tuples `produce_events` takes.
@@ -291,23 +296,28 @@ async fn filters_select_events_per_dialect_and_malformed_ones_are_refused() {
         &[("k1", "e7", "com.example.order.placed", "customer-42")],
     )
     .await;
+    let wants: Vec<Vec<String>> = cases
+        .iter()
+        .map(|(_, _, want)| {
+            want.iter()
+                .map(|id| {
+                    if *id == "e6" {
+                        e6.clone()
+                    } else {
+                        id.to_string()
+                    }
+                })
+                .collect()
+        })
+        .collect();
     let results = futures_util::future::join_all(
         clients
             .iter_mut()
-            .map(|(_, c)| async { c.drain(Duration::from_secs(4)).await }),
+            .zip(&wants)
+            .map(|((_, c), want)| c.take_settled(want.len(), WAIT, QUIET)),
     )
     .await;
-    for ((name, _, want), got) in cases.iter().zip(results) {
-        let want: Vec<String> = want
-            .iter()
-            .map(|id| {
-                if *id == "e6" {
-                    e6.clone()
-                } else {
-                    id.to_string()
-                }
-            })
-            .collect();
+    for (((name, _, _), want), got) in cases.iter().zip(wants).zip(results) {
         assert_eq!(sorted(ids(&got)), sorted(want), "filter {name}");
         got.iter().for_each(|f| assert_envelope(f, ORDERS, 3));
     }
@@ -402,30 +412,62 @@ async fn replay_from_earliest_a_cursor_a_time_and_sse_last_event_id() {
     let got = ws.take(4, WAIT).await;
     assert_eq!(got.len(), 4);
     let saved = got[3]["cursor"].as_str().unwrap_or_default().to_string();
-    let mut rest = ws.drain(QUIET).await;
+    let mut rest = ws.take_settled(first.len() - got.len(), WAIT, QUIET).await;
     ws.close().await;
     let mut all = got.clone();
     all.append(&mut rest);
     assert_eq!(sorted(ids(&all)), sorted(id_list(&first)));
     assert_contiguous(&all);
 
-    // A saved cursor: exactly what came after it, including events published meanwhile.
-    let time_mark = {
-        tokio::time::sleep(Duration::from_millis(1100)).await;
-        let t = std::time::SystemTime::now();
-        tokio::time::sleep(Duration::from_millis(1100)).await;
-        t
+    // A time mark just after the first batch's record timestamps (CreateTime, set by the
+    // producer); the second batch is produced once the clock has passed it, so it lies at or
+    // after the mark and the first batch before it. Both are checked on the stored records.
+    // Timestamps of `batch`'s records, once the topic holds `total` records.
+    let stamps = |batch: &[(String, String)], total: usize| -> Vec<i64> {
+        let wanted: HashSet<String> = id_list(batch).into_iter().collect();
+        s.broker
+            .records(ORDERS, total, WAIT)
+            .iter()
+            .filter(|r| r.header("ce_id").is_some_and(|id| wanted.contains(id)))
+            .map(|r| {
+                r.timestamp
+                    .unwrap_or_else(|| panic!("record without timestamp"))
+            })
+            .collect()
     };
+    let first_stamps = stamps(&first, first.len());
+    assert_eq!(first_stamps.len(), first.len(), "first batch timestamps");
+    let mark_ms = first_stamps.iter().max().map_or(0, |t| t + 1);
+    let now_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64)
+    };
+    wait_until(
+        "the clock to pass the first batch's last timestamp",
+        WAIT,
+        || std::future::ready(now_ms() >= mark_ms),
+    )
+    .await;
+    let time_mark = std::time::UNIX_EPOCH + Duration::from_millis(mark_ms as u64);
+
+    // A saved cursor: exactly what came after it, including events published meanwhile.
     let second = numbered("b", 0..6, 4);
     produce_numbered(&boot, ORDERS, &second, 0).await;
-    let mut ws = WsClient::connect(&s.ws_url(&subscribe_path(ORDERS, &[("from", &saved)]))).await;
-    let resumed = ws.drain(QUIET).await;
+    let second_stamps = stamps(&second, first.len() + second.len());
+    assert_eq!(second_stamps.len(), second.len(), "second batch timestamps");
+    assert!(
+        second_stamps.iter().all(|t| *t >= mark_ms),
+        "second batch {second_stamps:?} before the mark {mark_ms}"
+    );
     let mut want: Vec<String> = id_list(&first)
         .into_iter()
         .chain(id_list(&second))
         .collect();
     let seen: HashSet<String> = ids(&got).into_iter().collect();
     want.retain(|id| !seen.contains(id));
+    let mut ws = WsClient::connect(&s.ws_url(&subscribe_path(ORDERS, &[("from", &saved)]))).await;
+    let resumed = ws.take_settled(want.len(), WAIT, QUIET).await;
     assert_eq!(sorted(ids(&resumed)), sorted(want), "resume from {saved}");
     assert_contiguous(&resumed);
 
@@ -434,14 +476,18 @@ async fn replay_from_earliest_a_cursor_a_time_and_sse_last_event_id() {
     let stamp = rfc3339(time_mark);
     let mut ws = WsClient::connect(&s.ws_url(&subscribe_path(ORDERS, &[("from", &stamp)]))).await;
     assert_eq!(
-        sorted(ids(&ws.drain(QUIET).await)),
+        sorted(ids(&ws.take_settled(second.len(), WAIT, QUIET).await)),
         sorted(id_list(&second)),
         "from {stamp}"
     );
     let future = rfc3339(std::time::SystemTime::now() + Duration::from_secs(5));
     let mut ws = WsClient::connect(&s.ws_url(&subscribe_path(ORDERS, &[("from", &future)]))).await;
     produce_events(&boot, ORDERS, &[("k0", "c-0", "com.example.test", "s")]).await;
-    assert_eq!(ids(&ws.drain(QUIET).await), ["c-0"], "from {future}");
+    assert_eq!(
+        ids(&ws.take_settled(1, WAIT, QUIET).await),
+        ["c-0"],
+        "from {future}"
+    );
 
     // SSE: Last-Event-ID wins over `from` and resumes right after that event.
     let url = s
@@ -453,7 +499,8 @@ async fn replay_from_earliest_a_cursor_a_time_and_sse_last_event_id() {
     let last_id = head[4].id.clone().unwrap_or_default();
     drop(sse);
     let mut sse = SseClient::connect(&url, Some(&last_id)).await;
-    let tail = sse.take(usize::MAX, QUIET).await;
+    // 10 + 6 + 1 events, 5 of them before the resume.
+    let tail = sse.take_settled(17 - head.len(), WAIT, QUIET).await;
     let head_ids: Vec<String> = ids(&head.iter().map(SseEvent::json).collect::<Vec<_>>());
     let tail_frames: Vec<Value> = tail.iter().map(SseEvent::json).collect();
     let mut everything = head_ids.clone();
@@ -526,7 +573,8 @@ async fn slow_client_is_closed_with_4008_while_a_fast_client_gets_everything() {
         "fast client finished {behind:?} after the producer"
     );
 
-    // The slow client now reads: a prefix of the events, then the close with the cursor.
+    // The slow client now reads: a prefix of the events, then the close with the cursor
+    // (reading ends at the close; the 20 s are only its deadline).
     let got = slow.drain(Duration::from_secs(20)).await;
     let Some(Some(close)) = slow.closed.clone() else {
         panic!("slow client was not closed (got {} events)", got.len());
@@ -705,9 +753,15 @@ async fn idle_streams_are_pinged_and_a_vanished_client_is_cleaned_up() {
 
     // SSE: `: ping` comments keep an idle stream alive.
     let mut sse = SseClient::connect(&sidecar.url(&path), None).await;
-    let idle = sse.take(1, Duration::from_millis(2500)).await;
-    assert!(idle.is_empty(), "{idle:?}");
-    assert!(sse.comments >= 2, "{} ping comments in 2.5 s", sse.comments);
+    let idle = sse
+        .until_comments(2, tokio::time::Instant::now() + WAIT)
+        .await;
+    assert!(idle.is_empty(), "events on an idle topic: {idle:?}");
+    assert!(
+        sse.comments >= 2,
+        "{} ping comments within {WAIT:?} at a 1 s interval",
+        sse.comments
+    );
     drop(sse);
 
     // A WebSocket client that reads nothing answers no ping: dropped after three intervals,
@@ -720,14 +774,18 @@ async fn idle_streams_are_pinged_and_a_vanished_client_is_cleaned_up() {
             async move { found }
         }
     };
-    assert!(
-        wait_until(Duration::from_secs(10), log_has("stopped answering pings")).await,
-        "silent client not dropped"
-    );
-    assert!(
-        wait_until(Duration::from_secs(5), log_has("fan-out hub stopped")).await,
-        "hub kept its consumer without subscribers"
-    );
+    wait_until(
+        "the silent client to be dropped (log: stopped answering pings)",
+        Duration::from_secs(10),
+        log_has("stopped answering pings"),
+    )
+    .await;
+    wait_until(
+        "the hub to stop its consumer without subscribers (log: fan-out hub stopped)",
+        Duration::from_secs(5),
+        log_has("fan-out hub stopped"),
+    )
+    .await;
     drop(ws);
 
     // Open streams do not hold up a graceful shutdown; they are told why they end.
@@ -822,18 +880,12 @@ async fn subscriber_limit_and_internal_topics_are_refused_before_the_upgrade() {
 
     // A client that leaves frees its place.
     ws.close().await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    loop {
-        let last = refused(&s, &path).await;
-        if last.0 == 200 {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "place not freed: {last:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    wait_until(
+        "the closed WebSocket's place to be free (a subscription answered 200)",
+        Duration::from_secs(10),
+        || async { refused(&s, &path).await.0 == 200 },
+    )
+    .await;
 
     // Methods other than GET: 405 with `Allow`.
     let resp = s

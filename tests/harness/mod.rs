@@ -1,6 +1,8 @@
 //! End-to-end harness: starts the real broker (Tansu, sqlite storage), the sidecar, Envoy
 //! with the built `.wasm`, and an in-process upstream, each on its own loopback ports and
-//! directories so tests run in parallel. Every process is stopped when its handle drops,
+//! directories so tests run in parallel. No port is picked and released: the upstream and
+//! Envoy bind port 0 and report what they got, the sidecar and the broker bind a port that
+//! a `HeldPort` keeps for them (see there), so parallel test processes never collide. Every process is stopped when its handle drops,
 //! also when the test fails (and, via PR_SET_PDEATHSIG, when the test process dies).
 
 pub mod broker;
@@ -11,7 +13,7 @@ pub mod upstream;
 
 pub use broker::{Broker, Record};
 pub use envoy::{Envoy, EnvoyConfig};
-pub use proc::{Proc, free_port, repo_root};
+pub use proc::{HeldPort, Proc, repo_root};
 pub use upstream::{Received, Upstream};
 
 use std::path::PathBuf;
@@ -49,13 +51,16 @@ pub fn paths() -> Paths {
     }
 }
 
-/// The sidecar process on its own port and data directory (spool, status log).
+/// The sidecar process on its own port and data directory (spool, status log). The port is
+/// held for the whole life of this value, so a restart gets it again and nothing else can.
 pub struct Sidecar {
     pub proc: Proc,
     pub port: u16,
     brokers: String,
     args: Vec<String>,
     data: tempfile::TempDir,
+    // Last: released only after the process has been stopped.
+    _held: HeldPort,
 }
 
 impl Sidecar {
@@ -69,7 +74,8 @@ impl Sidecar {
             .prefix("eventwire-sidecar-data-")
             .tempdir()
             .unwrap_or_else(|e| panic!("tempdir: {e}"));
-        let port = free_port();
+        let held = HeldPort::new();
+        let port = held.port;
         let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
         let proc = Self::spawn(brokers, port, &args, data.path());
         let sidecar = Sidecar {
@@ -78,6 +84,7 @@ impl Sidecar {
             brokers: brokers.to_string(),
             args,
             data,
+            _held: held,
         };
         sidecar.wait_healthy().await;
         sidecar
@@ -110,24 +117,23 @@ impl Sidecar {
     /// Up means answering `/healthz`; `/readyz` (broker reachable) is `wait_ready`'s.
     async fn wait_healthy(&self) {
         let url = self.url("/healthz");
-        let ok = wait_until(Duration::from_secs(30), || async {
+        let what = format!("the sidecar to answer {url}");
+        wait_until(&what, Duration::from_secs(30), || async {
+            assert!(!self.proc.exited(), "the sidecar exited instead of {what}");
             reqwest::get(&url).await.is_ok_and(|r| r.status() == 200)
         })
         .await;
-        assert!(
-            ok,
-            "sidecar not up on {}; log:\n{}",
-            self.port,
-            self.proc.log_tail()
-        );
     }
 
-    pub async fn wait_ready(&self) -> bool {
+    /// Waits until `/readyz` says the broker is reachable.
+    pub async fn wait_ready(&self) {
         let url = self.url("/readyz");
-        wait_until(Duration::from_secs(30), || async {
+        let what = format!("the sidecar to see the broker ({url})");
+        wait_until(&what, Duration::from_secs(30), || async {
+            assert!(!self.proc.exited(), "the sidecar exited instead of {what}");
             reqwest::get(&url).await.is_ok_and(|r| r.status() == 200)
         })
-        .await
+        .await;
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -152,7 +158,7 @@ impl Stack {
             broker.create_topic(t, *partitions).await;
         }
         let sidecar = Sidecar::start_with(&broker.bootstrap(), sidecar_args).await;
-        assert!(sidecar.wait_ready().await, "sidecar never saw the broker");
+        sidecar.wait_ready().await;
         let upstream = Upstream::start().await;
         let envoy = Envoy::start(cfg, sidecar.port, upstream.port).await;
         Stack {
@@ -165,25 +171,29 @@ impl Stack {
     }
 }
 
-/// Polls `check` every 50 ms until it holds or `limit` passes.
-pub async fn wait_until<F, Fut>(limit: Duration, mut check: F) -> bool
+/// Polls `check` until it holds; panics naming `what` (what never happened) once `limit`
+/// has passed. The 50 ms between polls is the polling interval, not a wait for anything.
+pub async fn wait_until<F, Fut>(what: &str, limit: Duration, mut check: F)
 where
     F: FnMut() -> Fut,
     Fut: std::future::Future<Output = bool>,
 {
-    let start = Instant::now();
+    let deadline = Instant::now() + limit;
     loop {
         if check().await {
-            return true;
+            return;
         }
-        if start.elapsed() > limit {
-            return false;
-        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {limit:?} waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 
 /// A unique topic name per test, so tests sharing nothing can also share no names.
 pub fn topic(prefix: &str) -> String {
-    format!("{prefix}-{}-{}", std::process::id(), free_port())
+    static NEXT: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    format!("{prefix}-{}-{n}", std::process::id())
 }

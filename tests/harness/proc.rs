@@ -1,13 +1,11 @@
-//! Child processes that are always stopped, and loopback ports.
+//! Child processes that are always stopped, and loopback ports held for them.
 
-use std::collections::HashSet;
 use std::fs::File;
 use std::io::Read;
-use std::net::TcpListener;
+use std::net::{Ipv4Addr, SocketAddr};
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
 pub fn repo_root() -> PathBuf {
@@ -17,19 +15,52 @@ pub fn repo_root() -> PathBuf {
         .unwrap_or_default()
 }
 
-static HANDED_OUT: Mutex<Option<HashSet<u16>>> = Mutex::new(None);
+/// A loopback port held for a child process (the sidecar, the broker) for as long as this
+/// value lives, across the child's restarts, so that no other process on the machine (another
+/// nextest process, its broker or proxy) can ever get it.
+///
+/// It is a socket bound to `127.0.0.1:0` with `SO_REUSEADDR` that never listens:
+/// - Linux never hands a port that a socket is bound to to another `bind` to port 0 (it
+///   shares one only when `net.ipv4.ip_autobind_reuse` is set, checked here), so every other
+///   harness port, all taken that way, differs from it;
+/// - the child binds the port by number, which `SO_REUSEADDR` allows while no socket listens
+///   on it (socket(7)); the child must set `SO_REUSEADDR` too, as everything binding through
+///   tokio/mio or Rust's std does on Unix (the sidecar and Tansu);
+/// - while the child is down nothing listens, so a connection is refused exactly as if the
+///   port were free, and a restarted child binds the same port again.
+pub struct HeldPort {
+    pub port: u16,
+    _socket: tokio::net::TcpSocket,
+}
 
-/// A loopback port that was free a moment ago and that this process has not handed out.
-pub fn free_port() -> u16 {
-    loop {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
+impl HeldPort {
+    pub fn new() -> HeldPort {
+        let autobind_reuse = std::fs::read_to_string("/proc/sys/net/ipv4/ip_autobind_reuse");
+        assert!(
+            autobind_reuse.as_deref().map_or(true, |v| v.trim() == "0"),
+            "net.ipv4.ip_autobind_reuse is set: port 0 binds may share a held port"
+        );
+        let socket = tokio::net::TcpSocket::new_v4().unwrap_or_else(|e| panic!("socket: {e}"));
+        socket
+            .set_reuseaddr(true)
+            .unwrap_or_else(|e| panic!("SO_REUSEADDR: {e}"));
+        socket
+            .bind(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)))
+            .unwrap_or_else(|e| panic!("no free loopback port: {e}"));
+        let port = socket
+            .local_addr()
             .map(|a| a.port())
-            .unwrap_or_else(|e| panic!("no free port: {e}"));
-        let mut guard = HANDED_OUT.lock().unwrap_or_else(|e| e.into_inner());
-        if guard.get_or_insert_with(HashSet::new).insert(port) {
-            return port;
+            .unwrap_or_else(|e| panic!("held port: {e}"));
+        HeldPort {
+            port,
+            _socket: socket,
         }
+    }
+}
+
+impl Default for HeldPort {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
@@ -74,6 +105,25 @@ impl Proc {
 
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
+    }
+
+    /// Whether the process has ended (without reaping it, so `&self` is enough).
+    pub fn exited(&self) -> bool {
+        let Some(child) = &self.child else {
+            return true;
+        };
+        // SAFETY: waitid(2) with WNOWAIT only peeks at our own child's state; siginfo_t is
+        // plain data that zeroed is valid for.
+        unsafe {
+            let mut info: libc::siginfo_t = std::mem::zeroed();
+            let rc = libc::waitid(
+                libc::P_PID,
+                child.id(),
+                &mut info,
+                libc::WEXITED | libc::WNOHANG | libc::WNOWAIT,
+            );
+            rc != 0 || info.si_pid() != 0
+        }
     }
 
     pub fn is_running(&mut self) -> bool {

@@ -116,6 +116,14 @@ impl WsClient {
         self.take(usize::MAX, quiet).await
     }
 
+    /// The `n` events expected (waiting up to `wait` for them), then whatever else arrives
+    /// within `quiet`: for asserting that exactly those came.
+    pub async fn take_settled(&mut self, n: usize, wait: Duration, quiet: Duration) -> Vec<Value> {
+        let mut got = self.take(n, wait).await;
+        got.extend(self.drain(quiet).await);
+        got
+    }
+
     pub async fn close(mut self) {
         let _ = self.ws.send(Message::Close(None)).await;
     }
@@ -199,6 +207,38 @@ impl SseClient {
             }
         }
         out
+    }
+
+    /// The `n` events expected (waiting up to `wait` for them), then whatever else arrives
+    /// within `quiet`: for asserting that exactly those came.
+    pub async fn take_settled(
+        &mut self,
+        n: usize,
+        wait: Duration,
+        quiet: Duration,
+    ) -> Vec<SseEvent> {
+        let mut got = self.take(n, wait).await;
+        got.extend(self.take(usize::MAX, quiet).await);
+        got
+    }
+
+    /// Reads until `n` comment lines (pings) have been seen in all, or `deadline`; returns
+    /// the events that came meanwhile.
+    pub async fn until_comments(&mut self, n: usize, deadline: Instant) -> Vec<SseEvent> {
+        let mut events = Vec::new();
+        loop {
+            while let Some(event) = self.parse_one() {
+                events.push(event);
+            }
+            if self.comments >= n || self.ended {
+                return events;
+            }
+            match timeout_at(deadline, self.resp.chunk()).await {
+                Err(_) => return events,
+                Ok(Ok(Some(bytes))) => self.buf.push_str(&String::from_utf8_lossy(&bytes)),
+                Ok(_) => self.ended = true,
+            }
+        }
     }
 
     fn parse_one(&mut self) -> Option<SseEvent> {
