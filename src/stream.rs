@@ -2,7 +2,7 @@
 //! headers to exactly one outcome (passed on untouched, event published and the request
 //! answered or resumed, or refused), calling the proxy only through [`Host`].
 //!
-//! Rules of the road (each learnt on a real host):
+//! Rules of the road (each learnt on a real host; see README "Envoy" and "Kong"):
 //! - every header the request needs is read in the headers phase (Envoy's SDK panics on a
 //!   later read once the headers were continued);
 //! - after a `Pause`, every path ends in exactly one `resume` or one local reply;

@@ -1134,7 +1134,7 @@ fn envoy_config() -> EnvoyConfig {
         "topic": UNKNOWN_TOPIC, "type": "com.example.ghost", "source": "/ghost",
     }));
     let json = serde_json::to_string_pretty(&cfg).unwrap_or_default();
-    shipped.with_filter_config(&json)
+    shipped.on_every_route().with_filter_config(&json)
 }
 
 #[tokio::test]

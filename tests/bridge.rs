@@ -172,6 +172,36 @@ async fn reference_scenario_bridge_tap_and_untouched_routes() {
     assert_eq!(s.broker.all_records(PAYMENTS).len(), 1);
     assert_eq!(s.envoy.counter("eventwire_events_accepted_total").await, 2);
     assert_eq!(s.envoy.counter("eventwire_passthrough_total").await, 0);
+    // Enabled per route: the two untouched requests never reached the filter.
+    assert_eq!(s.envoy.counter("eventwire_requests_total").await, 2);
+}
+
+/// The other enablement style (filter on every route, rules by route name) publishes the same,
+/// but every request pays for a filter context; the shipped per-route style creates none for
+/// untouched routes (the counter above stays at the enabled routes' 2).
+#[tokio::test]
+async fn filter_on_every_route_picks_routes_by_name() {
+    let s = stack(
+        EnvoyConfig::shipped().on_every_route(),
+        &[(ORDERS, 1), (PAYMENTS, 1)],
+    )
+    .await;
+    let json = ("content-type", "application/json");
+    assert_eq!(s.post("/orders", &[json], br#"{"id":"o-1"}"#).await.0, 202);
+    assert_eq!(
+        s.post("/payments", &[json], br#"{"order_id":"o-1"}"#)
+            .await
+            .0,
+        200
+    );
+    for path in ["/products", "/orders/o-1/notes"] {
+        assert_eq!(s.post(path, &[json], b"{}").await.0, 200, "{path}");
+    }
+    assert_eq!(s.broker.records_settled(ORDERS, 1, WAIT).len(), 1);
+    assert_eq!(s.broker.records_settled(PAYMENTS, 1, WAIT).len(), 1);
+    assert_eq!(s.upstream.received().len(), 3);
+    assert_eq!(s.envoy.counter("eventwire_requests_total").await, 4);
+    assert_eq!(s.envoy.counter("eventwire_events_accepted_total").await, 2);
 }
 
 #[tokio::test]
@@ -242,7 +272,7 @@ async fn idempotency_key_and_incoming_cloudevents() {
 /// The CloudEvents conformance suite's valid events, sent structured through Envoy.
 #[tokio::test]
 async fn conformance_events_pass_through_envoy() {
-    let cfg = EnvoyConfig::shipped().with_filter_config(
+    let cfg = EnvoyConfig::shipped().on_every_route().with_filter_config(
         r#"{"rules":[{"name":"ingest","match":{"method":"POST","path":"/events"},
             "topic":"ingest-events","type":"com.example.unused"}]}"#,
     );
@@ -346,7 +376,7 @@ async fn sidecar_down_gives_503_and_tap_passes_through() {
 
 #[tokio::test]
 async fn bad_requests_get_precise_answers() {
-    let cfg = EnvoyConfig::shipped().with_filter_config(
+    let cfg = EnvoyConfig::shipped().on_every_route().with_filter_config(
         r#"{"sidecar":{"upstream":"eventwire_sidecar","timeout_ms":3000},
             "max_body_bytes": 65536,
             "rules":[

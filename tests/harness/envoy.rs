@@ -42,6 +42,18 @@ impl EnvoyConfig {
         lines[start + 1..end].join("\n")
     }
 
+    /// The other enablement style: the filter on every route of the listener (the shipped
+    /// file has it off and enables it per route), its rules picking routes by name or path.
+    pub fn on_every_route(mut self) -> EnvoyConfig {
+        let off = "            disabled: true\n";
+        assert!(
+            self.yaml.contains(off),
+            "envoy.yaml no longer disables the filter by default"
+        );
+        self.yaml = self.yaml.replacen(off, "", 1);
+        self
+    }
+
     /// Replaces the filter's JSON configuration (the `value: |` block).
     pub fn with_filter_config(mut self, json: &str) -> EnvoyConfig {
         let (start, end, indent) = self.filter_block();
@@ -194,7 +206,8 @@ impl Envoy {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
 
-    /// A counter the filter defined (`wasmcustom.<name>` in Envoy's /stats), 0 if absent.
+    /// A counter the filter defined (`wasmcustom.<name>` in Envoy's /stats). The filter
+    /// defines all of them at configure time, so an absent one is a failure, not a 0.
     pub async fn counter(&self, name: &str) -> u64 {
         let url = format!("http://127.0.0.1:{}/stats", self.admin_port);
         let text = match reqwest::get(&url).await {
@@ -205,7 +218,7 @@ impl Envoy {
         text.lines()
             .find_map(|l| l.strip_prefix(want.as_str()))
             .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0)
+            .unwrap_or_else(|| panic!("no counter wasmcustom.{name} in Envoy's /stats"))
     }
 
     /// `envoy --mode validate` on a config: (accepted, everything Envoy printed).
