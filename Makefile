@@ -114,8 +114,12 @@ fmt:
 
 ## ---- measurements (not part of `make test` or CI; tests never assert on time) ----
 
+# The load tool comes from Debian, like the browser; only the benches need it.
 bench: deps build
-	cargo nextest run --release -p eventwire-e2e --test bench --run-ignored only --no-capture
+	@command -v wrk >/dev/null || { SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq wrk; }
+	cargo nextest run --release -p eventwire-e2e --test bench --run-ignored only --test-threads 1 --no-capture
+	scripts/benchmarks-md.sh
 
 ## ---- fuzzing (not part of `make test` or CI) ----
 # cargo fuzz (libFuzzer) on the filter's config parser and request builder and the sidecar's

