@@ -66,6 +66,19 @@ impl EnvoyConfig {
         self
     }
 
+    /// Adds `POST /bench/direct` answered by Envoy itself (`direct_response` 202): the ceiling
+    /// a bridge can reach on the same listener, for `make bench`.
+    pub fn with_direct_response_route(mut self) -> EnvoyConfig {
+        let default = "              - name: default\n";
+        let route = "              - name: direct\n                match: { path: /bench/direct }\n                direct_response: { status: 202, body: { inline_string: \"{}\" } }\n";
+        assert!(
+            self.yaml.contains(default),
+            "envoy.yaml has no default route"
+        );
+        self.yaml = self.yaml.replacen(default, &format!("{route}{default}"), 1);
+        self
+    }
+
     /// Replaces the filter's JSON configuration (the `value: |` block).
     pub fn with_filter_config(mut self, json: &str) -> EnvoyConfig {
         let (start, end, indent) = self.filter_block();
