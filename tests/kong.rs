@@ -200,6 +200,18 @@ async fn bridge_tap_and_untouched_routes_through_kong() {
     assert_eq!(status.status().as_u16(), 200);
     let status: Value = status.json().await.unwrap_or_default();
     assert_eq!(status["status"], "published", "{status}");
+    // So does the push route: a WebSocket upgrade through the host to the sidecar.
+    let ws_url = format!(
+        "ws://127.0.0.1:{}{}",
+        s.kong.port,
+        push::subscribe_path(ORDERS, &[("from", "earliest")])
+    );
+    let mut ws = push::WsClient::connect(&ws_url).await;
+    let frames = ws.take(1, WAIT).await;
+    assert_eq!(frames.len(), 1, "no event over the WebSocket through Kong");
+    assert_eq!(frames[0]["key"], "ord-1001", "{}", frames[0]);
+    assert_eq!(frames[0]["event"]["id"], id.as_str(), "{}", frames[0]);
+    ws.close().await;
 
     // Tap: the upstream gets the request byte-exact, and the event is published.
     let pay = br#"{"order_id":"ord-1001","amount":99.5}"#;

@@ -128,7 +128,10 @@ enum Parsed {
     Bad,
 }
 
-fn head(buf: &[u8]) -> Result<Option<(usize, u16, Vec<(String, Vec<u8>)>)>, ()> {
+/// A response head: its length, status and headers.
+type Head = (usize, u16, Vec<(String, Vec<u8>)>);
+
+fn head(buf: &[u8]) -> Result<Option<Head>, ()> {
     let mut hs = [httparse::EMPTY_HEADER; 128];
     let mut r = httparse::Response::new(&mut hs);
     match r.parse(buf) {

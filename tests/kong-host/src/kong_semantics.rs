@@ -35,6 +35,7 @@
 //! | 26 | `proxy_set_tick_period_milliseconds` only in the root context, once. | `ngx_proxy_wasm_host.c:268-290` |
 //! | 27 | The filter's name is the `.wasm` file's basename; a JSON `config` (filter with a `config_schema` in `<name>.meta.json`) reaches `on_configure` as its JSON text. | `kong.conf.default` `wasm_filters_path`, `kong/runloop/wasm.lua:686-720`; note |
 //! | 28 | Chains: a route's and its service's chains both apply (service filters first); filters or chains with `enabled: false` are skipped. | `kong/runloop/wasm.lua:540-600, 672-683` |
+//! | 29 | L4 (stream) contexts: Kong never calls `on_new_connection`/`on_downstream_data`/...; `proxy_continue_stream` for the downstream/upstream stream types, the L4 data buffers and `proxy_resume_downstream`/`_upstream` TRAP. | `docs/PROXY_WASM.md` "Supported Entrypoints" (NYI), `ngx_proxy_wasm_host.c:1016-1020, 2042-2048` (the engine answers an error the SDK panics on); note ("L4": trap) |
 //!
 //! Assumptions (neither the sources nor the note say, or this host simplifies):
 //! - hostnames in dispatches resolve with the system resolver (Kong: its Lua DNS client);
@@ -48,6 +49,11 @@
 //! - `proxy_call_foreign_function` (`resolve_lua`) and the vNEXT ABI names are not
 //!   emulated: a foreign call traps, a module importing a vNEXT name fails to load;
 //! - `proxy_set_effective_context` is accepted and ignored (one context per callback here);
+//! - one instance per filter entry of a chain (Kong shares one instance per module and
+//!   worker, with a root context per entry; a trap there discards all of them);
+//! - Kong also validates a filter's JSON config against its `config_schema` when the
+//!   declarative config is loaded; this host only requires the schema to exist (the tests
+//!   validate `kong/kong.yml` against it);
 //! - contexts whose client went away get no `on_log`/`on_done`.
 
 use crate::abi::{self, Ctx, HostData};
@@ -741,6 +747,11 @@ pub fn link(linker: &mut Linker<HostData>) -> wasmtime::Result<()> {
                     .map(|a| a.body.clone())
                     .filter(|b| !b.is_empty())
             }
+            // L4 data buffers (row 29).
+            2 | 3 => {
+                let msg = format!("{} (L4 buffer type {bt})", nyi("proxy_get_buffer_bytes"));
+                return Err(trap(&mut c, msg));
+            }
             6 => None,
             7 => Some(kong(&mut c).config.clone()).filter(|b| !b.is_empty()),
             _ => {
@@ -1048,6 +1059,12 @@ pub fn link(linker: &mut Linker<HostData>) -> wasmtime::Result<()> {
                     }
                     Ok(status::OK)
                 }
+                // L4 (downstream/upstream data): the engine logs NYI and fails the call,
+                // which the SDK turns into a panic; the note records L4 as a trap (row 29).
+                2 | 3 => Err(trap(
+                    &mut c,
+                    format!("{} (L4 stream type {ty})", nyi("proxy_continue_stream")),
+                )),
                 _ => {
                     kong(&mut c)
                         .shared
@@ -1058,6 +1075,11 @@ pub fn link(linker: &mut Linker<HostData>) -> wasmtime::Result<()> {
             }
         },
     )?;
+    for name in ["proxy_resume_downstream", "proxy_resume_upstream"] {
+        linker.func_wrap("env", name, move |mut c: Ctx<'_>| -> R {
+            Err(trap(&mut c, nyi(name)))
+        })?;
+    }
     linker.func_wrap("env", "proxy_continue_request", |mut c: Ctx<'_>| -> R {
         if let Some(ex) = ex_mut(&mut c) {
             ex.resumed = true;
@@ -1963,10 +1985,10 @@ impl Chain {
     pub async fn respond(&self, mut st: ChainState, ex: Exchange, resp: Resp) -> Resp {
         let mut ex = Some(ex);
         while let Some(done) = st.pending.join_next().await {
-            if let Ok((fi, answer)) = done {
-                if self.deliver(&mut st, &mut ex, fi, answer).is_err() {
-                    break;
-                }
+            if let Ok((fi, answer)) = done
+                && self.deliver(&mut st, &mut ex, fi, answer).is_err()
+            {
+                break;
             }
         }
         if let Some(e) = ex.as_mut() {
