@@ -410,6 +410,12 @@ async fn host_traps_on_calls_kong_lacks() {
         ),
         ("/queue", "host trap (bad usage): could not find queue"),
         ("/trailers", "trailers map"),
+        // Bad dispatch arguments trap at once, as in Kong (not an error status).
+        ("/method-missing", "dispatch failed: no :method"),
+        (
+            "/port-invalid",
+            "dispatch failed: tcp socket - invalid port",
+        ),
     ];
     for (i, (path, why)) in traps.iter().enumerate() {
         let (status, body) = get(path).await;
@@ -435,14 +441,14 @@ async fn host_traps_on_calls_kong_lacks() {
     let (status, _) = get("/continue").await;
     assert_eq!(status, 200);
     let got: Vec<String> = upstream.received().into_iter().map(|r| r.path).collect();
-    assert_eq!(got, ["/ok", "/ok", "/ok", "/ok", "/continue"]);
+    assert_eq!(got, ["/ok", "/ok", "/ok", "/ok", "/ok", "/ok", "/continue"]);
     let status: Value = reqwest::get(format!("http://127.0.0.1:{}/status", kong.admin_port))
         .await
         .unwrap_or_else(|e| panic!("status: {e}"))
         .json()
         .await
         .unwrap_or_default();
-    assert_eq!(status["traps"], 4, "{status}");
+    assert_eq!(status["traps"], traps.len(), "{status}");
 }
 
 /// A size as kong.conf writes it (`2m`, `8k`).

@@ -429,3 +429,32 @@ pub async fn proxy_stream(up: &Upstream, mut req: Request<Incoming>) -> Response
     parts.headers.remove("keep-alive");
     Response::from_parts(parts, body.boxed())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_are_read_by_their_framing() {
+        let done = |b: &[u8]| match parse_response(b) {
+            Parsed::Done(a) => (a.status, a.body),
+            Parsed::More => panic!("incomplete: {}", String::from_utf8_lossy(b)),
+            Parsed::Bad => panic!("bad: {}", String::from_utf8_lossy(b)),
+        };
+        assert_eq!(
+            done(b"HTTP/1.1 202 Accepted\r\ncontent-length: 2\r\n\r\n{}"),
+            (Some(202), b"{}".to_vec())
+        );
+        assert_eq!(
+            done(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n"),
+            (Some(200), b"abc".to_vec())
+        );
+        assert!(matches!(
+            parse_response(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nab"),
+            Parsed::More
+        ));
+        assert!(matches!(parse_response(b"garbage\r\n\r\n"), Parsed::Bad));
+        let eof = parse_response_at_eof(b"HTTP/1.1 200 OK\r\n\r\nuntil close");
+        assert_eq!(eof.map(|a| a.body), Some(b"until close".to_vec()));
+    }
+}

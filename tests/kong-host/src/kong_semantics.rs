@@ -2072,3 +2072,83 @@ enum StepEnd {
     Local,
     Failed,
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn dispatch_targets_are_literal_addresses() {
+        let addr = |s: &str| match parse_target(s, false) {
+            Ok(Target::Addr(a)) => a.to_string(),
+            other => panic!("{s}: {other:?}"),
+        };
+        assert_eq!(addr("127.0.0.1:8090"), "127.0.0.1:8090");
+        assert_eq!(addr("127.0.0.1"), "127.0.0.1:80");
+        assert_eq!(addr("[::1]:8090"), "[::1]:8090");
+        assert!(matches!(parse_target("127.0.0.1", true), Ok(Target::Addr(a)) if a.port() == 443));
+        assert!(
+            matches!(parse_target("unix:/run/sidecar.sock", false), Ok(Target::Unix(p)) if p.to_str() == Some("/run/sidecar.sock"))
+        );
+        // A name (e.g. an Envoy cluster name) is resolved, not taken as an address.
+        assert!(
+            matches!(parse_target("eventwire_sidecar", false), Ok(Target::Name(n, 80)) if n == "eventwire_sidecar")
+        );
+        // Synchronous failures are traps with the engine's wording.
+        for (bad, why) in [
+            ("127.0.0.1:http", "invalid port"),
+            ("127.0.0.1:0", "invalid port"),
+            (":8090", "no host"),
+            ("[::1", "invalid host"),
+        ] {
+            assert_eq!(
+                parse_target(bad, false).err(),
+                Some(format!("dispatch failed: tcp socket - {why}")),
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn properties_are_kongs() {
+        let shared = Arc::new(Shared::new(KongConf::default(), Vec::new(), false));
+        let mut k = VmState {
+            shared,
+            filter: "eventwire".into(),
+            root_id: 1,
+            config: Vec::new(),
+            step: Step::RequestHeaders,
+            ex: None,
+            answer: None,
+            root_calls: Vec::new(),
+            tick_period: 0,
+            trap: None,
+            metric_ids: Vec::new(),
+        };
+        // Outside a request: scoped properties fail, plugin_name works.
+        assert_eq!(property(&k, "request.path"), Err(()));
+        assert_eq!(property(&k, "plugin_name"), Ok(Some(b"eventwire".to_vec())));
+        k.ex = Some(Exchange {
+            method: "POST".into(),
+            path: "/orders?x=1".into(),
+            client: "10.1.2.3:5555".parse().ok(),
+            route_id: Some("r-1".into()),
+            ..Default::default()
+        });
+        let get = |p: &str| {
+            property(&k, p)
+                .ok()
+                .flatten()
+                .map(|v| String::from_utf8_lossy(&v).into_owned())
+        };
+        assert_eq!(get("request.path").as_deref(), Some("/orders?x=1"));
+        assert_eq!(get("request.url_path").as_deref(), Some("/orders"));
+        assert_eq!(get("request.method").as_deref(), Some("POST"));
+        assert_eq!(get("source.address").as_deref(), Some("10.1.2.3"));
+        assert_eq!(get("kong.route_id").as_deref(), Some("r-1"));
+        assert_eq!(get("kong.version").as_deref(), Some(KONG_VERSION));
+        assert_eq!(get("ngx.nginx_version").as_deref(), Some(NGINX_VERSION));
+        assert_eq!(get("xds.route_name"), None);
+        assert_eq!(get("route_name"), None);
+    }
+}
