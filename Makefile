@@ -104,7 +104,9 @@ test-unit:
 	cargo test -p eventwire -p eventwire-contract --lib
 	PATH="$(WBG_BIN):$$PATH" cargo test-wasm
 	cargo test --release -p eventwire-sidecar
-	cargo test --release -p eventwire-kong-host
+	# The Kong host's unit tests, with the package set of `make sidecar`: the same features,
+	# so wasmtime is not compiled a second time.
+	cargo test --release -p eventwire-sidecar -p eventwire-e2e -p eventwire-kong-host --bin eventwire-kong-host
 
 test-e2e: deps build
 	cargo nextest run --release -p eventwire-e2e --no-fail-fast
