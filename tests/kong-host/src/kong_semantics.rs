@@ -7,7 +7,7 @@
 //!
 //! | # | behaviour | source |
 //! |---|---|---|
-//! | 1 | The request-headers step runs before the body is read: in nginx's rewrite phase on the bare engine, in the access phase in Kong Gateway (Kong attaches the chain from Lua's access phase, which sets `req_headers_in_access`); the body is read only in the content phase, after the headers step continued. | `src/wasm/ngx_wasm_ops.c:448-519`, `src/common/lua/ngx_wasm_lua_ffi.c:155-156`, `kong/init.lua:1239` (`runloop.wasm_attach` at the end of `Kong.access`), `kong/runloop/wasm.lua:1021-1060`; note |
+//! | 1 | The request-headers step runs before the body is read: in nginx's rewrite phase on the bare engine, in the access phase in Kong Gateway (Kong attaches the chain from Lua's access phase, which sets `req_headers_in_access`); the body is read only in the content phase, after the headers step continued. | `src/wasm/ngx_wasm_ops.c:448-519`, `src/common/lua/ngx_wasm_lua_ffi.c:155-156`, `kong/init.lua:1209, 1239` (`runloop.wasm_attach` after the Lua plugins' access handlers), `src/http/ngx_http_wasm_module.c:860-905` (the wasm access handler moves itself after Lua's, so the filter sees what auth plugins set, e.g. `X-Consumer-ID`), `kong/runloop/wasm.lua:1021-1060`; note |
 //! | 2 | `on_request_headers` always gets `end_of_stream = false`. | `src/http/proxy_wasm/ngx_http_proxy_wasm.c:36-41`; note |
 //! | 3 | `on_request_body` is called once, with the whole body and `end_of_stream = true`, and not at all when there is no body (or it is empty). | `ngx_http_proxy_wasm.c:66-70, 84-140`, `ngx_wasm_ops.c:506-527`; note |
 //! | 4 | A `Pause` is resumed only by the last pending dispatch answer (the chain then continues) or by `proxy_continue_stream`/`proxy_continue_request`; a pause with nothing pending waits forever, so a filter pausing in headers to wait for the body hangs (no body callback comes). | `ngx_http_proxy_wasm_dispatch.c:930-955`, `src/common/proxy_wasm/ngx_proxy_wasm.c:533-575`, `ngx_proxy_wasm_host.c:1030-1045`; note ("verified 2026-12-02") |
@@ -54,7 +54,10 @@
 //! - Kong also validates a filter's JSON config against its `config_schema` when the
 //!   declarative config is loaded; this host only requires the schema to exist (the tests
 //!   validate `kong/kong.yml` against it);
-//! - contexts whose client went away get no `on_log`/`on_done`.
+//! - contexts whose client went away get no `on_log`/`on_done`;
+//! - not Kong's proxy, only its engine: HTTP/1.1 only on the listener (no HTTP/2, no TLS),
+//!   routing by path prefix only (`decl.rs`), `Host`/`X-Forwarded-*`/`X-Real-IP` towards the
+//!   upstream as Kong sets them, no `Via`/`X-Kong-*` response headers.
 
 use crate::abi::{self, Ctx, HostData};
 use crate::decl::KongConf;
