@@ -525,3 +525,62 @@ fn kong_yml_filter_configs_pass_schema_and_parser() {
         );
     }
 }
+
+/// A sidecar that accepts and never answers: Kong's engine times the callout out itself
+/// and reports `timeout` in `:dispatch_status` (Envoy would synthesize a 504).
+#[tokio::test(flavor = "multi_thread")]
+async fn callout_timeout_is_503_with_the_engines_reason() {
+    let stalled = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("bind: {e}"));
+    let stalled_port = stalled.local_addr().map(|a| a.port()).unwrap_or(0);
+    let hold = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((sock, _)) = stalled.accept().await {
+            held.push(sock);
+        }
+    });
+    let upstream = Upstream::start().await;
+    let cfg = KongConfig::from_yaml(
+        &KongConfig::shipped()
+            .yaml()
+            .replace("timeout_ms: 5000", "timeout_ms: 300"),
+    );
+    let kong = KongHost::start(&cfg, stalled_port, upstream.port).await;
+    let http = reqwest::Client::builder()
+        .timeout(HANG)
+        .build()
+        .unwrap_or_else(|e| panic!("client: {e}"));
+    let post = |path: &str, body: &'static [u8]| {
+        http.post(kong.url(path))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+    };
+    let resp = post("/orders", br#"{"id":"ord-3001"}"#)
+        .await
+        .unwrap_or_else(|e| panic!("POST /orders: {e}"));
+    let status = resp.status().as_u16();
+    let retry = resp
+        .headers()
+        .get("retry-after")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    let p: Value = resp.json().await.unwrap_or_default();
+    assert_eq!(status, 503, "{p}");
+    assert_eq!(p["type"], "urn:eventwire:problem:sidecar-unavailable");
+    assert_eq!(retry.as_deref(), Some("1"));
+    assert!(
+        p["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("(timeout)")),
+        "{p}"
+    );
+    // Tap goes on upstream without its event.
+    let resp = post("/payments", br#"{"order_id":"ord-3001"}"#)
+        .await
+        .unwrap_or_else(|e| panic!("POST /payments: {e}"));
+    assert_eq!(resp.status().as_u16(), 200);
+    assert_eq!(upstream.received().len(), 1);
+    hold.abort();
+}
