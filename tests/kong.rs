@@ -416,6 +416,10 @@ async fn host_traps_on_calls_kong_lacks() {
             "/port-invalid",
             "dispatch failed: tcp socket - invalid port",
         ),
+        (
+            "/stash-twice",
+            "host trap (bad usage): local response already stashed",
+        ),
     ];
     for (i, (path, why)) in traps.iter().enumerate() {
         let (status, body) = get(path).await;
@@ -437,11 +441,16 @@ async fn host_traps_on_calls_kong_lacks() {
         let configured = kong.log().matches("kong_lacks fixture configured").count();
         assert_eq!(configured, i + 2, "one instance at start, one per trap");
     }
+    // One local response is fine, and Kong appends a newline to its body.
+    let (status, body) = get("/reply").await;
+    assert_eq!((status, body.as_str()), (418, "kong\n"));
     // proxy_continue_stream is implemented by Kong (SDK 0.2 resumes requests with it).
     let (status, _) = get("/continue").await;
     assert_eq!(status, 200);
     let got: Vec<String> = upstream.received().into_iter().map(|r| r.path).collect();
-    assert_eq!(got, ["/ok", "/ok", "/ok", "/ok", "/ok", "/ok", "/continue"]);
+    let mut want = vec!["/ok"; traps.len()];
+    want.push("/continue");
+    assert_eq!(got, want);
     let status: Value = reqwest::get(format!("http://127.0.0.1:{}/status", kong.admin_port))
         .await
         .unwrap_or_else(|e| panic!("status: {e}"))
