@@ -17,6 +17,7 @@ ENVOY          := $(VENV)/bin/envoy
 WASM           := target/wasm32-wasip1/wasm/eventwire.wasm
 SIDECAR        := target/release/eventwire-sidecar
 UPSTREAM       := target/release/demo-upstream
+KONG_HOST      := target/release/eventwire-kong-host
 APT_PACKAGES   := cmake libcurl4-openssl-dev python3-venv nodejs chromium
 # wasm-bindgen-test's runner must match the wasm-bindgen version in Cargo.lock exactly.
 WBG_VERSION    := $(shell sed -n '/^name = "wasm-bindgen"$$/{n;s/version = "\(.*\)"/\1/p;}' Cargo.lock)
@@ -27,6 +28,7 @@ export EVENTWIRE_ENVOY   := $(abspath $(ENVOY))
 export EVENTWIRE_TANSU   := $(TANSU)
 export EVENTWIRE_SIDECAR := $(abspath $(SIDECAR))
 export EVENTWIRE_WASM    := $(abspath $(WASM))
+export EVENTWIRE_KONG_HOST := $(abspath $(KONG_HOST))
 
 .PHONY: help deps build wasm sidecar run test test-unit test-e2e lint fmt fuzz bench clean-cache
 
@@ -79,13 +81,15 @@ tests/browser/node_modules: tests/browser/package-lock.json | .deps/apt
 
 ## ---- build ----
 
+# `sidecar` also builds the test binaries: the demo upstream and the Kong stand-in
+# (tests/kong-host, wasmtime: ~5 min cold on 2 cores).
 build: wasm sidecar
 
 wasm: .deps/rust
 	cargo wasm
 
 sidecar: .deps/apt
-	cargo build --release -p eventwire-sidecar -p eventwire-e2e --bins
+	cargo build --release -p eventwire-sidecar -p eventwire-e2e -p eventwire-kong-host --bins
 
 ## ---- demo ----
 
@@ -100,6 +104,9 @@ test-unit:
 	cargo test -p eventwire -p eventwire-contract --lib
 	PATH="$(WBG_BIN):$$PATH" cargo test-wasm
 	cargo test --release -p eventwire-sidecar
+	# The Kong host's unit tests, with the package set of `make sidecar`: the same features,
+	# so wasmtime is not compiled a second time.
+	cargo test --release -p eventwire-sidecar -p eventwire-e2e -p eventwire-kong-host --bin eventwire-kong-host
 
 test-e2e: deps build
 	cargo nextest run --release -p eventwire-e2e --no-fail-fast

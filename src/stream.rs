@@ -5,6 +5,9 @@
 //! Rules of the road (each learnt on a real host; see README "Envoy" and "Kong"):
 //! - every header the request needs is read in the headers phase (Envoy's SDK panics on a
 //!   later read once the headers were continued);
+//! - a body that follows is awaited with a pause in the headers phase on Envoy, and in the
+//!   body phase on Kong, which reads the body only after the headers phase continued
+//!   ([`headers_flow_before_body`]);
 //! - after a `Pause`, every path ends in exactly one `resume` or one local reply;
 //! - callout headers are read only when the answer has some (Envoy traps otherwise), except
 //!   Kong's `:dispatch_status`, which its engine sets on a failure with no headers.
@@ -158,14 +161,15 @@ impl Stream {
             return self.fail(host, rule, e, Phase::Request);
         }
         let chunked = callout::header(&headers, "transfer-encoding").is_some();
-        let framing_only = !end_of_stream && vm.flavor(host) == Flavor::Kong;
+        let flavor = vm.flavor(host);
+        let framing_only = !end_of_stream && flavor == Flavor::Kong;
         if body_expected(end_of_stream, content_length, chunked, framing_only) {
             self.state = State::Body {
                 rule: idx,
                 headers,
                 size: 0,
             };
-            return Flow::Pause;
+            return headers_flow_before_body(flavor);
         }
         self.publish(host, cfg, idx, &headers, &[])
     }
@@ -495,6 +499,23 @@ fn matching_rule(cfg: &Config, host: &impl Host) -> Option<usize> {
 fn passes_through(rule: &Rule, cause: Cause) -> bool {
     rule.on_failure == OnFailure::Passthrough
         && (cause == Cause::Infrastructure || rule.mode == Mode::Tap)
+}
+
+/// What the headers phase returns when a body callback follows (every header the event
+/// needs was read already; nothing more is read until the body is in).
+///
+/// - Envoy: `Pause`, so nothing goes upstream before the event is published; the body
+///   callbacks still come (`allow_on_headers_stop_iteration: true`).
+/// - Kong: `Continue`. ngx_wasm_module runs the headers step before nginx reads the body
+///   (rewrite/access phase) and calls `on_http_request_body` only after the headers step
+///   continued; a pause there is resumed by nothing but a dispatch answer or a resume, so
+///   the request would hang. Continuing does not let the request upstream yet: the body
+///   callback comes first (content phase), and it pauses until the sidecar answered.
+pub fn headers_flow_before_body(flavor: Flavor) -> Flow {
+    match flavor {
+        Flavor::Envoy => Flow::Pause,
+        Flavor::Kong => Flow::Continue,
+    }
 }
 
 /// Whether a body callback follows the request headers.

@@ -44,6 +44,8 @@ struct Mock {
     effects: RefCell<Vec<Effect>>,
     /// Every property and single header read, to check what untouched routes cost.
     reads: RefCell<Vec<String>>,
+    /// Calls of `request_headers` (Envoy's SDK panics on one after the headers phase).
+    header_map_reads: std::cell::Cell<usize>,
 }
 
 fn owned(headers: &HeaderList<'_>) -> Vec<(String, String)> {
@@ -55,6 +57,7 @@ fn owned(headers: &HeaderList<'_>) -> Vec<(String, String)> {
 
 impl Host for Mock {
     fn request_headers(&self) -> Result<Vec<(String, Vec<u8>)>, HostError> {
+        self.header_map_reads.set(self.header_map_reads.get() + 1);
         if self.headers_fail {
             return Err(HostError("InternalFailure".into()));
         }
@@ -271,9 +274,19 @@ fn post(path: &str, body: &str) -> Mock {
     m
 }
 
+/// What the headers phase returns when a body follows: Envoy must pause there (its body
+/// callbacks still come, with `allow_on_headers_stop_iteration`); Kong reads the body only
+/// after the headers phase continued, so a pause there would never end.
+fn expected_headers_flow(m: &Mock) -> Flow {
+    if m.kong { Flow::Continue } else { Flow::Pause }
+}
+
 /// Headers and body through one stream, up to the pending callout.
 fn through_body(m: &Mock, stream: &mut Stream) {
-    assert_eq!(stream.on_request_headers(m, false), Flow::Pause);
+    assert_eq!(
+        stream.on_request_headers(m, false),
+        expected_headers_flow(m)
+    );
     let size = m.body.as_ref().map_or(0, Vec::len);
     assert_eq!(stream.on_request_body(m, size, true), Flow::Pause);
 }
@@ -743,7 +756,7 @@ fn the_host_flavor_is_asked_once_per_vm() {
     };
     for id in 1..=3 {
         let mut s = Stream::new(Some(shared.clone()), id);
-        assert_eq!(s.on_request_headers(&m, false), Flow::Pause);
+        assert_eq!(s.on_request_headers(&m, false), Flow::Continue);
     }
     let asked = m
         .reads
@@ -791,4 +804,121 @@ fn body_presence() {
     assert!(body_expected(false, None, true, true));
     assert!(body_expected(false, Some(3), false, true));
     assert!(!body_expected(false, Some(0), false, true));
+}
+
+/// Kong (ngx_wasm_module) reads the body in nginx's content phase, only after the headers
+/// phase continued: a pause in headers is resumed by nothing, and the request hangs. So on
+/// Kong the filter continues from headers and pauses in the body phase, having read every
+/// header it needs already (Envoy's rule, kept on both).
+#[test]
+fn kong_continues_from_headers_and_pauses_in_the_body_phase() {
+    for (path, body) in [
+        ("/orders", r#"{"id": 1}"#),
+        ("/payments", r#"{"amount": 1}"#),
+    ] {
+        let mut m = Mock {
+            kong: true,
+            ..post(path, body)
+        };
+        let mut s = Stream::new(Some(vm(ORDERS)), 1);
+        assert_eq!(s.on_request_headers(&m, false), Flow::Continue, "{path}");
+        assert_eq!(m.effects(), [], "{path}: nothing before the body");
+        let header_reads = m.header_map_reads.get();
+        assert_eq!(
+            s.on_request_body(&m, body.len(), true),
+            Flow::Pause,
+            "{path}"
+        );
+        assert_eq!(
+            m.header_map_reads.get(),
+            header_reads,
+            "{path}: headers are read in the headers phase only"
+        );
+        assert!(
+            m.dispatched().is_some_and(|(_, b)| b == body.as_bytes()),
+            "{path}: {:?}",
+            m.effects()
+        );
+        answer(&mut m, ACCEPTED, ACCEPTED_BODY);
+        s.on_callout_response(&m, 3, ACCEPTED_BODY.len());
+        if path == "/orders" {
+            assert_eq!(m.reply().0, 202);
+            assert!(
+                !m.actions().contains(&Effect::Resume),
+                "bridge never resumes"
+            );
+            // Anything the host calls after our reply keeps the request paused.
+            assert_eq!(s.on_request_body(&m, body.len(), true), Flow::Pause);
+        } else {
+            assert_eq!(m.actions().last(), Some(&Effect::Resume));
+        }
+    }
+}
+
+#[test]
+fn envoy_still_pauses_in_headers_when_a_body_follows() {
+    let m = post("/orders", r#"{"id": 1}"#);
+    let mut s = Stream::new(Some(vm(ORDERS)), 1);
+    assert_eq!(s.on_request_headers(&m, false), Flow::Pause);
+    assert_eq!(m.effects(), []);
+    let header_reads = m.header_map_reads.get();
+    assert_eq!(s.on_request_body(&m, 9, true), Flow::Pause);
+    assert_eq!(m.header_map_reads.get(), header_reads);
+    assert!(m.dispatched().is_some());
+}
+
+/// After `Continue` from headers on Kong, every refusal still comes from the body phase,
+/// which pauses: a bridged request never goes on upstream.
+#[test]
+fn kong_refusals_after_continue_keep_the_request_from_the_upstream() {
+    // Bad JSON, and a body over max_body_bytes (64) that no Content-Length announced.
+    let big = format!(r#"{{"id": "{}"}}"#, "x".repeat(80));
+    for (headers, body, status) in [
+        (None, "{not json".to_string(), 400),
+        (Some("chunked"), big, 413),
+    ] {
+        let mut m = Mock {
+            kong: true,
+            ..post("/orders", &body)
+        };
+        if let Some(te) = headers {
+            m.headers.retain(|(n, _)| n != "content-length");
+            m.headers
+                .push(("transfer-encoding".into(), te.as_bytes().to_vec()));
+        }
+        let mut s = Stream::new(Some(vm(ORDERS)), 1);
+        assert_eq!(s.on_request_headers(&m, false), Flow::Continue);
+        assert_eq!(s.on_request_body(&m, body.len(), true), Flow::Pause);
+        assert_eq!(m.reply().0, status, "{:?}", m.effects());
+        assert!(m.dispatched().is_none());
+        assert!(!m.actions().contains(&Effect::Resume));
+    }
+    // Refused by the sidecar: its answer is relayed, nothing resumes.
+    let mut m = Mock {
+        kong: true,
+        ..post("/orders", r#"{"id": 1}"#)
+    };
+    let mut s = Stream::new(Some(vm(ORDERS)), 1);
+    through_body(&m, &mut s);
+    let refused = r#"{"type":"urn:eventwire:problem:unknown-topic"}"#;
+    answer(
+        &mut m,
+        &[
+            (":status", "404"),
+            ("content-type", "application/problem+json"),
+        ],
+        refused,
+    );
+    s.on_callout_response(&m, 2, refused.len());
+    assert_eq!(m.reply().0, 404);
+    assert!(!m.actions().contains(&Effect::Resume));
+    // Over the limit by Content-Length: refused in the headers phase already (Kong ends the
+    // paused request with the local reply).
+    let m = Mock {
+        kong: true,
+        ..post("/orders", &"x".repeat(100))
+    };
+    let mut s = Stream::new(Some(vm(ORDERS)), 1);
+    assert_eq!(s.on_request_headers(&m, false), Flow::Pause);
+    assert_eq!(m.reply().0, 413);
 }

@@ -7,12 +7,14 @@
 
 pub mod broker;
 pub mod envoy;
+pub mod kong;
 pub mod proc;
 pub mod push;
 pub mod upstream;
 
 pub use broker::{Broker, Record};
 pub use envoy::{Envoy, EnvoyConfig};
+pub use kong::{KongConfig, KongHost};
 pub use proc::{HeldPort, Proc, repo_root};
 pub use upstream::{Received, Upstream};
 
@@ -25,6 +27,8 @@ pub struct Paths {
     pub tansu: PathBuf,
     pub sidecar: PathBuf,
     pub wasm: PathBuf,
+    /// The Kong stand-in (`tests/kong-host`).
+    pub kong_host: PathBuf,
 }
 
 pub fn paths() -> Paths {
@@ -47,6 +51,10 @@ pub fn paths() -> Paths {
         wasm: env(
             "EVENTWIRE_WASM",
             root.join("target/wasm32-wasip1/wasm/eventwire.wasm"),
+        ),
+        kong_host: env(
+            "EVENTWIRE_KONG_HOST",
+            root.join("target/release/eventwire-kong-host"),
         ),
     }
 }
