@@ -822,7 +822,11 @@ fn kong_continues_from_headers_and_pauses_in_the_body_phase() {
         };
         let mut s = Stream::new(Some(vm(ORDERS)), 1);
         assert_eq!(s.on_request_headers(&m, false), Flow::Continue, "{path}");
-        assert_eq!(m.effects(), [], "{path}: nothing before the body");
+        assert_eq!(
+            m.actions(),
+            [Effect::Bump(Counter::Requests)],
+            "{path}: nothing before the body"
+        );
         let header_reads = m.header_map_reads.get();
         assert_eq!(
             s.on_request_body(&m, body.len(), true),
@@ -860,7 +864,7 @@ fn envoy_still_pauses_in_headers_when_a_body_follows() {
     let m = post("/orders", r#"{"id": 1}"#);
     let mut s = Stream::new(Some(vm(ORDERS)), 1);
     assert_eq!(s.on_request_headers(&m, false), Flow::Pause);
-    assert_eq!(m.effects(), []);
+    assert_eq!(m.actions(), [Effect::Bump(Counter::Requests)]);
     let header_reads = m.header_map_reads.get();
     assert_eq!(s.on_request_body(&m, 9, true), Flow::Pause);
     assert_eq!(m.header_map_reads.get(), header_reads);
