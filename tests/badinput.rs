@@ -15,11 +15,11 @@
 //! client library refuses to (non-UTF-8 header bytes, duplicate headers, 500 headers, a
 //! chunked body the server cuts short).
 
+use eventwire_e2e::raw_http::{self, Response as Resp};
 use eventwire_e2e::*;
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const TOPIC: &str = "order-placed-events";
 const UNKNOWN_TOPIC: &str = "no-such-topic";
@@ -905,27 +905,7 @@ fn table() -> Vec<Case> {
     ]
 }
 
-/// One raw HTTP/1.1 exchange (`connection: close`, read to EOF).
-#[derive(Debug)]
-struct Resp {
-    status: u16,
-    headers: Vec<(String, String)>,
-    body: Vec<u8>,
-}
-
-impl Resp {
-    fn header(&self, name: &str) -> Option<&str> {
-        self.headers
-            .iter()
-            .find(|(n, _)| n == name)
-            .map(|(_, v)| v.as_str())
-    }
-}
-
 async fn send(port: u16, req: &Req) -> Resp {
-    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap_or_else(|e| panic!("connect {port}: {e}"));
     let mut head = format!(
         "{} {} HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\nconnection: close\r\n",
         req.method, req.path
@@ -955,94 +935,11 @@ async fn send(port: u16, req: &Req) -> Resp {
             out
         }
     };
-    let (mut rd, mut wr) = stream.into_split();
-    // Written concurrently with reading: a server may answer (413) before the body is in,
-    // then close; the write error that follows is expected.
-    let writer = tokio::spawn(async move {
-        let _ = wr.write_all(&head).await;
-        for piece in body.chunks(64 * 1024 + 16) {
-            if wr.write_all(piece).await.is_err() {
-                break;
-            }
-        }
-        wr
-    });
-    let mut buf = Vec::new();
-    // Done when the framing says the answer is complete (a server may keep the connection
-    // open a while after answering, e.g. Envoy's delayed close), or at EOF.
-    let read = tokio::time::timeout(Duration::from_secs(30), async {
-        let mut chunk = [0u8; 16 * 1024];
-        loop {
-            match rd.read(&mut chunk).await {
-                Ok(0) | Err(_) => return parse_response(&buf, true),
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-            if let Some(resp) = parse_response(&buf, false) {
-                return Some(resp);
-            }
-        }
-    })
-    .await;
-    writer.abort();
-    let Ok(resp) = read else {
-        panic!(
-            "{} {}: no complete answer within 30 s",
-            req.method, req.path
-        );
-    };
-    resp.unwrap_or_else(|| {
-        panic!(
-            "{} {}: not an HTTP response: {:?}",
-            req.method,
-            req.path,
-            String::from_utf8_lossy(&buf[..buf.len().min(300)])
-        )
-    })
-}
-
-/// The response in `buf`, once complete by its framing (or, without framing, at `eof`).
-fn parse_response(buf: &[u8], eof: bool) -> Option<Resp> {
-    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
-    let head = std::str::from_utf8(&buf[..end]).ok()?;
-    let mut lines = head.split("\r\n");
-    let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    let rest = &buf[end + 4..];
-    let chunked = headers
-        .iter()
-        .any(|(n, v)| n == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
-    let body = if chunked {
-        dechunk(rest)?
-    } else {
-        match headers.iter().find(|(n, _)| n == "content-length") {
-            Some((_, len)) => rest.get(..len.parse::<usize>().ok()?)?.to_vec(),
-            None if eof => rest.to_vec(),
-            None => return None,
-        }
-    };
-    Some(Resp {
-        status,
-        headers,
-        body,
-    })
-}
-
-fn dechunk(mut b: &[u8]) -> Option<Vec<u8>> {
-    let mut out = Vec::new();
-    loop {
-        let eol = b.windows(2).position(|w| w == b"\r\n")?;
-        let size_text = std::str::from_utf8(&b[..eol]).ok()?;
-        let size = usize::from_str_radix(size_text.split(';').next()?.trim(), 16).ok()?;
-        b = &b[eol + 2..];
-        if size == 0 {
-            return Some(out);
-        }
-        out.extend_from_slice(b.get(..size)?);
-        b = b.get(size + 2..)?;
-    }
+    let mut request = head;
+    request.extend_from_slice(&body);
+    raw_http::exchange(port, request, Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|e| panic!("{} {}: {e}", req.method, req.path))
 }
 
 /// Checks one answer against its expectation; returns a description of every mismatch.

@@ -6,7 +6,6 @@ use eventwire::config;
 use eventwire_e2e::*;
 use serde_json::Value;
 use std::time::Duration;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 const ORDERS: &str = "order-placed-events";
 const PAYMENTS: &str = "payment-requested-events";
@@ -32,7 +31,7 @@ impl KongStack {
             broker.create_topic(t, *partitions).await;
         }
         let sidecar = Sidecar::start(&broker.bootstrap()).await;
-        assert!(sidecar.wait_ready().await, "sidecar never saw the broker");
+        sidecar.wait_ready().await;
         let upstream = Upstream::start().await;
         let kong = KongHost::start(&KongConfig::shipped(), sidecar.port, upstream.port).await;
         KongStack {
@@ -69,53 +68,12 @@ impl KongStack {
     }
 }
 
-/// One raw HTTP/1.1 exchange (for chunked and oversize bodies): the request is written by
-/// a task of its own while the answer is read, so an early answer is seen even when the
-/// server stops reading.
+/// One raw HTTP/1.1 exchange (for chunked and oversize bodies).
 async fn raw(port: u16, request: Vec<u8>) -> Answer {
-    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap_or_else(|e| panic!("connect: {e}"));
-    let (mut rd, mut wr) = stream.into_split();
-    let writer = tokio::spawn(async move {
-        let _ = wr.write_all(&request).await;
-        wr
-    });
-    let mut buf = Vec::new();
-    let read = tokio::time::timeout(HANG, async {
-        let mut chunk = [0u8; 8192];
-        loop {
-            match rd.read(&mut chunk).await {
-                Ok(0) | Err(_) => break,
-                Ok(n) => buf.extend_from_slice(&chunk[..n]),
-            }
-            if let Some(a) = parse(&buf) {
-                return Some(a);
-            }
-        }
-        parse(&buf)
-    })
-    .await;
-    writer.abort();
-    match read {
-        Ok(Some(a)) => a,
-        Ok(None) => panic!("no complete answer: {}", String::from_utf8_lossy(&buf)),
-        Err(_) => panic!("no answer within {HANG:?} (hung?)"),
+    match raw_http::exchange(port, request, HANG).await {
+        Ok(r) => (r.status, r.headers, r.body),
+        Err(e) => panic!("{e}"),
     }
-}
-
-fn parse(buf: &[u8]) -> Option<Answer> {
-    let end = buf.windows(4).position(|w| w == b"\r\n\r\n")?;
-    let head = std::str::from_utf8(&buf[..end]).ok()?;
-    let mut lines = head.split("\r\n");
-    let status = lines.next()?.split(' ').nth(1)?.parse().ok()?;
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(n, v)| (n.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    let len: usize = header(&headers, "content-length")?.parse().ok()?;
-    let body = buf.get(end + 4..end + 4 + len)?.to_vec();
-    Some((status, headers, body))
 }
 
 fn header<'a>(hdrs: &'a [(String, String)], name: &str) -> Option<&'a str> {
@@ -284,7 +242,7 @@ async fn sidecar_down_answers_503_then_recovers() {
     assert_eq!(s.upstream.received().len(), 1);
 
     s.sidecar.restart().await;
-    assert!(s.sidecar.wait_ready().await, "sidecar back without broker");
+    s.sidecar.wait_ready().await;
     let resp = s.post("/orders", &[json], order).await;
     assert_eq!(resp.0, 202, "{}", String::from_utf8_lossy(&resp.2));
     let recs = s.broker.records(ORDERS, 1, WAIT);

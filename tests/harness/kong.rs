@@ -136,18 +136,25 @@ impl KongHost {
                 .arg("--debug"),
         );
         let mut ports = None;
-        let ready = wait_until(Duration::from_secs(60), || {
-            let text = std::fs::read_to_string(&port_file).ok();
-            let parsed = text
-                .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
-                .and_then(|v| Some((v["proxy"].as_u64()? as u16, v["admin"].as_u64()? as u16)));
-            if parsed.is_some() {
-                ports = parsed;
-            }
-            async move { parsed.is_some() }
-        })
+        wait_until(
+            "kong-host to report its ports",
+            Duration::from_secs(60),
+            || {
+                assert!(
+                    !proc.exited(),
+                    "kong-host exited; log:\n{}",
+                    proc.log_tail()
+                );
+                let text = std::fs::read_to_string(&port_file).ok();
+                ports = text
+                    .and_then(|t| serde_json::from_str::<serde_json::Value>(&t).ok())
+                    .and_then(|v| Some((v["proxy"].as_u64()? as u16, v["admin"].as_u64()? as u16)));
+                let done = ports.is_some();
+                async move { done }
+            },
+        )
         .await;
-        let Some((port, admin_port)) = ports.filter(|_| ready) else {
+        let Some((port, admin_port)) = ports else {
             panic!("kong-host not ready; log:\n{}", proc.log_tail());
         };
         KongHost {

@@ -10,6 +10,7 @@ pub mod envoy;
 pub mod kong;
 pub mod proc;
 pub mod push;
+pub mod raw_http;
 pub mod upstream;
 
 pub use broker::{Broker, Record};
