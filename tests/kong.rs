@@ -26,6 +26,10 @@ struct KongStack {
 
 impl KongStack {
     async fn start(topics: &[(&str, i32)]) -> KongStack {
+        Self::start_with(&KongConfig::shipped(), topics).await
+    }
+
+    async fn start_with(cfg: &KongConfig, topics: &[(&str, i32)]) -> KongStack {
         let broker = Broker::start().await;
         for (t, partitions) in topics {
             broker.create_topic(t, *partitions).await;
@@ -33,7 +37,7 @@ impl KongStack {
         let sidecar = Sidecar::start(&broker.bootstrap()).await;
         sidecar.wait_ready().await;
         let upstream = Upstream::start().await;
-        let kong = KongHost::start(&KongConfig::shipped(), sidecar.port, upstream.port).await;
+        let kong = KongHost::start(cfg, sidecar.port, upstream.port).await;
         KongStack {
             kong,
             upstream,
@@ -550,4 +554,51 @@ async fn callout_timeout_is_503_with_the_engines_reason() {
     assert_eq!(resp.status().as_u16(), 200);
     assert_eq!(upstream.received().len(), 1);
     hold.abort();
+}
+
+/// Kong's auth plugins set the consumer headers before the filter chain runs (the chain is
+/// attached in Kong's access phase, after the Lua plugins); `rules[].consumer` copies them.
+#[tokio::test]
+async fn kong_consumer_headers_become_extensions() {
+    let shipped = KongConfig::shipped();
+    let line = "            extensions: { x-tenant-id: tenant }\n";
+    assert!(
+        shipped.yaml().contains(line),
+        "kong.yml changed: no orders extensions line"
+    );
+    let yaml = shipped.yaml().replacen(
+        line,
+        &format!("{line}            consumer: {{ id: consumerid, username: consumer }}\n"),
+        1,
+    );
+    let s = KongStack::start_with(&KongConfig::from_yaml(&yaml), &[(ORDERS, 1)]).await;
+    let resp = s
+        .post(
+            "/orders",
+            &[
+                ("content-type", "application/json"),
+                ("x-consumer-id", "c-7"),
+                ("x-consumer-username", "alice"),
+            ],
+            br#"{"id":"ord-7"}"#,
+        )
+        .await;
+    assert_eq!(resp.0, 202, "{}", String::from_utf8_lossy(&resp.2));
+    let recs = s.broker.records_settled(ORDERS, 1, WAIT);
+    assert_eq!(recs.len(), 1);
+    assert_eq!(recs[0].header("ce_consumerid"), Some("c-7"));
+    assert_eq!(recs[0].header("ce_consumer"), Some("alice"));
+    // Without an authenticated consumer the attributes are simply absent.
+    let resp = s
+        .post(
+            "/orders",
+            &[("content-type", "application/json")],
+            br#"{"id":"ord-8"}"#,
+        )
+        .await;
+    assert_eq!(resp.0, 202);
+    let recs = s.broker.records_settled(ORDERS, 2, WAIT);
+    assert_eq!(recs.len(), 2);
+    let anon = recs.iter().find(|r| r.key_str() == Some("ord-8"));
+    assert_eq!(anon.map(|r| r.header("ce_consumerid")), Some(None));
 }
