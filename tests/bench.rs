@@ -10,7 +10,7 @@
 //! fixed rate, side by side in one run.
 //!
 //! Bridge vs. Lua (`lua`): the bridge route vs. an Envoy Lua filter doing `httpCall` to the
-//! same sidecar on its own route of the same listener (Envoy started by `BenchEnvoy`).
+//! same sidecar on its own route of the same listener.
 //! Ingest (`ingest`): the sidecar's `POST /v1/events` (`--ack broker` and `--ack spool`)
 //! vs. a raw rdkafka producer writing the same records to the same broker.
 //! Drain (`drain`): how fast a spool backlog reaches the broker after an outage.
@@ -594,8 +594,7 @@ end
 
 /// Adds `POST /bench/lua` (the Lua bridge above, per-route source) and the Lua filter to the
 /// chain, off by default like the wasm filter so no other route runs it. A string edit of
-/// the YAML, like the harness's own transforms (`EnvoyConfig` keeps its YAML private, so
-/// this bench renders and starts that Envoy itself: `BenchEnvoy`).
+/// the YAML, applied with `EnvoyConfig::map_yaml`.
 fn with_lua_bridge_route(yaml: &str) -> String {
     let default = "              - name: default\n";
     let router = "          - name: envoy.filters.http.router\n";
@@ -621,124 +620,6 @@ fn with_lua_bridge_route(yaml: &str) -> String {
         .replacen(router, &format!("{filter}{router}"), 1)
 }
 
-/// Envoy on a YAML of this bench's own, started the way the harness's `Envoy` starts the
-/// shipped one (same binary, flags, port rendering and readiness checks).
-struct BenchEnvoy {
-    proc: Proc,
-    port: u16,
-    admin_port: u16,
-    _dir: tempfile::TempDir,
-}
-
-impl BenchEnvoy {
-    async fn start(yaml: &str, sidecar_port: u16, upstream_port: u16) -> BenchEnvoy {
-        let wasm = paths().wasm;
-        let yaml = yaml
-            .replace("port_value: 10000", "port_value: 0")
-            .replace("port_value: 9901", "port_value: 0")
-            .replace("port_value: 8090", &format!("port_value: {sidecar_port}"))
-            .replace("port_value: 8081", &format!("port_value: {upstream_port}"))
-            .replace(
-                "filename: target/wasm32-wasip1/wasm/eventwire.wasm",
-                &format!("filename: {}", wasm.display()),
-            );
-        let dir = tempfile::Builder::new()
-            .prefix("eventwire-bench-envoy-")
-            .tempdir()
-            .unwrap_or_else(|e| panic!("tempdir: {e}"));
-        let file = dir.path().join("envoy.yaml");
-        std::fs::write(&file, &yaml).unwrap_or_else(|e| panic!("write: {e}"));
-        let admin_file = dir.path().join("admin-address");
-        let proc = Proc::spawn(
-            "envoy",
-            std::process::Command::new(paths().envoy)
-                .arg("-c")
-                .arg(&file)
-                .arg("--admin-address-path")
-                .arg(&admin_file)
-                .args(["--disable-hot-restart", "--concurrency", "1"])
-                .args([
-                    "--log-level",
-                    "warning",
-                    "--component-log-level",
-                    "wasm:info,lua:info",
-                ]),
-        );
-        let mut admin_port = 0;
-        wait_until(
-            "Envoy to write its admin address",
-            Duration::from_secs(60),
-            || {
-                assert!(
-                    !proc.exited(),
-                    "Envoy exited while starting:\n{}",
-                    proc.log_tail()
-                );
-                admin_port = std::fs::read_to_string(&admin_file)
-                    .ok()
-                    .and_then(|a| a.trim().rsplit_once(':')?.1.parse().ok())
-                    .unwrap_or(0);
-                std::future::ready(admin_port != 0)
-            },
-        )
-        .await;
-        let admin = format!("http://127.0.0.1:{admin_port}");
-        let ready_url = format!("{admin}/ready");
-        wait_until(
-            "Envoy's /ready to say LIVE",
-            Duration::from_secs(60),
-            || async {
-                assert!(!proc.exited(), "Envoy exited while starting");
-                reqwest::get(&ready_url)
-                    .await
-                    .is_ok_and(|r| r.status() == 200)
-            },
-        )
-        .await;
-        let url = format!("{admin}/listeners?format=json");
-        let body: serde_json::Value = reqwest::get(&url)
-            .await
-            .and_then(|r| r.error_for_status())
-            .unwrap_or_else(|e| panic!("GET {url}: {e}"))
-            .json()
-            .await
-            .unwrap_or_else(|e| panic!("GET {url}: {e}"));
-        let port = body["listener_statuses"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .find(|l| l["name"] == "ingress")
-            .and_then(|l| l["local_address"]["socket_address"]["port_value"].as_u64())
-            .and_then(|p| u16::try_from(p).ok())
-            .unwrap_or(0);
-        assert_ne!(port, 0, "no bound port for listener ingress in {body}");
-        BenchEnvoy {
-            proc,
-            port,
-            admin_port,
-            _dir: dir,
-        }
-    }
-
-    fn url(&self, path: &str) -> String {
-        format!("http://127.0.0.1:{}{path}", self.port)
-    }
-
-    /// A `wasmcustom.<name>` counter of the filter, 0 when absent.
-    async fn counter(&self, name: &str) -> u64 {
-        let url = format!("http://127.0.0.1:{}/stats", self.admin_port);
-        let text = match reqwest::get(&url).await {
-            Ok(r) => r.text().await.unwrap_or_default(),
-            Err(_) => String::new(),
-        };
-        let want = format!("wasmcustom.{name}: ");
-        text.lines()
-            .find_map(|l| l.strip_prefix(want.as_str()))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0)
-    }
-}
-
 const ORDER_BODY: &str = r#"{"id":"ord-1001","customer":"c-42","total":99.5}"#;
 
 struct VsLuaRow {
@@ -757,15 +638,8 @@ async fn bridge_vs_lua() {
     let sidecar = Sidecar::start(&broker.bootstrap()).await;
     sidecar.wait_ready().await;
     let upstream = Upstream::start().await;
-    let shipped_path = repo_root().join("envoy/envoy.yaml");
-    let shipped = std::fs::read_to_string(&shipped_path)
-        .unwrap_or_else(|e| panic!("{}: {e}", shipped_path.display()));
-    let envoy = BenchEnvoy::start(
-        &with_lua_bridge_route(&shipped),
-        sidecar.port,
-        upstream.port,
-    )
-    .await;
+    let cfg = EnvoyConfig::shipped().map_yaml(with_lua_bridge_route);
+    let envoy = Envoy::start(&cfg, sidecar.port, upstream.port).await;
 
     // One request each first, so a route that does not work shows with its answer.
     let http = reqwest::Client::new();

@@ -79,6 +79,12 @@ impl EnvoyConfig {
         self
     }
 
+    /// Any further edit of the YAML text (e.g. a bench's extra route and filter).
+    pub fn map_yaml(mut self, edit: impl FnOnce(&str) -> String) -> EnvoyConfig {
+        self.yaml = edit(&self.yaml);
+        self
+    }
+
     /// Replaces the filter's JSON configuration (the `value: |` block).
     pub fn with_filter_config(mut self, json: &str) -> EnvoyConfig {
         let (start, end, indent) = self.filter_block();
