@@ -729,24 +729,8 @@ async fn bridge_vs_lua() {
     let limit = Duration::from_secs(90);
     let ours_records = broker.records_settled(TOPIC, ours_ok as usize, limit);
     let lua_records = broker.records_settled(LUA_TOPIC, lua_ok as usize, limit);
-    let lua_sample = lua_records.first().map(|r| {
-        let mut names: Vec<&str> = r.headers.iter().map(|(n, _)| n.as_str()).collect();
-        names.sort_unstable();
-        format!(
-            "key `{}`, headers {}",
-            r.key_str().unwrap_or("-"),
-            names.join(", ")
-        )
-    });
-    let ours_sample = ours_records.first().map(|r| {
-        let mut names: Vec<&str> = r.headers.iter().map(|(n, _)| n.as_str()).collect();
-        names.sort_unstable();
-        format!(
-            "key `{}`, headers {}",
-            r.key_str().unwrap_or("-"),
-            names.join(", ")
-        )
-    });
+    let lua_sample = lua_records.first().map(record_shape);
+    let ours_sample = ours_records.first().map(record_shape);
     let accepted = envoy.counter("eventwire_events_accepted_total").await;
     println!(
         "records: ours {} (2xx {ours_ok}, filter accepted {accepted}), lua {} (2xx {lua_ok})",
@@ -1364,4 +1348,15 @@ async fn spool_drain_rate() {
          loop, not the broker or the spool's reads.\n"
     );
     write_section("drain", &md);
+}
+
+/// A record's key and sorted header names, to show two writers produced the same shape.
+fn record_shape(r: &Record) -> String {
+    let mut names: Vec<&str> = r.headers.iter().map(|(n, _)| n.as_str()).collect();
+    names.sort_unstable();
+    format!(
+        "key `{}`, headers {}",
+        r.key_str().unwrap_or("-"),
+        names.join(", ")
+    )
 }

@@ -624,6 +624,44 @@ fn metric_name(filter: &str, name: &str) -> String {
 
 type R = wasmtime::Result<i32>;
 
+/// `proxy_increment_metric` / `proxy_record_metric`: one metric changed, or a trap naming why
+/// (an unknown id, or a counter recorded / a histogram incremented), as Kong's engine does.
+fn update_metric(
+    c: &mut Ctx<'_>,
+    id: i32,
+    verb: &str,
+    refused: MetricKind,
+    apply: impl FnOnce(&mut i64),
+) -> R {
+    let res = {
+        let k = kong(c);
+        let mut list = k
+            .shared
+            .metrics
+            .list
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        match list.get_mut(id as u32 as usize) {
+            None => Err("metric not found"),
+            Some(m) if m.kind == refused => Err(match refused {
+                MetricKind::Histogram => "metric is a histogram",
+                _ => "metric is a counter",
+            }),
+            Some(m) => {
+                apply(&mut m.value);
+                Ok(())
+            }
+        }
+    };
+    match res {
+        Ok(()) => Ok(status::OK),
+        Err(why) => Err(trap(
+            c,
+            format!("host trap (internal error): could not {verb} metric id \"{id}\": {why}"),
+        )),
+    }
+}
+
 /// Every proxy-wasm 0.2.1 (and 0.1.0 legacy) host function, with Kong's behaviour.
 pub fn link(linker: &mut Linker<HostData>) -> wasmtime::Result<()> {
     // --- integration ---
@@ -1355,64 +1393,16 @@ pub fn link(linker: &mut Linker<HostData>) -> wasmtime::Result<()> {
         "env",
         "proxy_increment_metric",
         |mut c: Ctx<'_>, id: i32, offset: i64| -> R {
-            let res = {
-                let k = kong(&mut c);
-                let mut list = k
-                    .shared
-                    .metrics
-                    .list
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner());
-                match list.get_mut(id as u32 as usize) {
-                    None => Err("metric not found"),
-                    Some(m) if m.kind == MetricKind::Histogram => Err("metric is a histogram"),
-                    Some(m) => {
-                        m.value = m.value.saturating_add(offset);
-                        Ok(())
-                    }
-                }
-            };
-            match res {
-                Ok(()) => Ok(status::OK),
-                Err(why) => Err(trap(
-                    &mut c,
-                    format!(
-                        "host trap (internal error): could not increment metric id \"{id}\": {why}"
-                    ),
-                )),
-            }
+            update_metric(&mut c, id, "increment", MetricKind::Histogram, |v| {
+                *v = v.saturating_add(offset)
+            })
         },
     )?;
     linker.func_wrap(
         "env",
         "proxy_record_metric",
         |mut c: Ctx<'_>, id: i32, value: i64| -> R {
-            let res = {
-                let k = kong(&mut c);
-                let mut list = k
-                    .shared
-                    .metrics
-                    .list
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner());
-                match list.get_mut(id as u32 as usize) {
-                    None => Err("metric not found"),
-                    Some(m) if m.kind == MetricKind::Counter => Err("metric is a counter"),
-                    Some(m) => {
-                        m.value = value;
-                        Ok(())
-                    }
-                }
-            };
-            match res {
-                Ok(()) => Ok(status::OK),
-                Err(why) => Err(trap(
-                    &mut c,
-                    format!(
-                        "host trap (internal error): could not record metric id \"{id}\": {why}"
-                    ),
-                )),
-            }
+            update_metric(&mut c, id, "record", MetricKind::Counter, |v| *v = value)
         },
     )?;
     linker.func_wrap(
