@@ -6,8 +6,9 @@ use eventwire_contract::problem;
 /// How the sidecar's answer to the callout turns out for the client.
 #[derive(Debug, PartialEq, Eq)]
 pub enum Verdict {
-    /// 2xx: the event is durable; relay the sidecar's JSON body.
-    Accepted,
+    /// 2xx: the event is durable (for a batch's 207, some of them); relay the sidecar's
+    /// status and JSON body.
+    Accepted { status: u16 },
     /// The sidecar's own problem+json refusal (bad event, unknown topic, backpressure):
     /// relay status, body and `Retry-After` as they are.
     Refused { status: u16 },
@@ -30,7 +31,7 @@ pub fn verdict(
             .unwrap_or(false)
     });
     match status {
-        Some(200..=299) => Verdict::Accepted,
+        Some(s @ 200..=299) => Verdict::Accepted { status: s },
         Some(s @ 400..=599) if is_problem => Verdict::Refused { status: s },
         Some(504) => Verdict::Unavailable {
             detail: format!("the event sidecar did not answer within {timeout_ms} ms"),
@@ -55,7 +56,14 @@ mod tests {
 
     #[test]
     fn verdicts() {
-        assert_eq!(verdict(Some(202), None, None, 5), Verdict::Accepted);
+        assert_eq!(
+            verdict(Some(202), None, None, 5),
+            Verdict::Accepted { status: 202 }
+        );
+        assert_eq!(
+            verdict(Some(207), None, None, 5),
+            Verdict::Accepted { status: 207 }
+        );
         assert_eq!(
             verdict(Some(404), Some(b"application/problem+json"), None, 5),
             Verdict::Refused { status: 404 }

@@ -2,7 +2,8 @@
 //! `POST /v1/events` to the sidecar in CloudEvents HTTP binary mode.
 //!
 //! Binary mode keeps the request body as the event data byte for byte: no JSON
-//! re-serialization, no base64, one copy from the proxy into the callout.
+//! re-serialization, no base64, one copy from the proxy into the callout. A request that
+//! already is a CloudEvent (binary, structured, or a batch) goes on as it came.
 
 use crate::cloudevent::{self, Incoming};
 use crate::config::{Rule, Sidecar, ValueSource};
@@ -56,7 +57,8 @@ pub struct Stamp {
 /// The ingest callout, ready for `dispatch_http_call`.
 pub struct Callout<'a> {
     pub headers: Vec<(Cow<'a, str>, Cow<'a, str>)>,
-    pub body: &'a [u8],
+    /// The request body, or a batch the filter had to key (`keyed_batch`).
+    pub body: Cow<'a, [u8]>,
     /// The event id, when the filter knows it before the sidecar answers (for logs).
     pub id: Option<Cow<'a, str>>,
 }
@@ -78,15 +80,15 @@ pub fn build<'a>(
 ) -> Result<Callout<'a>, FilterError> {
     let content_type = req.header_str("content-type")?;
     let mode = cloudevent::incoming_mode(content_type, req.header("ce-specversion").is_some());
-    if mode == Incoming::Batch {
-        return Err(FilterError::BatchUnsupported);
-    }
     let mut h: Vec<(Cow<'a, str>, Cow<'a, str>)> = Vec::with_capacity(16);
     h.push((":method".into(), "POST".into()));
     h.push((":path".into(), sidecar.path.as_str().into()));
     h.push((":authority".into(), sidecar.authority.as_str().into()));
     h.push((":scheme".into(), "http".into()));
     h.push((TOPIC_HEADER.into(), rule.topic.as_str().into()));
+    if mode == Incoming::Batch {
+        return batch(rule, req, h);
+    }
     let data = EventData::of(mode, content_type, req.body, rule.needs_json_body())?;
     if let Some(src) = &rule.key {
         let key = resolve(src, "partition key", rule, req, &data)?;
@@ -110,9 +112,105 @@ pub fn build<'a>(
     };
     Ok(Callout {
         headers: h,
-        body: req.body,
+        body: Cow::Borrowed(req.body),
         id,
     })
+}
+
+/// A batch goes to the sidecar as it came, checked there event by event. A key from the
+/// request (header, path) keys every event; a key from the data cannot be one header, so
+/// each event gets it as its `partitionkey` extension (CloudEvents Partitioning).
+fn batch<'a>(
+    rule: &'a Rule,
+    req: &Request<'a>,
+    mut h: Vec<(Cow<'a, str>, Cow<'a, str>)>,
+) -> Result<Callout<'a>, FilterError> {
+    h.push(("content-type".into(), cloudevent::BATCH.into()));
+    let body = match &rule.key {
+        Some(src) if src.uses_body() => Cow::Owned(keyed_batch(src, rule, req)?),
+        Some(src) => {
+            let key = resolve(
+                src,
+                "partition key",
+                rule,
+                req,
+                &EventData::NotJson("batch"),
+            )?;
+            h.push((
+                KEY_HEADER.into(),
+                owned(encode_header_value(key.as_bytes())),
+            ));
+            Cow::Borrowed(req.body)
+        }
+        None => Cow::Borrowed(req.body),
+    };
+    Ok(Callout {
+        headers: h,
+        body,
+        id: None,
+    })
+}
+
+/// The batch with `partitionkey` set from each event's data, where the event has none.
+fn keyed_batch(src: &ValueSource, rule: &Rule, req: &Request<'_>) -> Result<Vec<u8>, FilterError> {
+    let Value::Array(mut events) = parse_json(req.body)? else {
+        return Err(FilterError::InvalidCloudEvent {
+            attribute: "",
+            detail: "a batch must be a JSON array of CloudEvents".into(),
+        });
+    };
+    for (index, event) in events.iter_mut().enumerate() {
+        key_event(event, src, rule, req).map_err(|e| in_batch(e, index))?;
+    }
+    serde_json::to_vec(&events).map_err(|e| FilterError::InvalidJson {
+        detail: e.to_string(),
+    })
+}
+
+fn key_event(
+    event: &mut Value,
+    src: &ValueSource,
+    rule: &Rule,
+    req: &Request<'_>,
+) -> Result<(), FilterError> {
+    check_structured(event)?;
+    let Some(obj) = event.as_object_mut() else {
+        return Ok(());
+    };
+    if obj.contains_key("partitionkey") {
+        return Ok(());
+    }
+    // Taken out and put back so the data is not copied to be looked into.
+    let data = match obj.remove("data") {
+        Some(d) if !obj.contains_key("data_base64") => EventData::Json(d),
+        _ => EventData::NotJson("the event has no JSON data"),
+    };
+    let key = resolve(src, "partition key", rule, req, &data).map(Cow::into_owned);
+    if let EventData::Json(d) = data {
+        obj.insert("data".into(), d);
+    }
+    obj.insert("partitionkey".into(), Value::String(key?));
+    Ok(())
+}
+
+/// Names the event of a batch an error is about.
+fn in_batch(e: FilterError, index: usize) -> FilterError {
+    match e {
+        FilterError::InvalidCloudEvent { attribute, detail } => FilterError::InvalidCloudEvent {
+            attribute,
+            detail: format!("event {index} of the batch: {detail}"),
+        },
+        FilterError::Unresolved {
+            what,
+            source,
+            reason,
+        } => FilterError::Unresolved {
+            what,
+            source,
+            reason: format!("event {index} of the batch: {reason}"),
+        },
+        other => other,
+    }
 }
 
 fn owned(c: Cow<'_, str>) -> Cow<'static, str> {
@@ -448,7 +546,7 @@ mod tests {
         assert_eq!(get(&out, "ce-tenant"), Some("acme%20corp"));
         assert_eq!(get(&out, "content-type"), Some("application/json"));
         assert!(out.headers.iter().all(|(_, v)| !v.contains("secret")));
-        assert_eq!(out.body, body);
+        assert_eq!(&out.body[..], &body[..]);
     }
 
     #[test]
@@ -577,7 +675,7 @@ mod tests {
         );
         assert_eq!(get(&out, "eventwire-key"), Some("o-9"));
         assert_eq!(get(&out, "ce-id"), None);
-        assert_eq!(out.body, body);
+        assert_eq!(&out.body[..], &body[..]);
         for (bad, why) in [
             (
                 &br#"{"specversion":"0.3","id":"e","source":"/s","type":"t"}"#[..],
@@ -599,15 +697,84 @@ mod tests {
                 "{e:?}"
             );
         }
-        let batch = hdrs(&[("content-type", "application/cloudevents-batch+json")]);
-        let nokey = cfg(r#"{"topic":"t","type":"x"}"#);
+    }
+
+    #[test]
+    fn batches_go_on_as_they_came_keyed_by_the_rule() {
+        let batch_headers = hdrs(&[
+            ("content-type", "application/cloudevents-batch+json"),
+            ("x-tenant", "t1"),
+        ]);
+        let body = br#"[{"specversion":"1.0","id":"a","source":"/s","type":"t","data":{"id":"o1"}},
+                       {"specversion":"1.0","id":"b","source":"/s","type":"t","partitionkey":"mine","data":{"id":"o2"}}]"#;
+        let header_of = |c: &Callout<'_>, name: &str| {
+            c.headers
+                .iter()
+                .find(|(n, _)| n == name)
+                .map(|(_, v)| v.to_string())
+        };
+        let plain = cfg(r#"{"topic":"t","type":"x"}"#);
+        let c = build(
+            &plain.rules[0],
+            &plain.sidecar,
+            &request(&batch_headers, body),
+            &STAMP,
+        )
+        .unwrap();
+        assert!(matches!(c.body, Cow::Borrowed(b) if b == body));
+        assert_eq!(
+            header_of(&c, "content-type").as_deref(),
+            Some("application/cloudevents-batch+json")
+        );
+        assert_eq!((header_of(&c, KEY_HEADER), c.id), (None, None));
+        let by_header = cfg(r#"{"topic":"t","type":"x","key":{"header":"x-tenant"}}"#);
+        let c = build(
+            &by_header.rules[0],
+            &by_header.sidecar,
+            &request(&batch_headers, body),
+            &STAMP,
+        )
+        .unwrap();
+        assert_eq!(header_of(&c, KEY_HEADER).as_deref(), Some("t1"));
+        assert!(matches!(c.body, Cow::Borrowed(_)));
+        let by_data = cfg(r#"{"topic":"t","type":"x","key":{"json_pointer":"/id"}}"#);
+        let c = build(
+            &by_data.rules[0],
+            &by_data.sidecar,
+            &request(&batch_headers, body),
+            &STAMP,
+        )
+        .unwrap();
+        assert_eq!(header_of(&c, KEY_HEADER), None);
+        let events: Value = serde_json::from_slice(&c.body).unwrap();
+        assert_eq!(events[0]["partitionkey"], "o1");
+        assert_eq!(events[0]["data"]["id"], "o1");
+        assert_eq!(
+            events[1]["partitionkey"], "mine",
+            "an event's own key is kept"
+        );
+        let unkeyed =
+            br#"[{"specversion":"1.0","id":"a","source":"/s","type":"t","data":{"id":"o1"}},
+                          {"specversion":"1.0","id":"b","source":"/s","type":"t","data":{}}]"#;
         let e = build(
-            &nokey.rules[0],
-            &nokey.sidecar,
-            &request(&batch, b"[]"),
+            &by_data.rules[0],
+            &by_data.sidecar,
+            &request(&batch_headers, unkeyed),
             &STAMP,
         )
         .err();
-        assert_eq!(e, Some(FilterError::BatchUnsupported));
+        assert!(
+            e.as_ref()
+                .is_some_and(|e| e.to_string().contains("event 1 of the batch")),
+            "{e:?}"
+        );
+        let e = build(
+            &by_data.rules[0],
+            &by_data.sidecar,
+            &request(&batch_headers, br#"{"id":"o1"}"#),
+            &STAMP,
+        )
+        .err();
+        assert!(matches!(e, Some(FilterError::InvalidCloudEvent { .. })));
     }
 }

@@ -28,7 +28,6 @@ pub enum FilterError {
         attribute: &'static str,
         detail: String,
     },
-    BatchUnsupported,
     SidecarUnavailable {
         detail: String,
     },
@@ -58,7 +57,6 @@ impl FilterError {
             FilterError::Unresolved { .. } => Kind::UnresolvedValue,
             FilterError::InvalidHeader { .. } => Kind::InvalidHeader,
             FilterError::InvalidCloudEvent { .. } => Kind::InvalidCloudEvent,
-            FilterError::BatchUnsupported => Kind::BatchUnsupported,
             FilterError::SidecarUnavailable { .. } => Kind::SidecarUnavailable,
             FilterError::ProxyFailure { .. } => Kind::ProxyFailure,
         }
@@ -114,9 +112,6 @@ impl fmt::Display for FilterError {
             } => write!(f, "{what} from {source}: {reason}"),
             FilterError::InvalidHeader { name, reason } => write!(f, "header {name}: {reason}"),
             FilterError::InvalidCloudEvent { detail, .. } => f.write_str(detail),
-            FilterError::BatchUnsupported => f.write_str(
-                "send one event per request (application/cloudevents+json or binary mode)",
-            ),
             FilterError::SidecarUnavailable { detail } | FilterError::ProxyFailure { detail } => {
                 f.write_str(detail)
             }
@@ -164,7 +159,6 @@ mod tests {
         assert_eq!(down.kind().retry_after(), Some("1"));
         assert_eq!(down.cause(), Cause::Infrastructure);
         assert_eq!(FilterError::BodyTooLarge { limit: 1 }.status(), 413);
-        assert_eq!(FilterError::BatchUnsupported.status(), 415);
         let spilled = FilterError::ProxyFailure { detail: "y".into() };
         assert_eq!(
             (spilled.status(), spilled.cause()),

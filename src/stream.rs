@@ -254,13 +254,13 @@ impl Stream {
         );
         let id = id.as_deref().unwrap_or("-");
         match verdict {
-            Verdict::Accepted => {
+            Verdict::Accepted { status } => {
                 host.bump(Counter::Accepted);
                 host.log(
                     Level::Debug,
                     format_args!("rule {} event {id} accepted", rule.name),
                 );
-                self.accepted(host, rule, body_size, header("location"));
+                self.accepted(host, rule, status, body_size, header("location"));
             }
             Verdict::Refused { status } => {
                 host.log(
@@ -307,6 +307,7 @@ impl Stream {
         &mut self,
         host: &impl Host,
         rule: &Rule,
+        status: u16,
         body_size: usize,
         location: Option<Vec<u8>>,
     ) {
@@ -321,7 +322,8 @@ impl Stream {
                 if let Some(l) = location {
                     headers.push(("location", l));
                 }
-                host.reply(202, headers, &body);
+                // 202, or a batch's 207 when only some of its events were accepted.
+                host.reply(status, headers, &body);
                 self.state = State::Replied;
             }
         }
@@ -393,7 +395,7 @@ impl Stream {
         let dispatched = host.dispatch(
             &cfg.sidecar.upstream,
             out.header_refs(),
-            out.body,
+            &out.body,
             cfg.sidecar.timeout_ms,
         );
         match dispatched {

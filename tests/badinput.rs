@@ -26,8 +26,8 @@ const UNKNOWN_TOPIC: &str = "no-such-topic";
 /// The sidecar's `--max-body-bytes` default and the shipped filter's `max_body_bytes`.
 const MAX_BODY: usize = 1_048_576;
 /// Kinds of bad input in `table()` and the bad requests they send.
-const KINDS: usize = 52;
-const REQUESTS: usize = 98;
+const KINDS: usize = 53;
+const REQUESTS: usize = 100;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Via {
@@ -249,20 +249,44 @@ fn table() -> Vec<Case> {
             )],
         ),
         case(
-            "batch content type",
+            "empty batch",
             vec![
                 (
                     S,
                     sc().h("content-type", "application/cloudevents-batch+json")
                         .body(b"[]"),
-                    p(415, "batch-unsupported", None),
+                    p(400, "invalid-cloudevent", None),
                 ),
                 (
                     E,
                     orders()
                         .h("content-type", "application/cloudevents-batch+json")
                         .body(b"[]"),
-                    p(415, "batch-unsupported", None),
+                    p(400, "invalid-cloudevent", None),
+                ),
+            ],
+        ),
+        case(
+            "batch with an event missing its type",
+            vec![
+                (
+                    S,
+                    sc().h("content-type", "application/cloudevents-batch+json")
+                        .body(concat!(
+                            r#"[{"specversion":"1.0","id":"bx","source":"/s","type":"t","data":{"id":"o1"}},"#,
+                            r#"{"specversion":"1.0","id":"by","source":"/s","data":{"id":"o2"}}]"#
+                        )),
+                    p(400, "invalid-cloudevent", Some("type")),
+                ),
+                (
+                    E,
+                    orders()
+                        .h("content-type", "application/cloudevents-batch+json")
+                        .body(concat!(
+                            r#"[{"specversion":"1.0","id":"bx","source":"/s","type":"t","data":{"id":"o1"}},"#,
+                            r#"{"specversion":"1.0","id":"by","source":"/s","data":{"id":"o2"}}]"#
+                        )),
+                    p(400, "invalid-cloudevent", Some("type")),
                 ),
             ],
         ),

@@ -245,9 +245,40 @@ async fn idempotency_key_and_incoming_cloudevents() {
     assert_eq!(resp.0, 202, "{}", String::from_utf8_lossy(&resp.2));
     assert_eq!(json_of(&resp.2)["id"], "evt-str-1");
 
-    // Read on after the third, so that a fourth (a wrapped-again event) would show.
-    let recs = s.broker.records_settled(ORDERS, 3, WAIT);
-    assert_eq!(recs.len(), 3);
+    // A batch: one callout, one answer with each event's result, the records in batch order,
+    // each keyed by its own data (the filter sets `partitionkey`) unless it has a key.
+    let batch = br#"[{"specversion":"1.0","id":"evt-b-1","source":"/web","type":"t","data":{"id":"ord-10"}},
+        {"specversion":"1.0","id":"evt-b-2","source":"/web","type":"t","partitionkey":"own-key","data":{"id":"ord-11"}},
+        {"specversion":"1.0","id":"evt-b-3","source":"/web","type":"t","data":{"id":"ord-12"}}]"#;
+    let batch_ct = [("content-type", "application/cloudevents-batch+json")];
+    let resp = s.post("/orders", &batch_ct, batch).await;
+    assert_eq!(resp.0, 202, "{}", String::from_utf8_lossy(&resp.2));
+    let answer = json_of(&resp.2);
+    let ids: Vec<&str> = answer["events"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|e| e["id"].as_str()).collect())
+        .unwrap_or_default();
+    assert_eq!(ids, ["evt-b-1", "evt-b-2", "evt-b-3"]);
+    assert_eq!(answer["events"][2]["status"], "published");
+    // Sent again: the first answers, no second records.
+    let again = s.post("/orders", &batch_ct, batch).await;
+    assert_eq!(json_of(&again.2), answer);
+
+    // Read on after the sixth, so that a seventh (a wrapped-again event, a repeat) would show.
+    let recs = s.broker.records_settled(ORDERS, 6, WAIT);
+    assert_eq!(recs.len(), 6);
+    let batched: Vec<(Option<&str>, Option<&str>)> = recs[3..]
+        .iter()
+        .map(|r| (r.header("ce_id"), r.key_str()))
+        .collect();
+    assert_eq!(
+        batched,
+        [
+            (Some("evt-b-1"), Some("ord-10")),
+            (Some("evt-b-2"), Some("own-key")),
+            (Some("evt-b-3"), Some("ord-12"))
+        ]
+    );
     assert_eq!(recs[0].header("ce_id"), Some("order-7-attempt"));
     assert_eq!(recs[0].key_str(), Some("ord-7"));
     let b = &recs[1];

@@ -46,7 +46,7 @@ kinds! {
     InvalidHeader = 400, "invalid-header", "Invalid request header";
     InvalidCloudEvent = 400, "invalid-cloudevent", "Invalid CloudEvent";
     NotACloudEvent = 415, "not-a-cloudevent", "Not a CloudEvent";
-    BatchUnsupported = 415, "batch-unsupported", "CloudEvents batch mode is not supported";
+    BatchTooLarge = 413, "batch-too-large", "Too many events in one batch";
     UnresolvedValue = 400, "unresolved-value", "Required value missing from the request";
     // Where the event goes.
     MissingTopic = 400, "missing-topic", "Missing topic";
@@ -95,6 +95,9 @@ pub struct Problem<'a> {
     pub attribute: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub parameter: Option<&'a str>,
+    /// The position (from 0) of the event at fault in a batch.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub index: Option<usize>,
 }
 
 fn type_uri<S: Serializer>(kind: &Kind, s: S) -> Result<S::Ok, S::Error> {
@@ -110,6 +113,7 @@ impl<'a> Problem<'a> {
             detail,
             attribute: None,
             parameter: None,
+            index: None,
         }
     }
 
@@ -122,6 +126,12 @@ impl<'a> Problem<'a> {
     /// The query parameter at fault.
     pub fn parameter(mut self, parameter: Option<&'a str>) -> Self {
         self.parameter = parameter;
+        self
+    }
+
+    /// The event at fault in a batch.
+    pub fn index(mut self, index: Option<usize>) -> Self {
+        self.index = index;
         self
     }
 

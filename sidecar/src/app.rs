@@ -128,7 +128,10 @@ fn durable_sink(d: &DurabilityArgs, producer: Arc<KafkaProducer>) -> Result<Dura
 fn router(args: &ServeArgs, sink: Arc<DurableSink>, fanout: Arc<fanout::Fanout>) -> axum::Router {
     ingest::router(ingest::AppState {
         sink,
-        max_body_bytes: args.max_body_bytes,
+        limits: ingest::Limits {
+            max_body_bytes: args.max_body_bytes,
+            max_batch_events: args.max_batch_events,
+        },
     })
     .merge(subscribe::router(subscribe::PushState {
         fanout,

@@ -183,6 +183,43 @@ pub fn parse_structured(body: &[u8]) -> Result<CloudEvent, ParseError> {
     build(attrs, data)
 }
 
+/// An event of a batch that is not valid, and where it is (`None`: the batch as a whole).
+#[derive(Debug, PartialEq, Eq)]
+pub struct BatchError {
+    pub index: Option<usize>,
+    pub error: ParseError,
+}
+
+/// Parses the JSON batch format: an array of events in the JSON format. The first invalid
+/// event fails the batch, so a batch is accepted whole or not at all.
+pub fn parse_batch(body: &[u8]) -> Result<Vec<CloudEvent>, BatchError> {
+    let whole = |error| BatchError { index: None, error };
+    let raw = serde_json::from_slice::<Vec<&RawValue>>(body).map_err(|e| match e.classify() {
+        serde_json::error::Category::Data => whole(
+            CeError::new(
+                "",
+                "a batch is a JSON array of CloudEvents in the JSON format",
+            )
+            .into(),
+        ),
+        _ => whole(json_error(e)),
+    })?;
+    if raw.is_empty() {
+        return Err(whole(
+            CeError::new("", "a batch holds at least one event").into(),
+        ));
+    }
+    raw.iter()
+        .enumerate()
+        .map(|(index, event)| {
+            parse_structured(event.get().as_bytes()).map_err(|error| BatchError {
+                index: Some(index),
+                error,
+            })
+        })
+        .collect()
+}
+
 fn json_error(e: serde_json::Error) -> ParseError {
     match e.classify() {
         // Well-formed JSON of the wrong shape (e.g. an array) is a CloudEvents problem.
@@ -543,6 +580,40 @@ mod tests {
         assert!(matches!(
             parse_binary(bad, None, b""),
             Err(ParseError::Header { .. })
+        ));
+    }
+
+    #[test]
+    fn batches_parse_whole_or_name_the_event_at_fault() {
+        let good = r#"[{"specversion":"1.0","id":"a","source":"/s","type":"t","data":{"n":1}},
+                       {"specversion":"1.0","id":"b","source":"/s","type":"t","partitionkey":"k"}]"#;
+        let events = parse_batch(good.as_bytes()).unwrap();
+        assert_eq!(
+            events.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(),
+            ["a", "b"]
+        );
+        assert_eq!(events[0].data.as_deref(), Some(br#"{"n":1}"#.as_slice()));
+        let bad = r#"[{"specversion":"1.0","id":"a","source":"/s","type":"t"},
+                      {"specversion":"1.0","id":"b","source":"/s","type":"t","time":"noon"}]"#;
+        let e = parse_batch(bad.as_bytes()).unwrap_err();
+        assert_eq!(e.index, Some(1));
+        assert!(
+            matches!(e.error, ParseError::Invalid(CeError { ref attribute, .. }) if attribute == "time")
+        );
+        for (body, why) in [
+            ("[]", "at least one event"),
+            (r#"{"specversion":"1.0"}"#, "JSON array"),
+            ("[1]", "JSON object"),
+        ] {
+            let e = parse_batch(body.as_bytes()).unwrap_err();
+            assert!(e.error.to_string().contains(why), "{body}: {e:?}");
+        }
+        assert!(matches!(
+            parse_batch(b"[{").unwrap_err(),
+            BatchError {
+                index: None,
+                error: ParseError::Json { .. }
+            }
         ));
     }
 }

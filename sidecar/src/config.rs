@@ -63,6 +63,9 @@ pub struct ServeArgs {
     /// Largest accepted request body.
     #[arg(long, env = "EVENTWIRE_MAX_BODY_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES as usize)]
     pub max_body_bytes: usize,
+    /// Most events in one `application/cloudevents-batch+json` request.
+    #[arg(long, env = "EVENTWIRE_MAX_BATCH_EVENTS", default_value_t = 1000, value_parser = clap::value_parser!(usize))]
+    pub max_batch_events: usize,
     #[command(flatten)]
     pub durability: DurabilityArgs,
     #[command(flatten)]
@@ -202,6 +205,7 @@ mod tests {
         assert_eq!(cli.serve.durability.ack, crate::durable::AckMode::Broker);
         assert_eq!(cli.serve.max_body_bytes, 1_048_576);
         assert_eq!(cli.serve.max_body_bytes as u64, DEFAULT_MAX_BODY_BYTES);
+        assert_eq!(cli.serve.max_batch_events, 1000);
         assert_eq!(cli.serve.push.subscriber_queue, 1024);
         assert_eq!(cli.serve.push.ping_interval_s, 15);
         assert_eq!(cli.serve.push.max_subscribers, 10_000);

@@ -22,6 +22,9 @@ const IN_DOUBT_WAIT: Duration = Duration::from_millis(1500);
 /// At shutdown, the send in progress may finish within this; cutting it would make the
 /// next start send it again.
 const SHUTDOWN_DRAIN: Duration = Duration::from_secs(3);
+/// Spooled records in the producer at once while a backlog drains: enough to fill its
+/// batches (`linger.ms`) many times over, few enough that a shutdown finishes them.
+const FORWARD_IN_FLIGHT: usize = 256;
 const RETRY_FIRST: Duration = Duration::from_millis(100);
 const RETRY_MAX: Duration = Duration::from_secs(5);
 
@@ -147,31 +150,65 @@ impl DurableSink {
         }
     }
 
-    /// Forwards spooled events in order until `stop` turns true. An event taken but not yet
-    /// forwarded at shutdown stays in the spool and is forwarded by the next start.
+    /// Forwards spooled events until `stop` turns true. Up to `FORWARD_IN_FLIGHT` records
+    /// are handed to the producer ahead of the oldest unfinished one, so a backlog drains at
+    /// the broker's rate instead of one round trip per event; results are taken in spool
+    /// order, so the `forwarded` position and every status move in acceptance order. Order
+    /// per partition is the idempotent producer's: it keeps in-flight batches in order across
+    /// its own retries. Only when it gives up on a record (after the delivery timeout) can
+    /// records behind it land first; the records of that partition time out in order too.
+    /// An event taken but not yet forwarded at shutdown stays in the spool and is forwarded
+    /// by the next start.
     pub fn spawn_forwarder(
         self: &Arc<Self>,
         mut stop: watch::Receiver<bool>,
     ) -> tokio::task::JoinHandle<()> {
         let this = Arc::clone(self);
         tokio::spawn(async move {
+            let mut window = Window::default();
             loop {
-                let entry = tokio::select! {
-                    e = this.spool.next() => e,
-                    _ = stop.wait_for(|s| *s) => return,
+                let oldest = match window.entries.pop_front() {
+                    Some(entry) => entry,
+                    None => {
+                        window.blocked = false;
+                        tokio::select! {
+                            e = this.spool.next() => this.hand_over(e, &mut window),
+                            _ = stop.wait_for(|s| *s) => return,
+                        }
+                        continue;
+                    }
                 };
-                let forward = this.forward(entry);
+                let forward = this.forward(oldest);
                 tokio::pin!(forward);
-                let stopping = tokio::select! {
-                    () = &mut forward => false,
-                    _ = stop.wait_for(|s| *s) => true,
+                let stopping = loop {
+                    tokio::select! {
+                        () = &mut forward => break false,
+                        e = this.spool.next(), if window.has_room() => this.hand_over(e, &mut window),
+                        _ = stop.wait_for(|s| *s) => break true,
+                    }
                 };
                 if stopping {
-                    let _ = tokio::time::timeout(SHUTDOWN_DRAIN, forward).await;
+                    let rest = async {
+                        forward.await;
+                        while let Some(entry) = window.entries.pop_front() {
+                            this.forward(entry).await;
+                        }
+                    };
+                    let _ = tokio::time::timeout(SHUTDOWN_DRAIN, rest).await;
                     return;
                 }
             }
         })
+    }
+
+    /// Puts a spooled event in flight behind the others. If the producer does not take it,
+    /// nothing more is sent ahead of it: it is sent (and retried) when its turn comes.
+    fn hand_over(&self, mut entry: Entry, window: &mut Window) {
+        if entry.pending.is_none() && !window.blocked {
+            entry.pending = self.kafka.enqueue(&entry.event.record).ok();
+        }
+        window.blocked |= entry.pending.is_none();
+        window.entries.push_back(entry);
     }
 
     async fn forward(&self, mut entry: Entry) {
@@ -179,7 +216,9 @@ impl DurableSink {
             Some(p) => Some(p.wait().await),
             None => None,
         };
-        let mut backoff = RETRY_FIRST;
+        // The first retry goes at once: a failure of a record sent ahead is old news by the
+        // time its turn comes (the records before it were retried meanwhile).
+        let mut backoff = Duration::ZERO;
         loop {
             match result {
                 Some(Ok(d)) => return self.forwarded(&entry, Ok(d)).await,
@@ -187,7 +226,7 @@ impl DurableSink {
                 Some(Err(e)) => {
                     tracing::warn!(event_id = %entry.event.id, error = %e, retry_in_ms = backoff.as_millis() as u64, "spool: forwarding failed; retrying");
                     tokio::time::sleep(backoff).await;
-                    backoff = (backoff * 2).min(RETRY_MAX);
+                    backoff = (backoff * 2).clamp(RETRY_FIRST, RETRY_MAX);
                 }
                 None => {}
             }
@@ -222,6 +261,20 @@ impl DurableSink {
     }
 }
 
+/// The spooled events the forwarder has taken, oldest first, most already in the producer.
+#[derive(Default)]
+struct Window {
+    entries: std::collections::VecDeque<Entry>,
+    /// The producer refused one of them: take no more until it has been forwarded.
+    blocked: bool,
+}
+
+impl Window {
+    fn has_room(&self) -> bool {
+        !self.blocked && self.entries.len() < FORWARD_IN_FLIGHT
+    }
+}
+
 fn spool_error(e: SpoolError) -> PublishError {
     match e {
         SpoolError::Full(bytes) => PublishError::SpoolFull(format!(
@@ -234,6 +287,23 @@ fn spool_error(e: SpoolError) -> PublishError {
 impl EventSink for DurableSink {
     fn accept(&self, event: EventRecord) -> BoxFuture<'_, Result<Accepted, PublishError>> {
         Box::pin(self.status.once(event, |e| self.make_durable(e)))
+    }
+
+    fn accept_batch(
+        &self,
+        events: Vec<EventRecord>,
+    ) -> BoxFuture<'_, Vec<Result<Accepted, PublishError>>> {
+        Box::pin(async move {
+            // One topic lookup first: then every event's check answers from the cache without
+            // yielding, so the events reach the producer (or the spool) in batch order, which
+            // the producer keeps per partition.
+            if let Some(first) = events.first()
+                && self.kafka.is_ready()
+            {
+                let _ = self.kafka.check_topic(&first.record.topic).await;
+            }
+            futures_util::future::join_all(events.into_iter().map(|e| self.accept(e))).await
+        })
     }
 
     fn status(&self, id: &str, source: Option<&str>) -> Option<Snapshot> {

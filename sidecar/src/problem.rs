@@ -22,6 +22,10 @@ pub trait ProblemSource: fmt::Display {
     fn parameter(&self) -> Option<&str> {
         None
     }
+    /// The position of the event at fault in a batch.
+    fn index(&self) -> Option<usize> {
+        None
+    }
     /// The methods the resource supports, for a 405's `Allow` (RFC 9110 requires it).
     fn allow(&self) -> Option<&'static str> {
         None
@@ -35,11 +39,22 @@ pub fn response(source: &impl ProblemSource) -> Response {
     let body = Problem::new(kind, &detail)
         .attribute(source.attribute())
         .parameter(source.parameter())
+        .index(source.index())
         .to_json();
     let status = StatusCode::from_u16(kind.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut response = (status, body).into_response();
     add_headers(response.headers_mut(), kind, source.allow());
     response
+}
+
+/// The problem body alone, for an answer that reports several (a batch's 207).
+pub fn value(source: &impl ProblemSource) -> serde_json::Value {
+    let detail = source.to_string();
+    let problem = Problem::new(source.kind(), &detail)
+        .attribute(source.attribute())
+        .parameter(source.parameter())
+        .index(source.index());
+    serde_json::to_value(problem).unwrap_or_default()
 }
 
 fn add_headers(headers: &mut HeaderMap, kind: Kind, allow: Option<&'static str>) {

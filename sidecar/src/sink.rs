@@ -77,6 +77,16 @@ pub trait EventSink: Send + Sync {
     /// Accepts an event once per `source` + `id`: a new one resolves once it is durable
     /// (acknowledged by the broker or in the spool), a repeat with the first answer.
     fn accept(&self, event: EventRecord) -> BoxFuture<'_, Result<Accepted, PublishError>>;
+    /// Accepts a batch: each event as by `accept`, all at once so that they share producer
+    /// batches and spool syncs; the results in batch order.
+    fn accept_batch(
+        &self,
+        events: Vec<EventRecord>,
+    ) -> BoxFuture<'_, Vec<Result<Accepted, PublishError>>> {
+        Box::pin(futures_util::future::join_all(
+            events.into_iter().map(|e| self.accept(e)),
+        ))
+    }
     /// Where an accepted event is now, by id (and source, when ids repeat across sources).
     fn status(&self, id: &str, source: Option<&str>) -> Option<Snapshot>;
     /// Whether the backend answered recently (for `/readyz`).

@@ -19,10 +19,14 @@ pub enum IngestError {
          the data) or in structured mode (Content-Type: application/cloudevents+json)"
     )]
     NotACloudEvent,
-    #[error(
-        "batches (application/cloudevents-batch+json) are not supported; send one event per request"
-    )]
-    BatchUnsupported,
+    #[error("the batch holds {0} events; at most {1} are accepted in one request")]
+    BatchTooLarge(usize, usize),
+    /// One event of a batch, by its position: the batch is refused whole.
+    #[error("event {index} of the batch: {error}")]
+    InBatch {
+        index: usize,
+        error: Box<IngestError>,
+    },
     #[error("{0}")]
     BodyTooLarge(String),
     #[error("could not read the request body: {0}")]
@@ -70,7 +74,8 @@ impl ProblemSource for IngestError {
             MissingTopic => Kind::MissingTopic,
             InvalidTopic(_) => Kind::InvalidTopic,
             NotACloudEvent => Kind::NotACloudEvent,
-            BatchUnsupported => Kind::BatchUnsupported,
+            BatchTooLarge(..) => Kind::BatchTooLarge,
+            InBatch { error, .. } => error.kind(),
             BodyTooLarge(_) => Kind::BodyTooLarge,
             BodyRead(_) => Kind::InvalidBody,
             Parse(ParseError::Header { .. }) => Kind::InvalidHeader,
@@ -93,6 +98,14 @@ impl ProblemSource for IngestError {
             IngestError::Parse(ParseError::Invalid(e)) if !e.attribute.is_empty() => {
                 Some(&e.attribute)
             }
+            IngestError::InBatch { error, .. } => error.attribute(),
+            _ => None,
+        }
+    }
+
+    fn index(&self) -> Option<usize> {
+        match self {
+            IngestError::InBatch { index, .. } => Some(*index),
             _ => None,
         }
     }

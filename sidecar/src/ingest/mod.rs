@@ -7,7 +7,7 @@ mod request;
 use std::sync::Arc;
 
 use axum::extract::{DefaultBodyLimit, Path, Query, Request, State};
-use axum::http::{StatusCode, header};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -15,7 +15,11 @@ use eventwire_contract::INGEST_PATH;
 use serde_json::json;
 
 pub use error::IngestError;
+pub use request::Limits;
 
+use request::Events;
+
+use crate::cloudevent::CloudEvent;
 use crate::problem::{ProblemSource, RouteError, allow};
 use crate::sink::{EventRecord, EventSink, PublishError};
 use crate::status::{Accepted, Snapshot};
@@ -23,7 +27,7 @@ use crate::status::{Accepted, Snapshot};
 #[derive(Clone)]
 pub struct AppState {
     pub sink: Arc<dyn EventSink>,
-    pub max_body_bytes: usize,
+    pub limits: Limits,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -61,12 +65,21 @@ async fn post_event(State(state): State<AppState>, request: Request) -> Response
         Ok(t) => t,
         Err(e) => return reject(e, None),
     };
-    let event = match request::read_event(&parts.headers, body, state.max_body_bytes).await {
-        Ok(event) => event,
+    match request::read_events(&parts.headers, body, state.limits).await {
+        Ok(Events::One(event)) => publish_one(&state, &parts.headers, event, &topic).await,
+        Ok(Events::Batch(events)) => publish_batch(&state, &parts.headers, events, &topic).await,
         // Binary mode names the id in a header even when the event is invalid.
-        Err(e) => return reject(e, parts.headers.get("ce-id").and_then(|v| v.to_str().ok())),
-    };
-    let record = match request::out_record(&parts.headers, &event, &topic) {
+        Err(e) => reject(e, parts.headers.get("ce-id").and_then(|v| v.to_str().ok())),
+    }
+}
+
+async fn publish_one(
+    state: &AppState,
+    headers: &HeaderMap,
+    event: CloudEvent,
+    topic: &str,
+) -> Response {
+    let record = match request::out_record(headers, &event, topic) {
         Ok(r) => r,
         Err(e) => return reject(e, Some(&event.id)),
     };
@@ -87,18 +100,100 @@ async fn post_event(State(state): State<AppState>, request: Request) -> Response
     }
 }
 
+/// A batch is made durable together (one producer batch, one spool sync) and answered once,
+/// with each event's result in batch order.
+async fn publish_batch(
+    state: &AppState,
+    headers: &HeaderMap,
+    events: Vec<CloudEvent>,
+    topic: &str,
+) -> Response {
+    let mut records = Vec::with_capacity(events.len());
+    for event in events {
+        match request::out_record(headers, &event, topic) {
+            Ok(record) => records.push(EventRecord {
+                id: event.id,
+                source: event.source,
+                record,
+            }),
+            // Only the batch's own headers can fail here: the batch is refused whole.
+            Err(e) => return reject(e, None),
+        }
+    }
+    let ids: Vec<(String, String)> = records
+        .iter()
+        .map(|e| (e.id.clone(), e.source.clone()))
+        .collect();
+    let sink = state.sink.clone();
+    match tokio::spawn(async move { sink.accept_batch(records).await }).await {
+        Ok(results) => batch_answer(&ids, results),
+        Err(e) => reject(
+            IngestError::BrokerUnavailable(format!("publish task failed: {e}")),
+            None,
+        ),
+    }
+}
+
+/// 202 when every event was accepted; the common refusal when none was and all for the same
+/// reason; else 207 with each event's snapshot or problem, so a client resends only those
+/// (resending the whole batch is safe too: ids already accepted get their first answer).
+fn batch_answer(
+    ids: &[(String, String)],
+    results: Vec<Result<Accepted, PublishError>>,
+) -> Response {
+    let mut results: Vec<Result<Snapshot, IngestError>> =
+        results.into_iter().map(outcome).collect();
+    if let Some(e) = common_refusal(&mut results) {
+        return reject(e, None);
+    }
+    let refused = results.iter().filter(|r| r.is_err()).count();
+    let status = if refused == 0 {
+        StatusCode::ACCEPTED
+    } else {
+        tracing::warn!(events = results.len(), refused, "batch partly accepted");
+        StatusCode::MULTI_STATUS
+    };
+    let events: Vec<serde_json::Value> = results
+        .iter()
+        .zip(ids)
+        .map(|(result, (id, source))| match result {
+            Ok(snapshot) => serde_json::to_value(snapshot).unwrap_or_default(),
+            Err(e) => json!({"id": id, "source": source, "problem": crate::problem::value(e)}),
+        })
+        .collect();
+    (status, Json(json!({ "events": events }))).into_response()
+}
+
+/// The refusal of every event, when all were refused for the same reason.
+fn common_refusal(results: &mut Vec<Result<Snapshot, IngestError>>) -> Option<IngestError> {
+    let first = results.first()?.as_ref().err()?.kind();
+    let same = |r: &Result<Snapshot, IngestError>| {
+        r.as_ref().err().map(ProblemSource::kind) == Some(first)
+    };
+    if results.iter().all(same) {
+        results.swap_remove(0).err()
+    } else {
+        None
+    }
+}
+
+/// What one accepted (or refused) event tells its client.
+fn outcome(accepted: Result<Accepted, PublishError>) -> Result<Snapshot, IngestError> {
+    match accepted {
+        Ok(Accepted::New(snapshot) | Accepted::Repeat(snapshot)) => Ok(snapshot),
+        Ok(Accepted::Conflict(first)) => Err(IngestError::IdempotencyConflict(format!(
+            "event id `{}` from `{}` was already accepted for topic `{}` with another payload",
+            first.id, first.source, first.topic
+        ))),
+        Err(e) => Err(e.into()),
+    }
+}
+
 /// The 202, or why the event was not accepted.
 fn answer(accepted: Result<Accepted, PublishError>, id: &str) -> Response {
-    match accepted {
-        Ok(Accepted::New(snapshot) | Accepted::Repeat(snapshot)) => accepted_answer(&snapshot),
-        Ok(Accepted::Conflict(first)) => {
-            let detail = format!(
-                "event id `{}` from `{}` was already accepted for topic `{}` with another payload",
-                first.id, first.source, first.topic
-            );
-            reject(IngestError::IdempotencyConflict(detail), Some(id))
-        }
-        Err(e) => reject(e.into(), Some(id)),
+    match outcome(accepted) {
+        Ok(snapshot) => accepted_answer(&snapshot),
+        Err(e) => reject(e, Some(id)),
     }
 }
 
@@ -221,7 +316,20 @@ mod tests {
     fn app(sink: Arc<FakeSink>) -> Router {
         router(AppState {
             sink,
-            max_body_bytes: 128,
+            limits: Limits {
+                max_body_bytes: 128,
+                max_batch_events: 3,
+            },
+        })
+    }
+
+    fn batch_app(sink: Arc<FakeSink>) -> Router {
+        router(AppState {
+            sink,
+            limits: Limits {
+                max_body_bytes: 4096,
+                max_batch_events: 3,
+            },
         })
     }
 
@@ -300,6 +408,95 @@ mod tests {
         );
     }
 
+    fn batch_request(events: &[(&str, &str)]) -> HttpRequest<Body> {
+        let events: Vec<String> = events
+            .iter()
+            .map(|(id, data)| {
+                format!(
+                    r#"{{"specversion":"1.0","id":"{id}","source":"/s","type":"t","data":{data}}}"#
+                )
+            })
+            .collect();
+        HttpRequest::post("/v1/events")
+            .header(TOPIC_HEADER, "orders")
+            .header("content-type", BATCH_CONTENT_TYPE)
+            .body(Body::from(format!("[{}]", events.join(","))))
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_published_in_order_and_answered_once() {
+        let sink = Arc::new(FakeSink::default());
+        let req = batch_request(&[("b1", "1"), ("b2", "2"), ("b3", "3")]);
+        let (status, _, body) = send(batch_app(sink.clone()), req).await;
+        assert_eq!(status, StatusCode::ACCEPTED, "{body}");
+        let answer: Value = serde_json::from_str(&body).unwrap();
+        let ids: Vec<&str> = answer["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|e| e["id"].as_str().unwrap())
+            .collect();
+        assert_eq!(ids, ["b1", "b2", "b3"]);
+        assert_eq!(answer["events"][2]["status"], "published");
+        let values: Vec<Vec<u8>> = sink
+            .records
+            .lock()
+            .unwrap()
+            .iter()
+            .map(|r| r.value.clone().unwrap())
+            .collect();
+        assert_eq!(values, [b"1".to_vec(), b"2".to_vec(), b"3".to_vec()]);
+    }
+
+    #[tokio::test]
+    async fn a_batch_is_refused_whole_or_answered_per_event() {
+        let sink = Arc::new(FakeSink::default());
+        // An invalid event refuses the whole batch and names its position.
+        let bad = r#"[{"specversion":"1.0","id":"x","source":"/s","type":"t"},{"specversion":"1.0","id":"y","source":"/s"}]"#;
+        let req = HttpRequest::post("/v1/events")
+            .header(TOPIC_HEADER, "orders")
+            .header("content-type", BATCH_CONTENT_TYPE)
+            .body(Body::from(bad))
+            .unwrap();
+        let (status, _, body) = send(batch_app(sink.clone()), req).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST);
+        let problem: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(
+            (problem["index"].as_u64(), problem["attribute"].as_str()),
+            (Some(1), Some("type")),
+            "{body}"
+        );
+        let req = batch_request(&[("a", "1"), ("b", "2"), ("c", "3"), ("d", "4")]);
+        let (status, _, body) = send(batch_app(sink.clone()), req).await;
+        assert_eq!(
+            (status, slug(&body)),
+            (StatusCode::PAYLOAD_TOO_LARGE, "batch-too-large".into())
+        );
+        assert!(sink.records.lock().unwrap().is_empty());
+        // One event conflicts with an earlier one: 207, the others are accepted.
+        let (status, _, _) = send(batch_app(sink.clone()), batch_request(&[("c1", "1")])).await;
+        assert_eq!(status, StatusCode::ACCEPTED);
+        let req = batch_request(&[("c2", "2"), ("c1", "9")]);
+        let (status, _, body) = send(batch_app(sink.clone()), req).await;
+        assert_eq!(status, StatusCode::MULTI_STATUS, "{body}");
+        let answer: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(answer["events"][0]["status"], "published");
+        assert_eq!(answer["events"][1]["id"], "c1");
+        assert_eq!(
+            answer["events"][1]["problem"]["type"],
+            "urn:eventwire:problem:idempotency-conflict"
+        );
+        assert_eq!(sink.records.lock().unwrap().len(), 2);
+        // Every event refused for one reason: that refusal, as for a single event.
+        let req = batch_request(&[("c1", "8"), ("c1", "7")]);
+        let (status, _, body) = send(batch_app(sink.clone()), req).await;
+        assert_eq!(
+            (status, slug(&body)),
+            (StatusCode::CONFLICT, "idempotency-conflict".into())
+        );
+    }
+
     #[tokio::test]
     async fn rejections() {
         let post = || HttpRequest::post("/v1/events");
@@ -329,10 +526,10 @@ mod tests {
                 post()
                     .header(TOPIC_HEADER, "t")
                     .header("content-type", BATCH_CONTENT_TYPE)
-                    .body(Body::empty())
+                    .body(Body::from("[]"))
                     .unwrap(),
-                StatusCode::UNSUPPORTED_MEDIA_TYPE,
-                "batch-unsupported",
+                StatusCode::BAD_REQUEST,
+                "invalid-cloudevent",
             ),
             (
                 post()

@@ -1,5 +1,5 @@
 //! Reading an event out of a `POST /v1/events` request: the topic and key headers of the
-//! contract, the mode (binary or structured), the size-capped body.
+//! contract, the mode (binary, structured or batch), the size-capped body.
 
 use axum::body::{Body, Bytes};
 use axum::http::{HeaderMap, header};
@@ -15,21 +15,50 @@ use crate::sink::OutRecord;
 enum Mode {
     Binary,
     Structured,
+    Batch,
 }
 
-/// The event the request carries, in whichever mode it was sent.
-pub async fn read_event(
+/// What a request carries.
+pub enum Events {
+    One(CloudEvent),
+    /// `application/cloudevents-batch+json`, in the order sent.
+    Batch(Vec<CloudEvent>),
+}
+
+/// Size limits of one request.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    pub max_body_bytes: usize,
+    pub max_batch_events: usize,
+}
+
+/// The events the request carries, in whichever mode they were sent.
+pub async fn read_events(
     headers: &HeaderMap,
     body: Body,
-    max_body_bytes: usize,
-) -> Result<CloudEvent, IngestError> {
+    limits: Limits,
+) -> Result<Events, IngestError> {
     let mode = mode(headers)?;
-    let body = read_body(headers, body, max_body_bytes).await?;
-    let event = match mode {
-        Mode::Structured => cloudevent::parse_structured(&body)?,
-        Mode::Binary => binary(headers, &body)?,
-    };
-    Ok(event)
+    let body = read_body(headers, body, limits.max_body_bytes).await?;
+    Ok(match mode {
+        Mode::Structured => Events::One(cloudevent::parse_structured(&body)?),
+        Mode::Binary => Events::One(binary(headers, &body)?),
+        Mode::Batch => Events::Batch(batch(&body, limits.max_batch_events)?),
+    })
+}
+
+fn batch(body: &[u8], max: usize) -> Result<Vec<CloudEvent>, IngestError> {
+    let events = cloudevent::parse_batch(body).map_err(|e| match e.index {
+        Some(index) => IngestError::InBatch {
+            index,
+            error: Box::new(e.error.into()),
+        },
+        None => e.error.into(),
+    })?;
+    if events.len() > max {
+        return Err(IngestError::BatchTooLarge(events.len(), max));
+    }
+    Ok(events)
 }
 
 fn mode(headers: &HeaderMap) -> Result<Mode, IngestError> {
@@ -39,7 +68,7 @@ fn mode(headers: &HeaderMap) -> Result<Mode, IngestError> {
         .map(validate::essence);
     match content_type.as_deref() {
         Some(STRUCTURED_CONTENT_TYPE) => Ok(Mode::Structured),
-        Some(BATCH_CONTENT_TYPE) => Err(IngestError::BatchUnsupported),
+        Some(BATCH_CONTENT_TYPE) => Ok(Mode::Batch),
         _ if headers.contains_key("ce-specversion") => Ok(Mode::Binary),
         _ => Err(IngestError::NotACloudEvent),
     }
