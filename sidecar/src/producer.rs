@@ -71,6 +71,9 @@ impl KafkaProducer {
             .set("acks", "all")
             .set("enable.idempotence", "true")
             .set("linger.ms", "1")
+            // librdkafka backs off up to 10 s between reconnects; a spool waiting for its
+            // broker should notice it back within a second.
+            .set("reconnect.backoff.max.ms", "1000")
             .set(
                 "message.timeout.ms",
                 settings.delivery_timeout.as_millis().to_string(),
