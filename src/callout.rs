@@ -699,6 +699,15 @@ mod tests {
         }
     }
 
+    /// The callout for a batch request on the config's first rule.
+    fn batch<'a>(
+        c: &'a config::Config,
+        headers: &'a [(String, Vec<u8>)],
+        body: &'a [u8],
+    ) -> Result<Callout<'a>, FilterError> {
+        build(&c.rules[0], &c.sidecar, &request(headers, body), &STAMP)
+    }
+
     #[test]
     fn batches_go_on_as_they_came_keyed_by_the_rule() {
         let batch_headers = hdrs(&[
@@ -714,13 +723,7 @@ mod tests {
                 .map(|(_, v)| v.to_string())
         };
         let plain = cfg(r#"{"topic":"t","type":"x"}"#);
-        let c = build(
-            &plain.rules[0],
-            &plain.sidecar,
-            &request(&batch_headers, body),
-            &STAMP,
-        )
-        .unwrap();
+        let c = batch(&plain, &batch_headers, body).unwrap();
         assert!(matches!(c.body, Cow::Borrowed(b) if b == body));
         assert_eq!(
             header_of(&c, "content-type").as_deref(),
@@ -728,23 +731,11 @@ mod tests {
         );
         assert_eq!((header_of(&c, KEY_HEADER), c.id), (None, None));
         let by_header = cfg(r#"{"topic":"t","type":"x","key":{"header":"x-tenant"}}"#);
-        let c = build(
-            &by_header.rules[0],
-            &by_header.sidecar,
-            &request(&batch_headers, body),
-            &STAMP,
-        )
-        .unwrap();
+        let c = batch(&by_header, &batch_headers, body).unwrap();
         assert_eq!(header_of(&c, KEY_HEADER).as_deref(), Some("t1"));
         assert!(matches!(c.body, Cow::Borrowed(_)));
         let by_data = cfg(r#"{"topic":"t","type":"x","key":{"json_pointer":"/id"}}"#);
-        let c = build(
-            &by_data.rules[0],
-            &by_data.sidecar,
-            &request(&batch_headers, body),
-            &STAMP,
-        )
-        .unwrap();
+        let c = batch(&by_data, &batch_headers, body).unwrap();
         assert_eq!(header_of(&c, KEY_HEADER), None);
         let events: Value = serde_json::from_slice(&c.body).unwrap();
         assert_eq!(events[0]["partitionkey"], "o1");
@@ -756,25 +747,13 @@ mod tests {
         let unkeyed =
             br#"[{"specversion":"1.0","id":"a","source":"/s","type":"t","data":{"id":"o1"}},
                           {"specversion":"1.0","id":"b","source":"/s","type":"t","data":{}}]"#;
-        let e = build(
-            &by_data.rules[0],
-            &by_data.sidecar,
-            &request(&batch_headers, unkeyed),
-            &STAMP,
-        )
-        .err();
+        let e = batch(&by_data, &batch_headers, unkeyed).err();
         assert!(
             e.as_ref()
                 .is_some_and(|e| e.to_string().contains("event 1 of the batch")),
             "{e:?}"
         );
-        let e = build(
-            &by_data.rules[0],
-            &by_data.sidecar,
-            &request(&batch_headers, br#"{"id":"o1"}"#),
-            &STAMP,
-        )
-        .err();
+        let e = batch(&by_data, &batch_headers, br#"{"id":"o1"}"#).err();
         assert!(matches!(e, Some(FilterError::InvalidCloudEvent { .. })));
     }
 }

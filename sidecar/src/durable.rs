@@ -302,7 +302,7 @@ impl EventSink for DurableSink {
             {
                 let _ = self.kafka.check_topic(&first.record.topic).await;
             }
-            futures_util::future::join_all(events.into_iter().map(|e| self.accept(e))).await
+            crate::sink::accept_each(self, events).await
         })
     }
 

@@ -83,12 +83,19 @@ pub trait EventSink: Send + Sync {
         &self,
         events: Vec<EventRecord>,
     ) -> BoxFuture<'_, Vec<Result<Accepted, PublishError>>> {
-        Box::pin(futures_util::future::join_all(
-            events.into_iter().map(|e| self.accept(e)),
-        ))
+        Box::pin(accept_each(self, events))
     }
     /// Where an accepted event is now, by id (and source, when ids repeat across sources).
     fn status(&self, id: &str, source: Option<&str>) -> Option<Snapshot>;
     /// Whether the backend answered recently (for `/readyz`).
     fn is_ready(&self) -> bool;
+}
+
+/// Every event of a batch through `accept`, all polled together and first in batch order, so
+/// that what reaches the producer or the spool without waiting does so in that order.
+pub async fn accept_each<S: EventSink + ?Sized>(
+    sink: &S,
+    events: Vec<EventRecord>,
+) -> Vec<Result<Accepted, PublishError>> {
+    futures_util::future::join_all(events.into_iter().map(|e| sink.accept(e))).await
 }
