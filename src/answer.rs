@@ -2,6 +2,44 @@
 
 use crate::cloudevent;
 use eventwire_contract::problem;
+use std::borrow::Cow;
+
+/// The sidecar's answer as far as the filter reads it: from the callout (`Stream`), or one
+/// event's share of a batch answer (`coalesce::split`).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Answer<'a> {
+    /// `None`: the callout came back without headers.
+    pub status: Option<u16>,
+    pub content_type: Option<Cow<'a, [u8]>>,
+    /// Kong's `:dispatch_status` on a failure without headers.
+    pub dispatch_status: Option<Cow<'a, [u8]>>,
+    pub retry_after: Option<Cow<'a, [u8]>>,
+    pub location: Option<Cow<'a, [u8]>>,
+    pub body: Cow<'a, [u8]>,
+}
+
+impl Answer<'_> {
+    pub fn is_problem(&self) -> bool {
+        is_problem(self.content_type.as_deref())
+    }
+
+    pub fn verdict(&self, timeout_ms: u64) -> Verdict {
+        verdict(
+            self.status,
+            self.content_type.as_deref(),
+            self.dispatch_status.as_deref(),
+            timeout_ms,
+        )
+    }
+}
+
+fn is_problem(content_type: Option<&[u8]>) -> bool {
+    content_type.is_some_and(|ct| {
+        std::str::from_utf8(ct)
+            .map(|ct| cloudevent::media_type(ct).eq_ignore_ascii_case(problem::CONTENT_TYPE))
+            .unwrap_or(false)
+    })
+}
 
 /// How the sidecar's answer to the callout turns out for the client.
 #[derive(Debug, PartialEq, Eq)]
@@ -25,11 +63,7 @@ pub fn verdict(
     dispatch_status: Option<&[u8]>,
     timeout_ms: u64,
 ) -> Verdict {
-    let is_problem = content_type.is_some_and(|ct| {
-        std::str::from_utf8(ct)
-            .map(|ct| cloudevent::media_type(ct).eq_ignore_ascii_case(problem::CONTENT_TYPE))
-            .unwrap_or(false)
-    });
+    let is_problem = is_problem(content_type);
     match status {
         Some(s @ 200..=299) => Verdict::Accepted { status: s },
         Some(s @ 400..=599) if is_problem => Verdict::Refused { status: s },

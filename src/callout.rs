@@ -9,7 +9,9 @@ use crate::cloudevent::{self, Incoming};
 use crate::config::{Rule, Sidecar, ValueSource};
 use crate::problem::FilterError;
 use crate::route::strip_query;
-use eventwire_contract::header_value::encode as encode_header_value;
+use eventwire_contract::header_value::{
+    decode as decode_header_value, encode as encode_header_value,
+};
 use eventwire_contract::{KEY_HEADER, TOPIC_HEADER};
 use serde_json::Value;
 use std::borrow::Cow;
@@ -210,6 +212,89 @@ fn in_batch(e: FilterError, index: usize) -> FilterError {
             reason: format!("event {index} of the batch: {reason}"),
         },
         other => other,
+    }
+}
+
+/// The headers of a batch callout for the events of `rule`.
+pub fn batch_headers<'a>(rule: &'a Rule, sidecar: &'a Sidecar) -> Vec<(&'a str, &'a str)> {
+    vec![
+        (":method", "POST"),
+        (":path", sidecar.path.as_str()),
+        (":authority", sidecar.authority.as_str()),
+        (":scheme", "http"),
+        (TOPIC_HEADER, rule.topic.as_str()),
+        ("content-type", cloudevent::BATCH),
+    ]
+}
+
+/// The event of a binary-mode callout in the JSON event format, to go in a batch with
+/// others (`coalesce`). Attributes come from the `ce-*` headers, `datacontenttype` from
+/// `content-type`, `partitionkey` from the key header; JSON data stays the body's bytes,
+/// other data goes as `data_base64`. `None` when a header value does not decode to text:
+/// that event goes alone.
+pub fn structured(c: &Callout<'_>) -> Option<Vec<u8>> {
+    let mut out = Vec::with_capacity(c.body.len() + 320);
+    out.push(b'{');
+    let mut json_data = false;
+    for (name, value) in &c.headers {
+        let attr = if let Some(a) = name.strip_prefix("ce-") {
+            a
+        } else if name == "content-type" {
+            json_data = cloudevent::is_json(value);
+            "datacontenttype"
+        } else if name == KEY_HEADER {
+            "partitionkey"
+        } else {
+            continue;
+        };
+        if out.len() > 1 {
+            out.push(b',');
+        }
+        json_string(&mut out, attr);
+        out.push(b':');
+        if name != "content-type" && value.bytes().any(|b| b == b'%' || b == b'"') {
+            json_string(&mut out, &decode_header_value(value).ok()?);
+        } else {
+            json_string(&mut out, value);
+        }
+    }
+    if !c.body.is_empty() {
+        if json_data {
+            // Checked to be JSON when the event was built (`EventData::of`).
+            out.extend_from_slice(b",\"data\":");
+            out.extend_from_slice(&c.body);
+        } else {
+            out.extend_from_slice(b",\"data_base64\":\"");
+            base64(&mut out, &c.body);
+            out.push(b'"');
+        }
+    }
+    out.push(b'}');
+    Some(out)
+}
+
+fn json_string(out: &mut Vec<u8>, s: &str) {
+    // Writing a &str into a Vec cannot fail.
+    let _ = serde_json::to_writer(&mut *out, s);
+}
+
+fn base64(out: &mut Vec<u8>, data: &[u8]) {
+    const ABC: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    out.reserve(data.len().div_ceil(3) * 4);
+    for chunk in data.chunks(3) {
+        let b = [
+            chunk[0],
+            *chunk.get(1).unwrap_or(&0),
+            *chunk.get(2).unwrap_or(&0),
+        ];
+        let n = (u32::from(b[0]) << 16) | (u32::from(b[1]) << 8) | u32::from(b[2]);
+        for (i, shift) in [18u32, 12, 6, 0].into_iter().enumerate() {
+            out.push(if i <= chunk.len() {
+                ABC[((n >> shift) & 63) as usize]
+            } else {
+                b'='
+            });
+        }
     }
 }
 
@@ -755,5 +840,54 @@ mod tests {
         );
         let e = batch(&by_data, &batch_headers, br#"{"id":"o1"}"#).err();
         assert!(matches!(e, Some(FilterError::InvalidCloudEvent { .. })));
+    }
+
+    #[test]
+    fn events_turn_into_the_json_format_for_a_batch() {
+        let c = cfg(ORDERS);
+        let headers = hdrs(&[
+            ("content-type", "application/json"),
+            ("x-tenant", "acme \"corp\""),
+        ]);
+        let body = br#"{"id": 42, "total": 9.5}"#;
+        let out = build(&c.rules[0], &c.sidecar, &request(&headers, body), &STAMP).unwrap();
+        let event = structured(&out).unwrap();
+        // The data's bytes stay as they were: no re-serialization.
+        let text = String::from_utf8(event.clone()).unwrap();
+        assert!(
+            text.ends_with(r#","data":{"id": 42, "total": 9.5}}"#),
+            "{text}"
+        );
+        let v: Value = serde_json::from_slice(&event).unwrap();
+        assert_eq!(v["specversion"], "1.0");
+        assert_eq!(v["id"], out.id.as_deref().unwrap());
+        assert_eq!(
+            v["source"],
+            "https://shop.example.com/orders/berlin%20mitte"
+        );
+        assert_eq!(v["subject"], "berlin mitte");
+        assert_eq!(v["tenant"], "acme \"corp\"", "percent-decoded");
+        assert_eq!(v["partitionkey"], "42");
+        assert_eq!(v["datacontenttype"], "application/json");
+        assert_eq!(v["time"], "2018-04-05T17:31:00.000000Z");
+        for pseudo in [":path", "eventwire-topic", "eventwire-key", "path", "topic"] {
+            assert!(v.get(pseudo).is_none(), "{pseudo} is not an attribute");
+        }
+
+        let c = cfg(r#"{"topic":"t","type":"x"}"#);
+        for (body, b64) in [
+            (&b"\x00\xffab"[..], "AP9hYg=="),
+            (b"abc", "YWJj"),
+            (b"a", "YQ=="),
+        ] {
+            let headers = hdrs(&[("content-type", "application/octet-stream")]);
+            let out = build(&c.rules[0], &c.sidecar, &request(&headers, body), &STAMP).unwrap();
+            let v: Value = serde_json::from_slice(&structured(&out).unwrap()).unwrap();
+            assert_eq!(v["data_base64"], b64);
+            assert!(v.get("data").is_none());
+        }
+        let out = build(&c.rules[0], &c.sidecar, &request(&[], b""), &STAMP).unwrap();
+        let v: Value = serde_json::from_slice(&structured(&out).unwrap()).unwrap();
+        assert!(v.get("data").is_none() && v.get("data_base64").is_none());
     }
 }

@@ -112,7 +112,27 @@ pub struct Sidecar {
     pub authority: String,
     pub path: String,
     pub timeout_ms: u64,
+    pub batching: Batching,
 }
+
+/// Events of one rule that wait while callouts are in flight go to the sidecar together, as
+/// one `application/cloudevents-batch+json` callout (Envoy only: Kong's engine cannot answer
+/// one request from another's callback).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Batching {
+    /// Most events in one callout; 1 turns batching off.
+    pub max_events: usize,
+    /// Callouts of one rule in flight before its events wait and go together.
+    pub max_in_flight: usize,
+}
+
+pub const DEFAULT_BATCHING: Batching = Batching {
+    max_events: 64,
+    max_in_flight: 4,
+};
+/// The sidecar's default `--max-batch-events`.
+pub const MAX_BATCH_EVENTS: u64 = 1000;
+pub const MAX_IN_FLIGHT: u64 = 1024;
 
 #[derive(Debug, Clone, Default)]
 pub struct Matcher {
@@ -207,6 +227,14 @@ struct RawSidecar {
     authority: Option<String>,
     path: Option<String>,
     timeout_ms: Option<u64>,
+    batching: Option<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBatching {
+    max_events: Option<u64>,
+    max_in_flight: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -309,6 +337,7 @@ fn parse_sidecar(v: Option<Value>) -> Result<Sidecar, ConfigError> {
             authority: None,
             path: None,
             timeout_ms: None,
+            batching: None,
         },
         Some(v) => typed(v, "sidecar")?,
     };
@@ -342,6 +371,36 @@ fn parse_sidecar(v: Option<Value>) -> Result<Sidecar, ConfigError> {
         authority,
         path,
         timeout_ms,
+        batching: parse_batching(raw.batching)?,
+    })
+}
+
+fn parse_batching(v: Option<Value>) -> Result<Batching, ConfigError> {
+    let Some(v) = v else {
+        return Ok(DEFAULT_BATCHING);
+    };
+    let raw: RawBatching = typed(v, "sidecar.batching")?;
+    let field = |v: Option<u64>, default: usize, max: u64, name: &str| match v {
+        None => Ok(default),
+        Some(n) if (1..=max).contains(&n) => Ok(n as usize),
+        Some(_) => Err(err(
+            format!("sidecar.batching.{name}"),
+            format!("must be from 1 to {max}"),
+        )),
+    };
+    Ok(Batching {
+        max_events: field(
+            raw.max_events,
+            DEFAULT_BATCHING.max_events,
+            MAX_BATCH_EVENTS,
+            "max_events",
+        )?,
+        max_in_flight: field(
+            raw.max_in_flight,
+            DEFAULT_BATCHING.max_in_flight,
+            MAX_IN_FLIGHT,
+            "max_in_flight",
+        )?,
     })
 }
 
@@ -589,6 +648,7 @@ mod tests {
         assert_eq!(c.sidecar.authority, DEFAULT_UPSTREAM);
         assert_eq!(c.sidecar.path, DEFAULT_SIDECAR_PATH);
         assert_eq!(c.sidecar.timeout_ms, DEFAULT_TIMEOUT_MS);
+        assert_eq!(c.sidecar.batching, DEFAULT_BATCHING);
         assert_eq!(c.max_body_bytes as u64, DEFAULT_MAX_BODY_BYTES);
         assert!(!c.needs_route_name && !c.needs_method && !c.needs_path);
         let empty = ok("{}");
@@ -651,6 +711,21 @@ mod tests {
             (r#"{"sidecar":{"path":"v1"}}"#.into(), "sidecar.path", "start with '/'"),
             (r#"{"sidecar":{"timeout_ms":0}}"#.into(), "sidecar.timeout_ms", "from 1"),
             (r#"{"sidecar":{"timeout_ms":-5}}"#.into(), "sidecar", "invalid value"),
+            (
+                r#"{"sidecar":{"batching":{"max_events":0}}}"#.into(),
+                "sidecar.batching.max_events",
+                "from 1 to 1000",
+            ),
+            (
+                r#"{"sidecar":{"batching":{"max_in_flight":2000}}}"#.into(),
+                "sidecar.batching.max_in_flight",
+                "from 1 to 1024",
+            ),
+            (
+                r#"{"sidecar":{"batching":{"size":2}}}"#.into(),
+                "sidecar.batching",
+                "unknown field",
+            ),
             (r#"{"max_body_bytes":0}"#.into(), "max_body_bytes", "from 1"),
             (r#"{"max_body_bytes":"1MB"}"#.into(), "max_body_bytes", "integer"),
             (r#"{"rules":[{"type":"x"}]}"#.into(), "rules[0]", "missing field `topic`"),

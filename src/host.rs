@@ -37,10 +37,12 @@ pub enum Counter {
     Passthrough,
     /// The proxy failed a call the filter needs (e.g. a body it could not hand over).
     ProxyFailed,
+    /// Callouts sent to the sidecar: one per event, or one per batch of waiting events.
+    Callouts,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 7] = [
+    pub const ALL: [Counter; 8] = [
         Counter::Requests,
         Counter::Accepted,
         Counter::Rejected,
@@ -48,6 +50,7 @@ impl Counter {
         Counter::Unavailable,
         Counter::Passthrough,
         Counter::ProxyFailed,
+        Counter::Callouts,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -59,6 +62,7 @@ impl Counter {
             Counter::Unavailable => "eventwire_sidecar_unavailable_total",
             Counter::Passthrough => "eventwire_passthrough_total",
             Counter::ProxyFailed => "eventwire_proxy_failures_total",
+            Counter::Callouts => "eventwire_sidecar_callouts_total",
         }
     }
 
@@ -92,14 +96,18 @@ pub trait Host {
     /// (that traps in Envoy).
     fn callout_header(&self, name: &str) -> Option<Vec<u8>>;
     fn callout_body(&self, size: usize) -> Vec<u8>;
-    /// Sends the callout; its answer arrives as `Stream::on_callout_response`.
+    /// Sends the callout; its answer arrives as `Stream::on_callout_response` (or, sent
+    /// from the root context, as `stream::batch_answered` with this token).
     fn dispatch(
         &self,
         upstream: &str,
         headers: HeaderList<'_>,
         body: &[u8],
         timeout_ms: u64,
-    ) -> Result<(), HostError>;
+    ) -> Result<u32, HostError>;
+    /// Has the host call the root context soon, outside any request (`stream::flush`).
+    /// Envoy only (a shared queue); Kong's engine has none.
+    fn wake(&self) -> Result<(), HostError>;
     /// Answers the client; nothing more goes upstream.
     fn reply(&self, status: u16, headers: HeaderList<'_>, body: &[u8]);
     /// Lets a paused request continue upstream.

@@ -9,6 +9,7 @@
 pub mod answer;
 pub mod callout;
 pub mod cloudevent;
+pub mod coalesce;
 pub mod config;
 pub mod host;
 pub mod problem;

@@ -5,29 +5,47 @@
 //! The hostcalls still panic on a status they do not expect, so `stream` calls each only in
 //! a phase where the host answers Ok or NotFound.
 
+use crate::answer::Answer;
 use crate::host::{Counter, HeaderList, Host, HostError, Level};
 use crate::stream::{self, Flow, Stream, Vm};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
 use proxy_wasm::types::{Action, BufferType, ContextType, LogLevel, MapType, MetricType};
+use std::cell::{Cell, RefCell};
 use std::fmt;
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::time::{Duration, UNIX_EPOCH};
 
 proxy_wasm::main! {{
     // Info, not Trace: the SDK formats every record up to this level before the host filters
     // it, and debug lines would then cost a format per request.
     proxy_wasm::set_log_level(LogLevel::Info);
-    proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> {
-        Box::new(Root { vm: None, host: ProxyHost::default() })
+    proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
+        Box::new(Root {
+            context_id,
+            vm: None,
+            host: ProxyHost::default(),
+            streams: Rc::default(),
+        })
     });
 }}
 
 /// The host as the filter sees it, plus the ids of the counters it defined.
-#[derive(Clone, Copy, Default)]
+#[derive(Clone, Default)]
 struct ProxyHost {
     /// `None` where the host refused to define one.
     metrics: [Option<u32>; Counter::ALL.len()],
+    wake: Rc<WakeQueue>,
+}
+
+/// Envoy's shared queue that wakes this VM's root context (`on_queue_ready`), registered
+/// on the first wake-up: Kong's engine traps on shared queues, and it never wakes.
+#[derive(Default)]
+struct WakeQueue {
+    /// Unique per VM: Envoy keys queues by VM id and name, and the last one to register a
+    /// name would take the wake-ups of every worker.
+    name: String,
+    id: Cell<Option<u32>>,
 }
 
 impl ProxyHost {
@@ -87,11 +105,22 @@ impl Host for ProxyHost {
         headers: HeaderList<'_>,
         body: &[u8],
         timeout_ms: u64,
-    ) -> Result<(), HostError> {
+    ) -> Result<u32, HostError> {
         let timeout = Duration::from_millis(timeout_ms);
         hostcalls::dispatch_http_call(upstream, headers, Some(body), Vec::new(), timeout)
-            .map(|_token| ())
             .map_err(host_error)
+    }
+
+    fn wake(&self) -> Result<(), HostError> {
+        let id = match self.wake.id.get() {
+            Some(id) => id,
+            None => {
+                let id = hostcalls::register_shared_queue(&self.wake.name).map_err(host_error)?;
+                self.wake.id.set(Some(id));
+                id
+            }
+        };
+        hostcalls::enqueue_shared_queue(id, Some(b"")).map_err(host_error)
     }
 
     fn reply(&self, status: u16, headers: HeaderList<'_>, body: &[u8]) {
@@ -138,12 +167,69 @@ unsafe extern "C" {
     fn wasi_random_get(buf: *mut u8, len: usize) -> u16;
 }
 
+/// The requests of this VM by context id, for the root context to answer those that
+/// waited for a batch. A list: it holds the requests in flight, and a hash map would cost
+/// the .wasm more than the scans cost.
+type Streams = Rc<RefCell<Vec<(u32, Weak<RefCell<Stream>>)>>>;
+
 struct Root {
+    context_id: u32,
     vm: Option<Rc<Vm>>,
     host: ProxyHost,
+    streams: Streams,
 }
 
-impl Context for Root {}
+impl Root {
+    /// Each answer to its request: the host acts on that request while it is the
+    /// effective context. A request that went away meanwhile is skipped.
+    fn deliver(&self, answers: Vec<(u32, Answer<'static>)>) {
+        if answers.is_empty() {
+            return;
+        }
+        for (context_id, answer) in answers {
+            let stream = self
+                .streams
+                .borrow()
+                .iter()
+                .find(|(id, _)| *id == context_id)
+                .and_then(|(_, s)| s.upgrade());
+            let Some(stream) = stream else {
+                continue;
+            };
+            if hostcalls::set_effective_context(context_id).is_err() {
+                continue;
+            }
+            if let Ok(mut stream) = stream.try_borrow_mut() {
+                stream.on_answer(&self.host, &answer);
+            }
+        }
+        let _ = hostcalls::set_effective_context(self.context_id);
+    }
+
+    fn flush(&self) {
+        if let Some(vm) = &self.vm {
+            let failed = stream::flush(&self.host, vm);
+            self.deliver(failed);
+        }
+    }
+}
+
+impl Context for Root {
+    fn on_http_call_response(
+        &mut self,
+        token: u32,
+        num_headers: usize,
+        body_size: usize,
+        _: usize,
+    ) {
+        let Some(vm) = self.vm.clone() else {
+            return;
+        };
+        let answers = stream::batch_answered(&self.host, &vm, token, num_headers, body_size);
+        self.deliver(answers);
+        self.flush();
+    }
+}
 
 impl RootContext for Root {
     fn on_configure(&mut self, _size: usize) -> bool {
@@ -155,14 +241,38 @@ impl RootContext for Root {
         };
         self.vm = Some(Vm::new(config));
         self.host.define_metrics();
+        let salt = self.host.random16().unwrap_or_default();
+        let mut name = String::from("eventwire-wake-");
+        for b in salt {
+            name.push(char::from(b"0123456789abcdef"[usize::from(b >> 4)]));
+            name.push(char::from(b"0123456789abcdef"[usize::from(b & 15)]));
+        }
+        name.push('-');
+        name.push_str(&self.context_id.to_string());
+        self.host.wake = Rc::new(WakeQueue {
+            name,
+            id: Cell::new(None),
+        });
         true
+    }
+
+    fn on_queue_ready(&mut self, queue_id: u32) {
+        // The items only say "wake up"; the waiting events are in the coalescer.
+        while let Ok(Some(_)) = hostcalls::dequeue_shared_queue(queue_id) {}
+        self.flush();
     }
 
     fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
         // Returning None panics in the SDK; without a config every request just passes.
+        let stream = Rc::new(RefCell::new(Stream::new(self.vm.clone(), context_id)));
+        self.streams
+            .borrow_mut()
+            .push((context_id, Rc::downgrade(&stream)));
         Some(Box::new(Http {
-            stream: Stream::new(self.vm.clone(), context_id),
-            host: self.host,
+            context_id,
+            stream,
+            host: self.host.clone(),
+            streams: self.streams.clone(),
         }))
     }
 
@@ -172,8 +282,22 @@ impl RootContext for Root {
 }
 
 struct Http {
-    stream: Stream,
+    context_id: u32,
+    stream: Rc<RefCell<Stream>>,
     host: ProxyHost,
+    streams: Streams,
+}
+
+impl Drop for Http {
+    fn drop(&mut self) {
+        if let Ok(mut stream) = self.stream.try_borrow_mut() {
+            stream.on_drop(&self.host);
+        }
+        let mut streams = self.streams.borrow_mut();
+        if let Some(at) = streams.iter().position(|(id, _)| *id == self.context_id) {
+            streams.swap_remove(at);
+        }
+    }
 }
 
 fn action(flow: Flow) -> Action {
@@ -192,23 +316,29 @@ impl Context for Http {
         _: usize,
     ) {
         self.stream
+            .borrow_mut()
             .on_callout_response(&self.host, num_headers, body_size);
     }
 }
 
 impl HttpContext for Http {
     fn on_http_request_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
-        action(self.stream.on_request_headers(&self.host, end_of_stream))
+        action(
+            self.stream
+                .borrow_mut()
+                .on_request_headers(&self.host, end_of_stream),
+        )
     }
 
     fn on_http_request_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
         action(
             self.stream
+                .borrow_mut()
                 .on_request_body(&self.host, body_size, end_of_stream),
         )
     }
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
-        action(self.stream.on_request_trailers(&self.host))
+        action(self.stream.borrow_mut().on_request_trailers(&self.host))
     }
 }

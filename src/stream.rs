@@ -12,13 +12,15 @@
 //! - callout headers are read only when the answer has some (Envoy traps otherwise), except
 //!   Kong's `:dispatch_status`, which its engine sets on a failure with no headers.
 
-use crate::answer::{self, Verdict};
-use crate::callout::{self, Request, Stamp};
+use crate::answer::{Answer, Verdict};
+use crate::callout::{self, Callout, Request, Stamp};
+use crate::coalesce::{self, Coalescer, Split, Waiting};
 use crate::config::{self, Config, Mode, OnFailure, Rule};
 use crate::host::{Counter, Flavor, Host, Level};
 use crate::problem::{Cause, FilterError};
 use eventwire_contract::problem;
-use std::cell::Cell;
+use std::borrow::Cow;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 
 /// What a request callback tells the host.
@@ -33,11 +35,21 @@ pub struct Vm {
     pub config: Config,
     /// Asked of the host once, on the first request that needs it.
     flavor: Cell<Option<Flavor>>,
+    coalescer: RefCell<Coalescer>,
+    /// Off for good once the host refused to wake the root context.
+    coalescing: Cell<bool>,
 }
 
 impl Vm {
     pub fn new(config: Config) -> Rc<Vm> {
+        let coalescer = Coalescer::new(
+            config.sidecar.batching,
+            config.max_body_bytes,
+            config.rules.len(),
+        );
         Rc::new(Vm {
+            coalescing: Cell::new(coalescer.enabled()),
+            coalescer: RefCell::new(coalescer),
             config,
             flavor: Cell::new(None),
         })
@@ -98,8 +110,13 @@ enum State {
         headers: Vec<(String, Vec<u8>)>,
         size: usize,
     },
-    /// Waiting for the sidecar's answer.
-    Ack { rule: usize, id: Option<String> },
+    /// Waiting for the sidecar's answer. `slot`: the callout is this request's own and
+    /// counts in the coalescer's in-flight callouts of the rule.
+    Ack {
+        rule: usize,
+        id: Option<String>,
+        slot: bool,
+    },
     /// A local reply was sent; nothing more may go upstream.
     Replied,
 }
@@ -219,10 +236,43 @@ impl Stream {
         }
     }
 
-    /// The sidecar's answer (or the host's word that there is none).
+    /// The sidecar's answer to this request's own callout (or the host's word that there
+    /// is none).
     pub fn on_callout_response(&mut self, host: &impl Host, num_headers: usize, body_size: usize) {
+        let State::Ack { rule, slot, .. } = self.state else {
+            return;
+        };
+        let Some(vm) = self.vm.clone() else {
+            return;
+        };
+        let answer = read_answer(host, vm.flavor(host), num_headers, body_size);
+        self.on_answer(host, &answer);
+        if slot && vm.coalescer.borrow_mut().done(rule) {
+            wake(host, &vm);
+        }
+    }
+
+    /// The request goes away (client gone) with its own callout in flight: the answer
+    /// will find no one, so its callout is free now.
+    pub fn on_drop(&mut self, host: &impl Host) {
+        if let (
+            State::Ack {
+                rule, slot: true, ..
+            },
+            Some(vm),
+        ) = (&self.state, &self.vm)
+            && vm.coalescer.borrow_mut().done(*rule)
+        {
+            wake(host, vm);
+        }
+        self.state = State::Idle;
+    }
+
+    /// The sidecar's answer for this request's event: from its own callout, or its share of
+    /// a batch (`coalesce`), delivered by the root context.
+    pub fn on_answer(&mut self, host: &impl Host, answer: &Answer<'_>) {
         let (idx, id) = match std::mem::replace(&mut self.state, State::Idle) {
-            State::Ack { rule, id } => (rule, id),
+            State::Ack { rule, id, .. } => (rule, id),
             other => {
                 self.state = other;
                 return;
@@ -235,32 +285,15 @@ impl Stream {
         let Some(rule) = cfg.rules.get(idx) else {
             return;
         };
-        let header = |name: &str| {
-            (num_headers > 0)
-                .then(|| host.callout_header(name))
-                .flatten()
-        };
-        let status = header(":status").and_then(|s| std::str::from_utf8(&s).ok()?.parse().ok());
-        let content_type = header("content-type");
-        let dispatch_status = match (num_headers, vm.flavor(host)) {
-            (0, Flavor::Kong) => host.callout_header(":dispatch_status"),
-            _ => None,
-        };
-        let verdict = answer::verdict(
-            status,
-            content_type.as_deref(),
-            dispatch_status.as_deref(),
-            cfg.sidecar.timeout_ms,
-        );
         let id = id.as_deref().unwrap_or("-");
-        match verdict {
+        match answer.verdict(cfg.sidecar.timeout_ms) {
             Verdict::Accepted { status } => {
                 host.bump(Counter::Accepted);
                 host.log(
                     Level::Debug,
                     format_args!("rule {} event {id} accepted", rule.name),
                 );
-                self.accepted(host, rule, status, body_size, header("location"));
+                self.accepted(host, rule, status, answer);
             }
             Verdict::Refused { status } => {
                 host.log(
@@ -281,13 +314,13 @@ impl Stream {
                     host.resume();
                 } else {
                     // The sidecar's problem, relayed as it is.
-                    let retry = header("retry-after");
-                    let retry = retry.as_deref().and_then(|r| std::str::from_utf8(r).ok());
+                    let retry = answer.retry_after.as_deref();
+                    let retry = retry.and_then(|r| std::str::from_utf8(r).ok());
                     let mut headers = vec![("content-type", problem::CONTENT_TYPE)];
                     if let Some(r) = retry {
                         headers.push(("retry-after", r));
                     }
-                    host.reply(status, headers, &host.callout_body(body_size));
+                    host.reply(status, headers, &answer.body);
                     self.state = State::Replied;
                 }
             }
@@ -303,19 +336,12 @@ impl Stream {
     }
 
     /// Tap: the request goes on upstream. Bridge: the client gets the sidecar's 202 answer.
-    fn accepted(
-        &mut self,
-        host: &impl Host,
-        rule: &Rule,
-        status: u16,
-        body_size: usize,
-        location: Option<Vec<u8>>,
-    ) {
+    fn accepted(&mut self, host: &impl Host, rule: &Rule, status: u16, answer: &Answer<'_>) {
         match rule.mode {
             Mode::Tap => host.resume(),
             Mode::Bridge => {
-                let body = host.callout_body(body_size);
-                let location = location
+                let location = answer
+                    .location
                     .as_deref()
                     .and_then(|l| std::str::from_utf8(l).ok());
                 let mut headers = vec![("content-type", "application/json")];
@@ -323,7 +349,7 @@ impl Stream {
                     headers.push(("location", l));
                 }
                 // 202, or a batch's 207 when only some of its events were accepted.
-                host.reply(status, headers, &body);
+                host.reply(status, headers, &answer.body);
                 self.state = State::Replied;
             }
         }
@@ -392,6 +418,18 @@ impl Stream {
                 return self.fail(host, rule, e, Phase::Request);
             }
         };
+        let slot = match self.coalesce(host, idx, &out) {
+            Coalesced::Waiting => {
+                self.state = State::Ack {
+                    rule: idx,
+                    id: out.id.map(Cow::into_owned),
+                    slot: false,
+                };
+                return Flow::Pause;
+            }
+            Coalesced::Direct { slot } => slot,
+        };
+        host.bump(Counter::Callouts);
         let dispatched = host.dispatch(
             &cfg.sidecar.upstream,
             out.header_refs(),
@@ -399,14 +437,21 @@ impl Stream {
             cfg.sidecar.timeout_ms,
         );
         match dispatched {
-            Ok(()) => {
+            Ok(_token) => {
                 self.state = State::Ack {
                     rule: idx,
-                    id: out.id.map(|c| c.into_owned()),
+                    id: out.id.map(Cow::into_owned),
+                    slot,
                 };
                 Flow::Pause
             }
             Err(e) => {
+                if let Some(vm) = &self.vm
+                    && slot
+                    && vm.coalescer.borrow_mut().done(idx)
+                {
+                    wake(host, vm);
+                }
                 let detail = format!(
                     "the callout to sidecar upstream '{}' failed at once ({e})",
                     cfg.sidecar.upstream
@@ -416,6 +461,38 @@ impl Stream {
                 self.fail(host, rule, e, Phase::Request)
             }
         }
+    }
+
+    /// Whether the event takes its own callout now or waits to go with others. Only events
+    /// the filter built (plain requests) wait: a CloudEvent the client sent goes as it came.
+    fn coalesce(&self, host: &impl Host, rule: usize, out: &Callout<'_>) -> Coalesced {
+        let Some(vm) = &self.vm else {
+            return Coalesced::Direct { slot: false };
+        };
+        if !vm.coalescing.get() || vm.flavor(host) != Flavor::Envoy || out.id.is_none() {
+            return Coalesced::Direct { slot: false };
+        }
+        let mut c = vm.coalescer.borrow_mut();
+        if c.direct(rule) {
+            return Coalesced::Direct { slot: true };
+        }
+        let Some(event) = callout::structured(out) else {
+            return Coalesced::Direct { slot: false };
+        };
+        let waiting = Waiting {
+            context_id: self.context_id,
+            event,
+        };
+        if c.wait(rule, waiting) {
+            drop(c);
+            // The first wake-up registers the host's queue; if that fails, this is the
+            // only event waiting and it goes alone after all.
+            if !wake(host, vm) {
+                vm.coalescer.borrow_mut().take_back(rule);
+                return Coalesced::Direct { slot: false };
+            }
+        }
+        Coalesced::Waiting
     }
 
     /// The time and randomness that make an event unique. Should the host's generator fail,
@@ -469,6 +546,146 @@ impl Stream {
         host.reply(kind.status(), headers, &e.body());
         self.state = State::Replied;
         Flow::Pause
+    }
+}
+
+enum Coalesced {
+    Waiting,
+    Direct { slot: bool },
+}
+
+/// Asks the host to run the root context, which sends the waiting events (`flush`).
+/// Without wake-ups waiting events would never go, so a refusal turns batching off: every
+/// event goes alone from then on.
+fn wake(host: &impl Host, vm: &Vm) -> bool {
+    match host.wake() {
+        Ok(()) => true,
+        Err(e) => {
+            host.log(
+                Level::Error,
+                format_args!("cannot wake the root context ({e}); events go one by one"),
+            );
+            vm.coalescing.set(false);
+            vm.coalescer.borrow_mut().woken();
+            false
+        }
+    }
+}
+
+/// The root context's turn: sends the waiting events of each rule with a callout free, as
+/// one batch each. Returns the answers of batches that could not be sent at all.
+pub fn flush(host: &impl Host, vm: &Vm) -> Vec<(u32, Answer<'static>)> {
+    let cfg = &vm.config;
+    let mut failed = Vec::new();
+    vm.coalescer.borrow_mut().woken();
+    loop {
+        let Some(batch) = vm.coalescer.borrow_mut().next_batch() else {
+            return failed;
+        };
+        let Some(rule) = cfg.rules.get(batch.rule) else {
+            vm.coalescer.borrow_mut().unsent(&batch);
+            continue;
+        };
+        host.bump(Counter::Callouts);
+        let headers = callout::batch_headers(rule, &cfg.sidecar);
+        match host.dispatch(
+            &cfg.sidecar.upstream,
+            headers,
+            &batch.body(),
+            cfg.sidecar.timeout_ms,
+        ) {
+            Ok(token) => vm.coalescer.borrow_mut().sent(token, batch),
+            Err(e) => {
+                host.log(
+                    Level::Error,
+                    format_args!(
+                        "rule {}: the batch callout to sidecar upstream '{}' failed at once ({e})",
+                        rule.name, cfg.sidecar.upstream
+                    ),
+                );
+                vm.coalescer.borrow_mut().unsent(&batch);
+                let none = Answer::default();
+                failed.extend(batch.waiting.iter().map(|w| (w.context_id, none.clone())));
+            }
+        }
+    }
+}
+
+/// The answer to a batch callout (`token`), split into each waiting request's answer;
+/// events the sidecar did not judge go again with the next batch.
+pub fn batch_answered(
+    host: &impl Host,
+    vm: &Vm,
+    token: u32,
+    num_headers: usize,
+    body_size: usize,
+) -> Vec<(u32, Answer<'static>)> {
+    let Some(batch) = vm.coalescer.borrow_mut().answered(token) else {
+        return Vec::new();
+    };
+    let answer = read_answer(host, vm.flavor(host), num_headers, body_size);
+    let mut waiting = batch.waiting;
+    match coalesce::split(&answer, waiting.len()) {
+        Split::Each(each) => waiting
+            .iter()
+            .zip(each)
+            .map(|(w, a)| (w.context_id, owned_answer(a)))
+            .collect(),
+        Split::All => {
+            let a = owned_answer(answer.clone());
+            waiting.iter().map(|w| (w.context_id, a.clone())).collect()
+        }
+        Split::One { index } => {
+            let refused = waiting.remove(index);
+            vm.coalescer.borrow_mut().requeue(batch.rule, waiting);
+            vec![(refused.context_id, owned_answer(answer.clone()))]
+        }
+    }
+}
+
+fn owned_answer(a: Answer<'_>) -> Answer<'static> {
+    let own = |c: Option<Cow<'_, [u8]>>| c.map(|c| Cow::Owned(c.into_owned()));
+    Answer {
+        status: a.status,
+        content_type: own(a.content_type),
+        dispatch_status: own(a.dispatch_status),
+        retry_after: own(a.retry_after),
+        location: own(a.location),
+        body: Cow::Owned(a.body.into_owned()),
+    }
+}
+
+/// Reads the callout answer the host holds. Headers only when it has some (Envoy traps
+/// otherwise), except Kong's `:dispatch_status` on a failure.
+fn read_answer(
+    host: &impl Host,
+    flavor: Flavor,
+    num_headers: usize,
+    body_size: usize,
+) -> Answer<'static> {
+    let header = |name: &str| {
+        (num_headers > 0)
+            .then(|| host.callout_header(name))
+            .flatten()
+            .map(Cow::Owned)
+    };
+    let status = header(":status").and_then(|s| std::str::from_utf8(&s).ok()?.parse().ok());
+    let dispatch_status = match (num_headers, flavor) {
+        (0, Flavor::Kong) => host.callout_header(":dispatch_status").map(Cow::Owned),
+        _ => None,
+    };
+    let body = if body_size > 0 {
+        host.callout_body(body_size)
+    } else {
+        Vec::new()
+    };
+    Answer {
+        status,
+        content_type: header("content-type"),
+        dispatch_status,
+        retry_after: header("retry-after"),
+        location: header("location"),
+        body: Cow::Owned(body),
     }
 }
 

@@ -176,6 +176,89 @@ async fn reference_scenario_bridge_tap_and_untouched_routes() {
     assert_eq!(s.envoy.counter("eventwire_requests_total").await, 2);
 }
 
+/// Orders that arrive together while the route's callouts are in flight wait and go to the
+/// sidecar as one batch; each client still gets its own event's 202, and each record is the
+/// one a lone event makes.
+#[tokio::test]
+async fn concurrent_orders_share_callouts_and_each_gets_its_own_event() {
+    use futures_util::StreamExt as _;
+    let s = stack(EnvoyConfig::shipped(), &[(ORDERS, 3)]).await;
+    const N: usize = 240;
+    let s = &s;
+    type Answer = (u16, Vec<(String, String)>, Vec<u8>);
+    let answers: Vec<(String, Answer)> = futures_util::stream::iter(0..N)
+        .map(|i| async move {
+            let order = format!(r#"{{"id":"ord-{i}","total":{i}.5}}"#);
+            let headers = [
+                ("content-type", "application/json"),
+                ("x-tenant-id", "acme"),
+            ];
+            (
+                order.clone(),
+                s.post("/orders", &headers, order.as_bytes()).await,
+            )
+        })
+        .buffer_unordered(N)
+        .collect()
+        .await;
+    let mut by_id = std::collections::HashMap::new();
+    for (order, (status, headers, body)) in &answers {
+        assert_eq!(*status, 202, "{order}: {}", String::from_utf8_lossy(body));
+        assert_eq!(header(headers, "content-type"), Some("application/json"));
+        let ack = json_of(body);
+        let id = ack["id"]
+            .as_str()
+            .unwrap_or_else(|| panic!("{ack}"))
+            .to_string();
+        assert_eq!(ack["topic"], ORDERS);
+        assert_eq!(ack["status"], "published", "{ack}");
+        assert_eq!(
+            header(headers, "location").map(str::to_string),
+            Some(format!("/v1/events/{id}"))
+        );
+        assert!(
+            by_id.insert(id, (order.clone(), ack)).is_none(),
+            "one event per client"
+        );
+    }
+    let recs = s.broker.records(ORDERS, N, WAIT);
+    assert_eq!(recs.len(), N);
+    for r in &recs {
+        let id = r
+            .header("ce_id")
+            .unwrap_or_else(|| panic!("no ce_id: {r:?}"));
+        let (order, ack) = by_id
+            .get(id)
+            .unwrap_or_else(|| panic!("record {id} answered to no one"));
+        assert_eq!(
+            r.value.as_deref(),
+            Some(order.as_bytes()),
+            "the data byte for byte"
+        );
+        let order_id = json_of(order.as_bytes())["id"].as_str().map(str::to_string);
+        assert_eq!(r.key_str().map(str::to_string), order_id, "keyed by /id");
+        assert_eq!(
+            (ack["partition"].as_i64(), ack["offset"].as_i64()),
+            (Some(r.partition.into()), Some(r.offset))
+        );
+        assert_eq!(r.header("ce_source"), Some("/shop/orders"));
+        assert_eq!(r.header("ce_type"), Some("com.example.order.placed"));
+        assert_eq!(r.header("ce_tenant"), Some("acme"));
+        assert_eq!(r.header("content-type"), Some("application/json"));
+        assert!(r.header("ce_time").is_some_and(is_rfc3339_utc));
+    }
+    assert_eq!(
+        s.envoy.counter("eventwire_events_accepted_total").await,
+        N as u64
+    );
+    let callouts = s.envoy.counter("eventwire_sidecar_callouts_total").await;
+    assert!(
+        (1..N as u64 / 2).contains(&callouts),
+        "{N} events in {callouts} callouts: they should have shared callouts"
+    );
+    eprintln!("{N} concurrent events in {callouts} callouts");
+}
+
 /// The other enablement style (filter on every route, rules by route name) publishes the same,
 /// but every request pays for a filter context; the shipped per-route style creates none for
 /// untouched routes (the counter above stays at the enabled routes' 2).

@@ -24,6 +24,7 @@ enum Effect {
         body: Vec<u8>,
     },
     Resume,
+    Wake,
     Bump(Counter),
     Log(Level, String),
 }
@@ -40,6 +41,7 @@ struct Mock {
     answer_headers: Vec<(&'static str, &'static str)>,
     answer_body: Vec<u8>,
     dispatch_fails: bool,
+    wake_fails: bool,
     random_fails: bool,
     effects: RefCell<Vec<Effect>>,
     /// Every property and single header read, to check what untouched routes cost.
@@ -118,7 +120,7 @@ impl Host for Mock {
         headers: HeaderList<'_>,
         body: &[u8],
         timeout_ms: u64,
-    ) -> Result<(), HostError> {
+    ) -> Result<u32, HostError> {
         if self.dispatch_fails {
             return Err(HostError("BadArgument".into()));
         }
@@ -128,6 +130,14 @@ impl Host for Mock {
             body: body.to_vec(),
             timeout_ms,
         });
+        Ok(self.effects.borrow().len() as u32)
+    }
+
+    fn wake(&self) -> Result<(), HostError> {
+        if self.wake_fails {
+            return Err(HostError("NotFound".into()));
+        }
+        self.effects.borrow_mut().push(Effect::Wake);
         Ok(())
     }
 
@@ -175,20 +185,20 @@ impl Mock {
         self.effects.borrow().clone()
     }
 
-    /// Effects other than logging, in order.
+    /// Effects other than logging and counting callouts, in order.
     fn actions(&self) -> Vec<Effect> {
         self.effects()
             .into_iter()
-            .filter(|e| !matches!(e, Effect::Log(..)))
+            .filter(|e| !matches!(e, Effect::Log(..) | Effect::Bump(Counter::Callouts)))
             .collect()
     }
 
-    /// Counters bumped, but the one every request bumps.
+    /// Counters bumped, but the ones every request (or callout) bumps.
     fn counters(&self) -> Vec<Counter> {
         self.effects()
             .into_iter()
             .filter_map(|e| match e {
-                Effect::Bump(Counter::Requests) => None,
+                Effect::Bump(Counter::Requests | Counter::Callouts) => None,
                 Effect::Bump(c) => Some(c),
                 _ => None,
             })
@@ -925,4 +935,212 @@ fn kong_refusals_after_continue_keep_the_request_from_the_upstream() {
     let mut s = Stream::new(Some(vm(ORDERS)), 1);
     assert_eq!(s.on_request_headers(&m, false), Flow::Pause);
     assert_eq!(m.reply().0, 413);
+}
+
+const BATCHING: &str = r#"{"sidecar": {"upstream": "sidecar", "timeout_ms": 250,
+    "batching": {"max_events": 2, "max_in_flight": 1}},
+  "rules": [{"name": "orders", "match": {"path": "/orders"}, "topic": "orders",
+    "type": "com.example.order.placed", "key": {"json_pointer": "/id"}}]}"#;
+
+fn order(id: u32) -> Mock {
+    let body = format!(r#"{{"id": {id}}}"#);
+    let mut m = post("/orders", &body);
+    m.headers
+        .push(("idempotency-key".into(), format!("order-{id}").into_bytes()));
+    m
+}
+
+fn dispatches(m: &Mock) -> Vec<(Headers, Vec<u8>)> {
+    m.effects()
+        .into_iter()
+        .filter_map(|e| match e {
+            Effect::Dispatch { headers, body, .. } => Some((headers, body)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// Under load, events wait for a free callout and go together; each request gets its own
+/// event's answer, as if it had called alone.
+#[test]
+fn waiting_events_go_as_one_batch_and_each_request_gets_its_answer() {
+    let vm = vm(BATCHING);
+    let host = Mock::default();
+    let mut streams: Vec<(Mock, Stream)> = (1..=4)
+        .map(|id| (order(id), Stream::new(Some(vm.clone()), id)))
+        .collect();
+    for (m, s) in &mut streams {
+        through_body(m, s);
+    }
+    // The first has the callout; the others wait, and the first of them wakes the root.
+    assert_eq!(dispatches(&streams[0].0).len(), 1);
+    let woken: Vec<usize> = streams
+        .iter()
+        .map(|(m, _)| m.effects().iter().filter(|e| **e == Effect::Wake).count())
+        .collect();
+    assert_eq!(woken, [0, 1, 0, 0]);
+    assert!(streams[1..].iter().all(|(m, _)| dispatches(m).is_empty()));
+    assert!(flush(&host, &vm).is_empty());
+    assert!(
+        dispatches(&host).is_empty(),
+        "the one callout is still taken"
+    );
+
+    // The first answer frees the callout and wakes the root for the waiting ones.
+    let (m, s) = &mut streams[0];
+    answer(m, ACCEPTED, ACCEPTED_BODY);
+    s.on_callout_response(m, 3, ACCEPTED_BODY.len());
+    assert_eq!(m.reply().0, 202);
+    assert!(m.effects().contains(&Effect::Wake));
+    assert!(flush(&host, &vm).is_empty());
+    let sent = dispatches(&host);
+    assert_eq!(sent.len(), 1, "max_in_flight 1");
+    let (headers, body) = &sent[0];
+    assert_eq!(
+        header(headers, "content-type"),
+        Some("application/cloudevents-batch+json")
+    );
+    assert_eq!(header(headers, "eventwire-topic"), Some("orders"));
+    assert_eq!(header(headers, "eventwire-key"), None, "keys go per event");
+    let events: serde_json::Value = serde_json::from_slice(body).unwrap();
+    assert_eq!(events.as_array().map(Vec::len), Some(2), "max_events 2");
+    assert_eq!(events[0]["id"], "order-2");
+    assert_eq!(events[0]["partitionkey"], "2");
+    assert_eq!(events[1]["id"], "order-3");
+    assert_eq!(events[1]["data"]["id"], 3);
+
+    // The sidecar's 207: event 2 accepted, event 3 refused; each request gets its share.
+    let mut root = Mock::default();
+    let batch_body = r#"{"events":[{"id":"order-2","source":"/s","topic":"orders","status":"published","partition":1,"offset":7},
+        {"id":"order-3","source":"/s","problem":{"type":"urn:eventwire:problem:idempotency-conflict","status":409}}]}"#;
+    answer(
+        &mut root,
+        &[(":status", "207"), ("content-type", "application/json")],
+        batch_body,
+    );
+    let token = host.effects().len() as u32;
+    let answers = batch_answered(&root, &vm, token, 2, batch_body.len());
+    assert_eq!(answers.iter().map(|(c, _)| *c).collect::<Vec<_>>(), [2, 3]);
+    for ((_, a), (m, s)) in answers.iter().zip(&mut streams[1..3]) {
+        s.on_answer(m, a);
+    }
+    let (status, headers, json) = streams[1].0.reply();
+    assert_eq!((status, json["offset"].as_u64()), (202, Some(7)));
+    assert_eq!(header(&headers, "location"), Some("/v1/events/order-2"));
+    let (status, headers, json) = streams[2].0.reply();
+    assert_eq!((status, json["status"].as_u64()), (409, Some(409)));
+    assert_eq!(
+        header(&headers, "content-type"),
+        Some(problem::CONTENT_TYPE)
+    );
+    assert_eq!(streams[1].0.counters(), [Counter::Accepted]);
+    assert_eq!(streams[2].0.counters(), [Counter::Refused]);
+
+    // The last one went in the next batch; a sidecar that is gone fails it like a callout.
+    assert!(flush(&host, &vm).is_empty());
+    let token = host.effects().len() as u32;
+    assert_eq!(dispatches(&host).len(), 2);
+    let answers = batch_answered(&Mock::default(), &vm, token, 0, 0);
+    let (m, s) = &mut streams[3];
+    s.on_answer(m, &answers[0].1);
+    assert_eq!(m.reply().0, 503);
+    assert_eq!(m.counters(), [Counter::Unavailable]);
+    assert!(
+        batch_answered(&root, &vm, token, 2, batch_body.len()).is_empty(),
+        "answered once"
+    );
+}
+
+#[test]
+fn a_batch_refused_for_one_event_sends_the_others_again() {
+    let vm = vm(BATCHING);
+    let host = Mock::default();
+    let mut first = order(1);
+    let mut s1 = Stream::new(Some(vm.clone()), 1);
+    through_body(&first, &mut s1);
+    let waiting: Vec<(Mock, Stream)> = (2..=3)
+        .map(|id| {
+            let m = order(id);
+            let mut s = Stream::new(Some(vm.clone()), id);
+            through_body(&m, &mut s);
+            (m, s)
+        })
+        .collect();
+    answer(&mut first, ACCEPTED, ACCEPTED_BODY);
+    s1.on_callout_response(&first, 3, ACCEPTED_BODY.len());
+    flush(&host, &vm);
+    let mut root = Mock::default();
+    let refusal = r#"{"type":"urn:eventwire:problem:invalid-cloudevent","status":400,"index":1}"#;
+    answer(
+        &mut root,
+        &[(":status", "400"), ("content-type", problem::CONTENT_TYPE)],
+        refusal,
+    );
+    let token = host.effects().len() as u32;
+    let answers = batch_answered(&root, &vm, token, 2, refusal.len());
+    assert_eq!(answers.len(), 1);
+    assert_eq!(answers[0].0, 3, "the event at index 1 is refused");
+    assert_eq!(answers[0].1.status, Some(400));
+    flush(&host, &vm);
+    let sent = dispatches(&host);
+    assert_eq!(sent.len(), 2);
+    let events: serde_json::Value = serde_json::from_slice(&sent[1].1).unwrap();
+    assert_eq!(events[0]["id"], "order-2", "the other goes again");
+    assert_eq!(events.as_array().map(Vec::len), Some(1));
+    drop(waiting);
+}
+
+#[test]
+fn without_wake_ups_or_on_kong_every_event_goes_alone() {
+    for kong in [false, true] {
+        let vm = vm(BATCHING);
+        let mut a = order(1);
+        a.kong = kong;
+        let mut s = Stream::new(Some(vm.clone()), 1);
+        through_body(&a, &mut s);
+        let mut b = order(2);
+        b.kong = kong;
+        b.wake_fails = true;
+        let mut s2 = Stream::new(Some(vm.clone()), 2);
+        through_body(&b, &mut s2);
+        assert_eq!(
+            dispatches(&b).len(),
+            1,
+            "kong {kong}: the second went alone too"
+        );
+        assert_eq!(
+            header(&dispatches(&b)[0].0, "eventwire-key"),
+            Some("2"),
+            "binary mode"
+        );
+        assert_eq!(b.logs(Level::Error).len(), usize::from(!kong));
+        // A later event does not even try to wait.
+        let mut c = order(3);
+        c.kong = kong;
+        let mut s3 = Stream::new(Some(vm.clone()), 3);
+        through_body(&c, &mut s3);
+        assert_eq!(dispatches(&c).len(), 1);
+        assert!(!c.effects().contains(&Effect::Wake));
+    }
+}
+
+#[test]
+fn a_request_that_goes_away_frees_its_callout() {
+    let vm = vm(BATCHING);
+    let a = order(1);
+    let mut s1 = Stream::new(Some(vm.clone()), 1);
+    through_body(&a, &mut s1);
+    let b = order(2);
+    let mut s2 = Stream::new(Some(vm.clone()), 2);
+    through_body(&b, &mut s2);
+    assert!(dispatches(&b).is_empty());
+    let gone = Mock::default();
+    s1.on_drop(&gone);
+    assert!(
+        !gone.effects().contains(&Effect::Wake),
+        "already woken once"
+    );
+    let host = Mock::default();
+    flush(&host, &vm);
+    assert_eq!(dispatches(&host).len(), 1, "the waiting event goes");
 }

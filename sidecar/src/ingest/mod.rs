@@ -153,12 +153,17 @@ fn batch_answer(
         tracing::warn!(events = results.len(), refused, "batch partly accepted");
         StatusCode::MULTI_STATUS
     };
-    let events: Vec<serde_json::Value> = results
+    // Raw values keep each event's members in the order of the answer for one event (a
+    // `Value` sorts them), so the filter relays either to its client alike.
+    let events: Vec<Box<serde_json::value::RawValue>> = results
         .iter()
         .zip(ids)
-        .map(|(result, (id, source))| match result {
-            Ok(snapshot) => serde_json::to_value(snapshot).unwrap_or_default(),
-            Err(e) => json!({"id": id, "source": source, "problem": crate::problem::value(e)}),
+        .filter_map(|(result, (id, source))| match result {
+            Ok(snapshot) => serde_json::value::to_raw_value(snapshot).ok(),
+            Err(e) => serde_json::value::to_raw_value(
+                &json!({"id": id, "source": source, "problem": crate::problem::value(e)}),
+            )
+            .ok(),
         })
         .collect();
     (status, Json(json!({ "events": events }))).into_response()
