@@ -37,12 +37,15 @@ pub enum Counter {
     Passthrough,
     /// The proxy failed a call the filter needs (e.g. a body it could not hand over).
     ProxyFailed,
-    /// Callouts sent to the sidecar: one per event, or one per batch of waiting events.
-    Callouts,
+    /// Batch callouts: events that waited while the rule's callouts were in flight, sent
+    /// together (`coalesce`).
+    Batches,
+    /// Events sent in those batches (the rest went alone).
+    BatchedEvents,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 8] = [
+    pub const ALL: [Counter; 9] = [
         Counter::Requests,
         Counter::Accepted,
         Counter::Rejected,
@@ -50,7 +53,8 @@ impl Counter {
         Counter::Unavailable,
         Counter::Passthrough,
         Counter::ProxyFailed,
-        Counter::Callouts,
+        Counter::Batches,
+        Counter::BatchedEvents,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -62,7 +66,8 @@ impl Counter {
             Counter::Unavailable => "eventwire_sidecar_unavailable_total",
             Counter::Passthrough => "eventwire_passthrough_total",
             Counter::ProxyFailed => "eventwire_proxy_failures_total",
-            Counter::Callouts => "eventwire_sidecar_callouts_total",
+            Counter::Batches => "eventwire_batches_total",
+            Counter::BatchedEvents => "eventwire_batched_events_total",
         }
     }
 
@@ -112,7 +117,10 @@ pub trait Host {
     fn reply(&self, status: u16, headers: HeaderList<'_>, body: &[u8]);
     /// Lets a paused request continue upstream.
     fn resume(&self);
-    fn bump(&self, counter: Counter);
+    fn bump(&self, counter: Counter) {
+        self.bump_by(counter, 1);
+    }
+    fn bump_by(&self, counter: Counter, by: u64);
     fn now_nanos(&self) -> u64;
     /// 16 random bytes, `None` when the host's generator failed.
     fn random16(&self) -> Option<[u8; 16]>;

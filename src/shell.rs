@@ -135,9 +135,10 @@ impl Host for ProxyHost {
         }
     }
 
-    fn bump(&self, counter: Counter) {
-        if let Some(id) = self.metrics[counter.index()] {
-            let _ = hostcalls::increment_metric(id, 1);
+    fn bump_by(&self, counter: Counter, by: u64) {
+        // Envoy refuses an increment of 0 (BadArgument).
+        if let (Some(id), Ok(by @ 1..)) = (self.metrics[counter.index()], i64::try_from(by)) {
+            let _ = hostcalls::increment_metric(id, by);
         }
     }
 

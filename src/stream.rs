@@ -429,7 +429,6 @@ impl Stream {
             }
             Coalesced::Direct { slot } => slot,
         };
-        host.bump(Counter::Callouts);
         let dispatched = host.dispatch(
             &cfg.sidecar.upstream,
             out.header_refs(),
@@ -586,7 +585,8 @@ pub fn flush(host: &impl Host, vm: &Vm) -> Vec<(u32, Answer<'static>)> {
             vm.coalescer.borrow_mut().unsent(&batch);
             continue;
         };
-        host.bump(Counter::Callouts);
+        host.bump(Counter::Batches);
+        host.bump_by(Counter::BatchedEvents, batch.waiting.len() as u64);
         let headers = callout::batch_headers(rule, &cfg.sidecar);
         match host.dispatch(
             &cfg.sidecar.upstream,
@@ -669,7 +669,8 @@ fn read_answer(
             .flatten()
             .map(Cow::Owned)
     };
-    let status = header(":status").and_then(|s| std::str::from_utf8(&s).ok()?.parse().ok());
+    let status: Option<u16> =
+        header(":status").and_then(|s| std::str::from_utf8(&s).ok()?.parse().ok());
     let dispatch_status = match (num_headers, flavor) {
         (0, Flavor::Kong) => host.callout_header(":dispatch_status").map(Cow::Owned),
         _ => None,
@@ -679,12 +680,18 @@ fn read_answer(
     } else {
         Vec::new()
     };
+    // Each header read is a host call: only what the answer's kind uses.
+    let (location, retry_after) = match status {
+        Some(200..=299) => (header("location"), None),
+        Some(_) => (None, header("retry-after")),
+        None => (None, None),
+    };
     Answer {
         status,
         content_type: header("content-type"),
         dispatch_status,
-        retry_after: header("retry-after"),
-        location: header("location"),
+        retry_after,
+        location,
         body: Cow::Owned(body),
     }
 }

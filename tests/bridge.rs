@@ -182,7 +182,7 @@ async fn reference_scenario_bridge_tap_and_untouched_routes() {
 #[tokio::test]
 async fn concurrent_orders_share_callouts_and_each_gets_its_own_event() {
     use futures_util::StreamExt as _;
-    let s = stack(EnvoyConfig::shipped(), &[(ORDERS, 3)]).await;
+    let s = stack(EnvoyConfig::shipped(), &[(ORDERS, 3), (PAYMENTS, 1)]).await;
     const N: usize = 240;
     let s = &s;
     type Answer = (u16, Vec<(String, String)>, Vec<u8>);
@@ -251,12 +251,48 @@ async fn concurrent_orders_share_callouts_and_each_gets_its_own_event() {
         s.envoy.counter("eventwire_events_accepted_total").await,
         N as u64
     );
-    let callouts = s.envoy.counter("eventwire_sidecar_callouts_total").await;
+    let batches = s.envoy.counter("eventwire_batches_total").await;
+    let batched = s.envoy.counter("eventwire_batched_events_total").await;
+    // At most 4 (`max_in_flight`) went alone before the first wait; most shared a callout.
     assert!(
-        (1..N as u64 / 2).contains(&callouts),
-        "{N} events in {callouts} callouts: they should have shared callouts"
+        batched >= N as u64 / 2 && batched <= N as u64,
+        "{batched} of {N} batched"
     );
-    eprintln!("{N} concurrent events in {callouts} callouts");
+    assert!(
+        (1..batched / 2).contains(&batches),
+        "{batched} events in {batches} batches: they should have shared callouts"
+    );
+    eprintln!("{N} concurrent events: {batched} in {batches} batches, the others alone");
+
+    // Tap: requests that waited for a batch are resumed from the root context and reach
+    // the upstream whole.
+    const TAPS: usize = 60;
+    let taps: Vec<(String, u16)> = futures_util::stream::iter(0..TAPS)
+        .map(|i| async move {
+            let pay = format!(r#"{{"order_id":"ord-{i}","amount":{i}}}"#);
+            let headers = [("content-type", "application/json")];
+            let (status, _, _) = s.post("/payments", &headers, pay.as_bytes()).await;
+            (pay, status)
+        })
+        .buffer_unordered(TAPS)
+        .collect()
+        .await;
+    assert!(taps.iter().all(|(_, status)| *status == 200), "{taps:?}");
+    let mut got: Vec<Vec<u8>> = s.upstream.received().into_iter().map(|r| r.body).collect();
+    let mut sent: Vec<Vec<u8>> = taps.into_iter().map(|(p, _)| p.into_bytes()).collect();
+    got.sort();
+    sent.sort();
+    assert_eq!(
+        got, sent,
+        "every tapped request reached the upstream byte for byte"
+    );
+    assert_eq!(s.broker.records(PAYMENTS, TAPS, WAIT).len(), TAPS);
+    let batched_taps = s.envoy.counter("eventwire_batched_events_total").await - batched;
+    assert!(
+        batched_taps >= TAPS as u64 / 2,
+        "{batched_taps} of {TAPS} taps batched"
+    );
+    eprintln!("{TAPS} concurrent taps: {batched_taps} batched");
 }
 
 /// The other enablement style (filter on every route, rules by route name) publishes the same,

@@ -153,8 +153,10 @@ impl Host for Mock {
         self.effects.borrow_mut().push(Effect::Resume);
     }
 
-    fn bump(&self, counter: Counter) {
-        self.effects.borrow_mut().push(Effect::Bump(counter));
+    fn bump_by(&self, counter: Counter, by: u64) {
+        for _ in 0..by {
+            self.effects.borrow_mut().push(Effect::Bump(counter));
+        }
     }
 
     fn now_nanos(&self) -> u64 {
@@ -185,20 +187,20 @@ impl Mock {
         self.effects.borrow().clone()
     }
 
-    /// Effects other than logging and counting callouts, in order.
+    /// Effects other than logging, in order.
     fn actions(&self) -> Vec<Effect> {
         self.effects()
             .into_iter()
-            .filter(|e| !matches!(e, Effect::Log(..) | Effect::Bump(Counter::Callouts)))
+            .filter(|e| !matches!(e, Effect::Log(..)))
             .collect()
     }
 
-    /// Counters bumped, but the ones every request (or callout) bumps.
+    /// Counters bumped, but the one every request bumps.
     fn counters(&self) -> Vec<Counter> {
         self.effects()
             .into_iter()
             .filter_map(|e| match e {
-                Effect::Bump(Counter::Requests | Counter::Callouts) => None,
+                Effect::Bump(Counter::Requests) => None,
                 Effect::Bump(c) => Some(c),
                 _ => None,
             })
@@ -995,6 +997,14 @@ fn waiting_events_go_as_one_batch_and_each_request_gets_its_answer() {
     assert!(flush(&host, &vm).is_empty());
     let sent = dispatches(&host);
     assert_eq!(sent.len(), 1, "max_in_flight 1");
+    assert_eq!(
+        host.counters(),
+        [
+            Counter::Batches,
+            Counter::BatchedEvents,
+            Counter::BatchedEvents
+        ]
+    );
     let (headers, body) = &sent[0];
     assert_eq!(
         header(headers, "content-type"),
