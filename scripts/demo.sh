@@ -59,13 +59,22 @@ PY
 "$SIDECAR" topic create order-placed-events --partitions 3 --brokers $BROKERS
 "$SIDECAR" topic create payment-requested-events --partitions 1 --brokers $BROKERS
 
+# The ingest secret: generated on the first start, kept in .run/ (mode 600). The sidecar
+# reads the file (and again when it changes); Envoy passes it to the filter's VM from its
+# environment (vm_config.environment_variables in envoy/envoy.yaml).
+SECRET_FILE="$RUN/ingest-secret"
+if [ ! -s "$SECRET_FILE" ]; then
+  (umask 077; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$SECRET_FILE"; echo >>"$SECRET_FILE")
+fi
+
 "$UPSTREAM" 127.0.0.1:8081 >"$RUN/upstream.log" 2>&1 &
 pids+=($!)
 "$SIDECAR" serve --listen 127.0.0.1:8090 --brokers $BROKERS --data-dir "$RUN/sidecar-data" \
-  >"$RUN/sidecar.log" 2>&1 &
+  --ingest-secret-file "$SECRET_FILE" >"$RUN/sidecar.log" 2>&1 &
 pids+=($!)
 wait_port 8090 sidecar "$RUN/sidecar.log"
-"$ENVOY" -c envoy/envoy.yaml --disable-hot-restart --concurrency 1 \
+EVENTWIRE_INGEST_SECRET="$(head -n1 "$SECRET_FILE")" \
+  "$ENVOY" -c envoy/envoy.yaml --disable-hot-restart --concurrency 1 \
   --log-level warning --component-log-level wasm:info >"$RUN/envoy.log" 2>&1 &
 pids+=($!)
 wait_port 10000 envoy "$RUN/envoy.log"
@@ -74,7 +83,7 @@ cat <<MSG
 
 eventwire demo is up:
   Envoy      http://127.0.0.1:10000   (admin http://127.0.0.1:9901)
-  sidecar    http://127.0.0.1:8090    (/healthz, /readyz)
+  sidecar    http://127.0.0.1:8090    (/healthz, /readyz; POST /v1/events needs the secret in $SECRET_FILE)
   upstream   http://127.0.0.1:8081
   broker     $BROKERS               (Tansu, data in $RUN/broker)
 

@@ -66,6 +66,12 @@ pub fn verdict(
     let is_problem = is_problem(content_type);
     match status {
         Some(s @ 200..=299) => Verdict::Accepted { status: s },
+        // The filter's own credentials, not the client's: the proxy is misconfigured.
+        Some(401) => Verdict::Unavailable {
+            detail: "the event sidecar refused the filter's credentials (check sidecar.secret \
+                     against the sidecar's --ingest-secret-file)"
+                .into(),
+        },
         Some(s @ 400..=599) if is_problem => Verdict::Refused { status: s },
         Some(504) => Verdict::Unavailable {
             detail: format!("the event sidecar did not answer within {timeout_ms} ms"),
@@ -102,6 +108,10 @@ mod tests {
             verdict(Some(404), Some(b"application/problem+json"), None, 5),
             Verdict::Refused { status: 404 }
         );
+        match verdict(Some(401), Some(b"application/problem+json"), None, 5) {
+            Verdict::Unavailable { detail } => assert!(detail.contains("sidecar.secret")),
+            v => panic!("a 401 is the proxy's misconfiguration, not the client's: {v:?}"),
+        }
         // Envoy's synthesized replies carry no problem+json.
         assert!(matches!(
             verdict(Some(503), Some(b"text/plain"), None, 5),

@@ -88,6 +88,9 @@ pub fn build<'a>(
     h.push((":authority".into(), sidecar.authority.as_str().into()));
     h.push((":scheme".into(), "http".into()));
     h.push((TOPIC_HEADER.into(), rule.topic.as_str().into()));
+    if let Some(a) = &sidecar.authorization {
+        h.push(("authorization".into(), a.as_str().into()));
+    }
     if mode == Incoming::Batch {
         return batch(rule, req, h);
     }
@@ -217,14 +220,18 @@ fn in_batch(e: FilterError, index: usize) -> FilterError {
 
 /// The headers of a batch callout for the events of `rule`.
 pub fn batch_headers<'a>(rule: &'a Rule, sidecar: &'a Sidecar) -> Vec<(&'a str, &'a str)> {
-    vec![
+    let mut h = vec![
         (":method", "POST"),
         (":path", sidecar.path.as_str()),
         (":authority", sidecar.authority.as_str()),
         (":scheme", "http"),
         (TOPIC_HEADER, rule.topic.as_str()),
         ("content-type", cloudevent::BATCH),
-    ]
+    ];
+    if let Some(a) = &sidecar.authorization {
+        h.push(("authorization", a.as_str()));
+    }
+    h
 }
 
 /// The event of a binary-mode callout in the JSON event format, to go in a batch with

@@ -14,7 +14,7 @@ use std::fmt;
 pub const DEFAULT_UPSTREAM: &str = "eventwire_sidecar";
 pub use eventwire_contract::{
     DEFAULT_CALLOUT_TIMEOUT_MS as DEFAULT_TIMEOUT_MS, DEFAULT_MAX_BODY_BYTES,
-    INGEST_PATH as DEFAULT_SIDECAR_PATH,
+    INGEST_PATH as DEFAULT_SIDECAR_PATH, MIN_SECRET_LEN,
 };
 /// The whole body is held in the VM and copied once more into the callout; above this the
 /// proxy's own buffering limits and memory make a bridge the wrong tool.
@@ -113,6 +113,25 @@ pub struct Sidecar {
     pub path: String,
     pub timeout_ms: u64,
     pub batching: Batching,
+    /// Where the ingest secret comes from; resolved once by `stream::configure`.
+    pub secret: Option<SecretSource>,
+    /// `Bearer <secret>`, sent on every callout once resolved.
+    pub authorization: Option<String>,
+}
+
+/// The ingest secret the sidecar checks (`--ingest-secret-file`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SecretSource {
+    /// A variable of the VM's environment (Envoy: `vm_config.environment_variables`).
+    Env(String),
+    /// The secret itself, in the filter config (Kong; or an Envoy config kept secret).
+    Value(String),
+}
+
+/// Checks a secret as the sidecar does; `None` when it is acceptable.
+pub fn weak_secret(secret: &str) -> Option<String> {
+    (secret.len() < MIN_SECRET_LEN || !secret.bytes().all(|b| b.is_ascii_graphic()))
+        .then(|| format!("the secret must be at least {MIN_SECRET_LEN} visible ASCII characters"))
 }
 
 /// Events of one rule that wait while callouts are in flight go to the sidecar together, as
@@ -228,6 +247,14 @@ struct RawSidecar {
     path: Option<String>,
     timeout_ms: Option<u64>,
     batching: Option<Value>,
+    secret: Option<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSecret {
+    env: Option<String>,
+    value: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -338,6 +365,7 @@ fn parse_sidecar(v: Option<Value>) -> Result<Sidecar, ConfigError> {
             path: None,
             timeout_ms: None,
             batching: None,
+            secret: None,
         },
         Some(v) => typed(v, "sidecar")?,
     };
@@ -372,7 +400,30 @@ fn parse_sidecar(v: Option<Value>) -> Result<Sidecar, ConfigError> {
         path,
         timeout_ms,
         batching: parse_batching(raw.batching)?,
+        secret: raw.secret.map(parse_secret).transpose()?,
+        authorization: None,
     })
+}
+
+fn parse_secret(v: Value) -> Result<SecretSource, ConfigError> {
+    let raw: RawSecret = typed(v, "sidecar.secret")?;
+    match (raw.env, raw.value) {
+        (Some(name), None) if !name.is_empty() && !name.contains('=') => {
+            Ok(SecretSource::Env(name))
+        }
+        (Some(_), None) => Err(err(
+            "sidecar.secret.env",
+            "must be a variable name (non-empty, no '=')",
+        )),
+        (None, Some(value)) => match weak_secret(&value) {
+            Some(why) => Err(err("sidecar.secret.value", why)),
+            None => Ok(SecretSource::Value(value)),
+        },
+        _ => Err(err(
+            "sidecar.secret",
+            "must be exactly one of {\"env\": NAME} or {\"value\": SECRET}",
+        )),
+    }
 }
 
 fn parse_batching(v: Option<Value>) -> Result<Batching, ConfigError> {
@@ -720,6 +771,21 @@ mod tests {
                 r#"{"sidecar":{"batching":{"max_in_flight":2000}}}"#.into(),
                 "sidecar.batching.max_in_flight",
                 "from 1 to 1024",
+            ),
+            (
+                r#"{"sidecar":{"secret":{"value":"short"}}}"#.into(),
+                "sidecar.secret.value",
+                "at least 16",
+            ),
+            (
+                r#"{"sidecar":{"secret":{"env":""}}}"#.into(),
+                "sidecar.secret.env",
+                "variable name",
+            ),
+            (
+                r#"{"sidecar":{"secret":{}}}"#.into(),
+                "sidecar.secret",
+                "exactly one",
             ),
             (
                 r#"{"sidecar":{"batching":{"size":2}}}"#.into(),

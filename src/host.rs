@@ -122,6 +122,9 @@ pub trait Host {
     }
     fn bump_by(&self, counter: Counter, by: u64);
     fn now_nanos(&self) -> u64;
+    /// A variable of the VM's environment (WASI `environ_get`; Envoy passes what
+    /// `vm_config.environment_variables` names). Only at configuration.
+    fn env(&self, name: &str) -> Option<String>;
     /// 16 random bytes, `None` when the host's generator failed.
     fn random16(&self) -> Option<[u8; 16]>;
     fn log(&self, level: Level, message: fmt::Arguments<'_>);

@@ -150,6 +150,10 @@ impl Host for ProxyHost {
             .unwrap_or(0)
     }
 
+    fn env(&self, name: &str) -> Option<String> {
+        std::env::var(name).ok()
+    }
+
     fn random16(&self) -> Option<[u8; 16]> {
         let mut b = [0u8; 16];
         // SAFETY: the buffer is valid for 16 writable bytes for the whole call.

@@ -76,7 +76,7 @@ pub fn configure(host: &impl Host, bytes: Option<&[u8]>) -> Option<Config> {
         Some(b) if !b.is_empty() => b,
         _ => b"{}",
     };
-    match config::parse(bytes) {
+    match config::parse(bytes).and_then(|c| resolve_secret(host, c)) {
         Ok(c) => {
             if c.rules.is_empty() {
                 host.log(
@@ -99,6 +99,32 @@ pub fn configure(host: &impl Host, bytes: Option<&[u8]>) -> Option<Config> {
             None
         }
     }
+}
+
+/// The secret from where the config says, into the header every callout carries.
+fn resolve_secret(host: &impl Host, mut c: Config) -> Result<Config, config::ConfigError> {
+    let secret = match &c.sidecar.secret {
+        None => return Ok(c),
+        Some(config::SecretSource::Value(v)) => v.clone(),
+        Some(config::SecretSource::Env(name)) => {
+            let refused = |why: String| config::ConfigError {
+                field: "sidecar.secret.env".into(),
+                message: why,
+            };
+            let v = host.env(name).ok_or_else(|| {
+                refused(format!(
+                    "{name} is not set in the VM (Envoy: list it in \
+                     vm_config.environment_variables.host_env_keys)"
+                ))
+            })?;
+            if let Some(why) = config::weak_secret(&v) {
+                return Err(refused(format!("{name}: {why}")));
+            }
+            v
+        }
+    };
+    c.sidecar.authorization = Some(format!("Bearer {secret}"));
+    Ok(c)
 }
 
 enum State {

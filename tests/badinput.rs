@@ -26,8 +26,8 @@ const UNKNOWN_TOPIC: &str = "no-such-topic";
 /// The sidecar's `--max-body-bytes` default and the shipped filter's `max_body_bytes`.
 const MAX_BODY: usize = 1_048_576;
 /// Kinds of bad input in `table()` and the bad requests they send.
-const KINDS: usize = 53;
-const REQUESTS: usize = 100;
+const KINDS: usize = 54;
+const REQUESTS: usize = 103;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Via {
@@ -62,9 +62,11 @@ impl Req {
         }
     }
 
-    /// `POST /v1/events` for `TOPIC`.
+    /// `POST /v1/events` for `TOPIC`, with the stack's ingest secret.
     fn sidecar() -> Req {
-        Req::new("POST", "/v1/events").h("eventwire-topic", TOPIC)
+        Req::new("POST", "/v1/events")
+            .h("eventwire-topic", TOPIC)
+            .h("authorization", bearer())
     }
 
     /// Appends a header (a second one with the same name is sent as a second line).
@@ -182,6 +184,27 @@ fn table() -> Vec<Case> {
         r
     };
     vec![
+        case(
+            "no or wrong ingest secret (nothing else is looked at)",
+            vec![
+                (
+                    S,
+                    bin("no-auth").without("authorization"),
+                    p(401, "unauthorized", None),
+                ),
+                (
+                    S,
+                    bin("wrong-auth")
+                        .set("authorization", Some(b"Bearer not-the-secret-0123456789")),
+                    p(401, "unauthorized", None),
+                ),
+                (
+                    S,
+                    sc().without("authorization").body("not even an event"),
+                    p(401, "unauthorized", None),
+                ),
+            ],
+        ),
         case(
             "malformed JSON (structured)",
             vec![

@@ -445,6 +445,7 @@ wrk.headers["ce-source"] = "/shop/orders"
 wrk.headers["ce-type"] = "com.example.order.placed"
 wrk.headers["eventwire-topic"] = "order-placed-events"
 wrk.headers["eventwire-key"] = "ord-1001"
+wrk.headers["Authorization"] = "Bearer eventwire-test-ingest-secret-0001"
 local prefix = "wrk-" .. os.time() .. "-" .. math.floor(os.clock() * 1e6)
 local n = 0
 request = function()
@@ -630,6 +631,7 @@ function envoy_on_request(h)
     ["ce-time"] = os.date("!%Y-%m-%dT%H:%M:%SZ"),
     ["eventwire-topic"] = "lua-order-events",
     ["eventwire-key"] = "ord-1001",
+    ["authorization"] = "Bearer eventwire-test-ingest-secret-0001",
     ["content-type"] = h:headers():get("content-type") or "application/json",
   }, bytes, 5000)
   local status = headers[":status"] or "502"
@@ -680,7 +682,7 @@ async fn bridge_vs_lua() {
     let broker = Broker::start().await;
     broker.create_topic(TOPIC, 3).await;
     broker.create_topic(LUA_TOPIC, 3).await;
-    let sidecar = Sidecar::start(&broker.bootstrap()).await;
+    let sidecar = Sidecar::start_secured(&broker.bootstrap(), &[]).await;
     sidecar.wait_ready().await;
     let upstream = Upstream::start().await;
     let cfg = EnvoyConfig::shipped().map_yaml(with_lua_bridge_route);

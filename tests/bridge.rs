@@ -295,6 +295,107 @@ async fn concurrent_orders_share_callouts_and_each_gets_its_own_event() {
     eprintln!("{TAPS} concurrent taps: {batched_taps} batched");
 }
 
+/// The sidecar takes events only with its secret; the filter sends it from Envoy's
+/// environment. A second secret in the file is accepted at once (rotation), and a removed
+/// one is refused within a second, without a restart.
+#[tokio::test]
+async fn ingest_needs_the_secret_and_rotates_without_a_restart() {
+    let s = stack(EnvoyConfig::shipped(), &[(ORDERS, 1)]).await;
+    let order = |id: &str| format!(r#"{{"id":"{id}"}}"#).into_bytes();
+    let json = [("content-type", "application/json")];
+    let resp = s.post("/orders", &json, &order("ord-1")).await;
+    assert_eq!(resp.0, 202, "{}", String::from_utf8_lossy(&resp.2));
+
+    let direct = |auth: Option<String>, id: &str| {
+        let mut req = s
+            .http
+            .post(s.sidecar.url("/v1/events"))
+            .header("eventwire-topic", ORDERS)
+            .header("ce-specversion", "1.0")
+            .header("ce-id", id)
+            .header("ce-source", "/direct")
+            .header("ce-type", "t")
+            .body(format!(r#"{{"id":"{id}"}}"#));
+        if let Some(a) = auth {
+            req = req.header("authorization", a);
+        }
+        async move {
+            let r = req.send().await.unwrap_or_else(|e| panic!("POST: {e}"));
+            let status = r.status().as_u16();
+            let challenge = r.headers().get("www-authenticate").cloned();
+            let body = r.bytes().await.map(|b| b.to_vec()).unwrap_or_default();
+            (status, challenge, body)
+        }
+    };
+    for (auth, id) in [
+        (None, "none"),
+        (Some("Bearer not-the-secret-at-all".to_string()), "wrong"),
+        (Some(INGEST_SECRET.to_string()), "no-scheme"),
+    ] {
+        let (status, challenge, body) = direct(auth, id).await;
+        assert_eq!(status, 401, "{id}: {}", String::from_utf8_lossy(&body));
+        assert_eq!(
+            challenge.as_ref().and_then(|v| v.to_str().ok()),
+            Some(r#"Bearer realm="eventwire-ingest""#)
+        );
+        assert_eq!(json_of(&body)["type"], "urn:eventwire:problem:unauthorized");
+    }
+    assert_eq!(direct(Some(bearer()), "right").await.0, 202);
+
+    // Rotation: the new secret next to the old one, then the old one removed.
+    let new = "eventwire-rotated-secret-0002";
+    std::fs::write(s.sidecar.secret_file(), format!("{new}\n{INGEST_SECRET}\n"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut n = 0;
+    wait_until("the sidecar to take the new secret", WAIT, || {
+        n += 1;
+        let id = format!("new-{n}");
+        let call = direct(Some(format!("Bearer {new}")), &id);
+        async move { call.await.0 == 202 }
+    })
+    .await;
+    let resp = s.post("/orders", &json, &order("ord-2")).await;
+    assert_eq!(resp.0, 202, "the proxies' old secret still works meanwhile");
+    std::fs::write(s.sidecar.secret_file(), format!("{new}\n")).unwrap_or_else(|e| panic!("{e}"));
+    let last = std::sync::Mutex::new(None);
+    let mut m = 0;
+    wait_until("the sidecar to drop the old secret", WAIT, || {
+        m += 1;
+        let body = order(&format!("ord-late-{m}"));
+        let (last, s, json) = (&last, &s, &json);
+        async move {
+            let resp = s.post("/orders", json, &body).await;
+            let refused = resp.0 != 202;
+            *last.lock().unwrap_or_else(|e| e.into_inner()) = Some(resp);
+            refused
+        }
+    })
+    .await;
+    let last = last
+        .into_inner()
+        .unwrap_or_else(|e| e.into_inner())
+        .unwrap_or_else(|| panic!("no answer"));
+    // The client did nothing wrong: the proxy's credentials are stale, a 503 like any
+    // sidecar it cannot use.
+    assert_problem(&last, 503, "sidecar-unavailable");
+    let p = json_of(&last.2);
+    assert!(
+        p["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("sidecar.secret")),
+        "{p}"
+    );
+    let records = s.broker.records_settled(ORDERS, 1, Duration::from_secs(3));
+    let ids: Vec<&str> = records.iter().filter_map(|r| r.header("ce_id")).collect();
+    for refused in ["none", "wrong", "no-scheme"] {
+        assert!(
+            !ids.contains(&refused),
+            "a refused event reached Kafka: {ids:?}"
+        );
+    }
+    assert!(ids.contains(&"right"), "{ids:?}");
+}
+
 /// The other enablement style (filter on every route, rules by route name) publishes the same,
 /// but every request pays for a filter context; the shipped per-route style creates none for
 /// untouched routes (the counter above stays at the enabled routes' 2).
@@ -423,7 +524,8 @@ async fn idempotency_key_and_incoming_cloudevents() {
 #[tokio::test]
 async fn conformance_events_pass_through_envoy() {
     let cfg = EnvoyConfig::shipped().on_every_route().with_filter_config(
-        r#"{"rules":[{"name":"ingest","match":{"method":"POST","path":"/events"},
+        r#"{"sidecar":{"secret":{"env":"EVENTWIRE_INGEST_SECRET"}},
+            "rules":[{"name":"ingest","match":{"method":"POST","path":"/events"},
             "topic":"ingest-events","type":"com.example.unused"}]}"#,
     );
     let s = stack(cfg, &[("ingest-events", 1)]).await;
@@ -527,7 +629,8 @@ async fn sidecar_down_gives_503_and_tap_passes_through() {
 #[tokio::test]
 async fn bad_requests_get_precise_answers() {
     let cfg = EnvoyConfig::shipped().on_every_route().with_filter_config(
-        r#"{"sidecar":{"upstream":"eventwire_sidecar","timeout_ms":3000},
+        r#"{"sidecar":{"upstream":"eventwire_sidecar","timeout_ms":3000,
+                      "secret":{"env":"EVENTWIRE_INGEST_SECRET"}},
             "max_body_bytes": 65536,
             "rules":[
               {"name":"orders","match":{"route_name":"orders-placed"},"topic":"order-placed-events",

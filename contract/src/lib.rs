@@ -27,3 +27,8 @@ pub const DEFAULT_CALLOUT_TIMEOUT_MS: u64 = 5_000;
 /// The largest request body either side accepts by default (`max_body_bytes`,
 /// `--max-body-bytes`).
 pub const DEFAULT_MAX_BODY_BYTES: u64 = 1_048_576;
+/// The shortest ingest secret either side accepts (visible ASCII): 16 random characters are
+/// about 100 bits.
+pub const MIN_SECRET_LEN: usize = 16;
+/// The variable the sidecar and (Envoy) the filter's VM read the ingest secret from by default.
+pub const SECRET_ENV: &str = "EVENTWIRE_INGEST_SECRET";

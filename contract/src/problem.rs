@@ -52,6 +52,8 @@ kinds! {
     MissingTopic = 400, "missing-topic", "Missing topic";
     InvalidTopic = 400, "invalid-topic", "Invalid topic";
     UnknownTopic = 404, "unknown-topic", "Unknown topic";
+    // Who may publish.
+    Unauthorized = 401, "unauthorized", "Ingest credentials missing or not accepted";
     // Durability and idempotency.
     IdempotencyConflict = 409, "idempotency-conflict", "Event id reused with another payload";
     BrokerRefused = 422, "broker-refused", "Refused by the broker";
@@ -190,7 +192,7 @@ mod tests {
                 assert_ne!(a.slug(), b.slug());
             }
         }
-        assert_eq!(Kind::ALL.len(), 27);
+        assert_eq!(Kind::ALL.len(), 28);
         assert_eq!(Kind::SpoolFull.retry_after(), Some("1"));
         assert_eq!(Kind::BodyTooLarge.retry_after(), None);
     }

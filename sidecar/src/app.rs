@@ -7,6 +7,7 @@ use std::time::Duration;
 use eventwire_contract::DEFAULT_CALLOUT_TIMEOUT_MS;
 use tracing_subscriber::EnvFilter;
 
+use crate::auth::IngestAuth;
 use crate::config::{Cli, Command, DurabilityArgs, LogFormat, ServeArgs, TopicCommand};
 use crate::durable::DurableSink;
 use crate::error::AppError;
@@ -70,7 +71,9 @@ pub async fn serve(args: ServeArgs) -> Result<(), AppError> {
     let d = &args.durability;
     tracing::info!(listen = %args.listen, brokers = %args.kafka.brokers, data_dir = %d.data_dir.display(), ack = ?d.ack, "eventwire sidecar listening");
     let fanout = push_fanout(&args)?;
-    axum::serve(listener, router(&args, sink, fanout.clone()))
+    let auth = ingest_auth(&args)?;
+    let reloader = auth.spawn_reloader();
+    axum::serve(listener, router(&args, sink, fanout.clone(), auth))
         .with_graceful_shutdown(async move {
             shutdown_signal().await;
             // Open subscriptions would otherwise hold the graceful shutdown forever.
@@ -83,8 +86,21 @@ pub async fn serve(args: ServeArgs) -> Result<(), AppError> {
     let _ = stop.send(true);
     let _ = forwarder.await;
     probe.abort();
+    if let Some(r) = reloader {
+        r.abort();
+    }
     tracing::info!("stopped");
     Ok(())
+}
+
+fn ingest_auth(args: &ServeArgs) -> Result<Arc<IngestAuth>, AppError> {
+    let auth = IngestAuth::load(args.ingest_secret_file.as_deref())?;
+    if auth.is_open() {
+        tracing::warn!(listen = %args.listen, "ingest is not authenticated: anyone who reaches the listener can publish (set --ingest-secret-file)");
+    } else {
+        tracing::info!(secrets = auth.secrets(), "ingest needs a secret");
+    }
+    Ok(Arc::new(auth))
 }
 
 /// The filter must hear our answer (202 after spooling) before its callout times out.
@@ -125,9 +141,15 @@ fn durable_sink(d: &DurabilityArgs, producer: Arc<KafkaProducer>) -> Result<Dura
 }
 
 /// The ingest API and the push side on one listener.
-fn router(args: &ServeArgs, sink: Arc<DurableSink>, fanout: Arc<fanout::Fanout>) -> axum::Router {
+fn router(
+    args: &ServeArgs,
+    sink: Arc<DurableSink>,
+    fanout: Arc<fanout::Fanout>,
+    auth: Arc<IngestAuth>,
+) -> axum::Router {
     ingest::router(ingest::AppState {
         sink,
+        auth,
         limits: ingest::Limits {
             max_body_bytes: args.max_body_bytes,
             max_batch_events: args.max_batch_events,

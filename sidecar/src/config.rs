@@ -78,6 +78,11 @@ pub struct ServeArgs {
     /// Largest accepted request body.
     #[arg(long, env = "EVENTWIRE_MAX_BODY_BYTES", default_value_t = DEFAULT_MAX_BODY_BYTES as usize)]
     pub max_body_bytes: usize,
+    /// File with the secrets ingest accepts (`Authorization: Bearer <secret>`), one per
+    /// line, read again when it changes. Without it, `EVENTWIRE_INGEST_SECRET` (the secret
+    /// itself, never a flag: `ps` would show it); without either, ingest is open.
+    #[arg(long, env = "EVENTWIRE_INGEST_SECRET_FILE", value_name = "PATH")]
+    pub ingest_secret_file: Option<std::path::PathBuf>,
     /// Most events in one `application/cloudevents-batch+json` request.
     #[arg(long, env = "EVENTWIRE_MAX_BATCH_EVENTS", default_value_t = 1000, value_parser = clap::value_parser!(usize))]
     pub max_batch_events: usize,

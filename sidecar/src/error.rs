@@ -11,5 +11,7 @@ pub enum AppError {
     #[error("{0}")]
     Spool(#[from] crate::spool::SpoolError),
     #[error("{0}")]
+    Secret(#[from] crate::auth::SecretError),
+    #[error("{0}")]
     Other(String),
 }

@@ -11,6 +11,8 @@ pub mod subscription_filter;
 #[cfg(feature = "server")]
 pub mod app;
 #[cfg(feature = "server")]
+mod auth;
+#[cfg(feature = "server")]
 pub mod config;
 #[cfg(feature = "server")]
 mod consumed;

@@ -69,6 +69,10 @@ fn add_headers(headers: &mut HeaderMap, kind: Kind, allow: Option<&'static str>)
         (Kind::TransportRequired, _) => {
             headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         }
+        (Kind::Unauthorized, _) => {
+            let challenge = HeaderValue::from_static("Bearer realm=\"eventwire-ingest\"");
+            headers.insert(header::WWW_AUTHENTICATE, challenge);
+        }
         _ => {}
     }
 }

@@ -163,6 +163,10 @@ impl Host for Mock {
         1_522_949_460_000_000_000
     }
 
+    fn env(&self, name: &str) -> Option<String> {
+        (name == "EVENTWIRE_INGEST_SECRET").then(|| "0123456789abcdef-env".to_string())
+    }
+
     fn random16(&self) -> Option<[u8; 16]> {
         (!self.random_fails).then_some([7; 16])
     }
@@ -1153,4 +1157,59 @@ fn a_request_that_goes_away_frees_its_callout() {
     let host = Mock::default();
     flush(&host, &vm);
     assert_eq!(dispatches(&host).len(), 1, "the waiting event goes");
+}
+
+#[test]
+fn the_ingest_secret_goes_on_every_callout_and_a_missing_one_refuses_the_config() {
+    let host = Mock::default();
+    let cfg = |secret: &str| {
+        format!(
+            r#"{{"sidecar": {{"upstream": "sidecar", "secret": {secret},
+              "batching": {{"max_in_flight": 1}}}},
+              "rules": [{{"match": {{"path": "/orders"}}, "topic": "orders", "type": "t"}}]}}"#
+        )
+    };
+    let from_env = cfg(r#"{"env": "EVENTWIRE_INGEST_SECRET"}"#);
+    let Some(c) = configure(&host, Some(from_env.as_bytes())) else {
+        panic!("refused: {:?}", host.logs(Level::Error));
+    };
+    let vm = Vm::new(c);
+    let m = order(1);
+    let mut s = Stream::new(Some(vm.clone()), 1);
+    through_body(&m, &mut s);
+    let (headers, _) = m.dispatched().unwrap();
+    assert_eq!(
+        header(&headers, "authorization"),
+        Some("Bearer 0123456789abcdef-env")
+    );
+    let m2 = order(2);
+    let mut s2 = Stream::new(Some(vm.clone()), 2);
+    through_body(&m2, &mut s2);
+    let root = Mock::default();
+    flush(&root, &vm);
+    answer(&mut Mock::default(), ACCEPTED, ACCEPTED_BODY);
+    s.on_callout_response(&Mock::default(), 0, 0);
+    flush(&root, &vm);
+    let batches = dispatches(&root);
+    assert_eq!(batches.len(), 1, "{:?}", root.effects());
+    assert_eq!(
+        header(&batches[0].0, "authorization"),
+        Some("Bearer 0123456789abcdef-env"),
+        "batches carry it too"
+    );
+
+    let inline = cfg(r#"{"value": "0123456789abcdef-inline"}"#);
+    let c = configure(&host, Some(inline.as_bytes())).unwrap();
+    assert_eq!(
+        c.sidecar.authorization.as_deref(),
+        Some("Bearer 0123456789abcdef-inline")
+    );
+    let host = Mock::default();
+    let unset = cfg(r#"{"env": "NO_SUCH_VARIABLE"}"#);
+    assert!(configure(&host, Some(unset.as_bytes())).is_none());
+    let logged = host.logs(Level::Error).join("\n");
+    assert!(
+        logged.contains("sidecar.secret.env") && logged.contains("NO_SUCH_VARIABLE"),
+        "{logged}"
+    );
 }

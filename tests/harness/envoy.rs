@@ -153,6 +153,7 @@ impl Envoy {
         let proc = Proc::spawn(
             "envoy",
             Command::new(paths().envoy)
+                .env(crate::SECRET_ENV, crate::INGEST_SECRET)
                 .arg("-c")
                 .arg(&file)
                 .arg("--admin-address-path")
@@ -264,6 +265,7 @@ impl Envoy {
         };
         std::fs::write(&file, cfg.render(&ports)).unwrap_or_else(|e| panic!("write: {e}"));
         let out = Command::new(paths().envoy)
+            .env(crate::SECRET_ENV, crate::INGEST_SECRET)
             .arg("-c")
             .arg(&file)
             .args(["--mode", "validate", "--disable-hot-restart"])

@@ -19,6 +19,16 @@ pub use kong::{KongConfig, KongHost};
 pub use proc::{HeldPort, Proc, repo_root};
 pub use upstream::{Received, Upstream};
 
+/// The ingest secret of every test stack: Envoy gets it in `SECRET_ENV` (the shipped config
+/// reads it from there), the stack's sidecar in its `--ingest-secret-file`.
+pub const INGEST_SECRET: &str = "eventwire-test-ingest-secret-0001";
+pub const SECRET_ENV: &str = "EVENTWIRE_INGEST_SECRET";
+
+/// The `Authorization` value a caller of a stack's sidecar must send.
+pub fn bearer() -> String {
+    format!("Bearer {INGEST_SECRET}")
+}
+
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -77,15 +87,31 @@ impl Sidecar {
         Self::start_with(brokers, &[]).await
     }
 
-    /// Starts with extra `serve` flags, e.g. `["--ack-timeout-ms", "300"]`.
+    /// Starts with extra `serve` flags, e.g. `["--ack-timeout-ms", "300"]`; ingest open.
     pub async fn start_with(brokers: &str, args: &[&str]) -> Sidecar {
+        Self::start_in(brokers, args, false).await
+    }
+
+    /// Like `start_with`, ingest needing [`INGEST_SECRET`] (from `secret_file()`).
+    pub async fn start_secured(brokers: &str, args: &[&str]) -> Sidecar {
+        Self::start_in(brokers, args, true).await
+    }
+
+    async fn start_in(brokers: &str, args: &[&str], secured: bool) -> Sidecar {
         let data = tempfile::Builder::new()
             .prefix("eventwire-sidecar-data-")
             .tempdir()
             .unwrap_or_else(|e| panic!("tempdir: {e}"));
         let held = HeldPort::new();
         let port = held.port;
-        let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        let mut args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+        if secured {
+            let file = data.path().join("ingest-secrets");
+            std::fs::write(&file, format!("{INGEST_SECRET}\n"))
+                .unwrap_or_else(|e| panic!("write {}: {e}", file.display()));
+            args.push("--ingest-secret-file".into());
+            args.push(file.display().to_string());
+        }
         let proc = Self::spawn(brokers, port, &args, data.path());
         let sidecar = Sidecar {
             proc,
@@ -148,10 +174,16 @@ impl Sidecar {
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
+
+    /// The secret file of a secured sidecar (it reads it again within a second of a change).
+    pub fn secret_file(&self) -> std::path::PathBuf {
+        self.data.path().join("ingest-secrets")
+    }
 }
 
 /// A whole stack for one test: a broker with `topics`, the sidecar (with extra `serve`
-/// flags), an in-process upstream and Envoy running `cfg`; all stopped when it drops.
+/// flags; ingest needs [`INGEST_SECRET`], as in `make run`), an in-process upstream and
+/// Envoy running `cfg`; all stopped when it drops.
 pub struct Stack {
     pub envoy: Envoy,
     pub upstream: Upstream,
@@ -166,7 +198,7 @@ impl Stack {
         for (t, partitions) in topics {
             broker.create_topic(t, *partitions).await;
         }
-        let sidecar = Sidecar::start_with(&broker.bootstrap(), sidecar_args).await;
+        let sidecar = Sidecar::start_secured(&broker.bootstrap(), sidecar_args).await;
         sidecar.wait_ready().await;
         let upstream = Upstream::start().await;
         let envoy = Envoy::start(cfg, sidecar.port, upstream.port).await;

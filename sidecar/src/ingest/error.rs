@@ -47,6 +47,8 @@ pub enum IngestError {
     UnknownEvent(String),
     #[error("no successful Kafka metadata request recently")]
     NotReady,
+    #[error("{0}")]
+    Unauthorized(#[from] crate::auth::AuthError),
 }
 
 impl From<PublishError> for IngestError {
@@ -88,6 +90,7 @@ impl ProblemSource for IngestError {
             IdempotencyConflict(_) => Kind::IdempotencyConflict,
             UnknownEvent(_) => Kind::UnknownEvent,
             NotReady => Kind::NotReady,
+            Unauthorized(_) => Kind::Unauthorized,
         }
     }
 

@@ -28,6 +28,7 @@ use crate::status::{Accepted, Snapshot};
 pub struct AppState {
     pub sink: Arc<dyn EventSink>,
     pub limits: Limits,
+    pub auth: Arc<crate::auth::IngestAuth>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -61,6 +62,10 @@ async fn readyz(State(state): State<AppState>) -> Response {
 
 async fn post_event(State(state): State<AppState>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
+    // Before anything is read: a caller without the secret learns nothing else.
+    if let Err(e) = state.auth.check(&parts.headers) {
+        return reject(IngestError::from(e), None);
+    }
     let topic = match request::topic(&parts.headers) {
         Ok(t) => t,
         Err(e) => return reject(e, None),
@@ -263,6 +268,7 @@ fn reject(error: IngestError, event_id: Option<&str>) -> Response {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::auth::IngestAuth;
     use crate::cloudevent::{BATCH_CONTENT_TYPE, STRUCTURED_CONTENT_TYPE};
     use crate::sink::{BoxFuture, Delivered, OutRecord, Outcome};
     use crate::status::StatusStore;
@@ -319,12 +325,17 @@ mod tests {
     }
 
     fn app(sink: Arc<FakeSink>) -> Router {
+        app_with(sink, IngestAuth::load(None).unwrap())
+    }
+
+    fn app_with(sink: Arc<FakeSink>, auth: IngestAuth) -> Router {
         router(AppState {
             sink,
             limits: Limits {
                 max_body_bytes: 128,
                 max_batch_events: 3,
             },
+            auth: Arc::new(auth),
         })
     }
 
@@ -335,6 +346,7 @@ mod tests {
                 max_body_bytes: 4096,
                 max_batch_events: 3,
             },
+            auth: Arc::new(IngestAuth::load(None).unwrap()),
         })
     }
 
@@ -391,6 +403,47 @@ mod tests {
                 .headers
                 .contains(&("content-type".into(), "text/plain".into()))
         );
+    }
+
+    #[tokio::test]
+    async fn with_a_secret_only_its_holders_publish() {
+        let secrets = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(
+            secrets.path(),
+            "0123456789abcdef-one\n0123456789abcdef-two\n",
+        )
+        .unwrap();
+        let sink = Arc::new(FakeSink::default());
+        let auth = || IngestAuth::load(Some(secrets.path())).unwrap();
+        let event = |auth: Option<&str>| {
+            let mut req = binary_request("orders");
+            if let Some(a) = auth {
+                req = req.header(header::AUTHORIZATION, a);
+            }
+            req.body(Body::from("hello")).unwrap()
+        };
+        for wrong in [
+            None,
+            Some("Bearer 0123456789abcdef-six"),
+            Some("0123456789abcdef-one"),
+        ] {
+            let (status, headers, body) = send(app_with(sink.clone(), auth()), event(wrong)).await;
+            assert_eq!(status, StatusCode::UNAUTHORIZED, "{wrong:?}: {body}");
+            assert_eq!(headers[header::CONTENT_TYPE], "application/problem+json");
+            assert_eq!(
+                headers[header::WWW_AUTHENTICATE],
+                r#"Bearer realm="eventwire-ingest""#
+            );
+            assert!(
+                body.contains("urn:eventwire:problem:unauthorized"),
+                "{body}"
+            );
+        }
+        assert!(sink.records.lock().unwrap().is_empty(), "nothing published");
+        for right in ["Bearer 0123456789abcdef-one", "Bearer 0123456789abcdef-two"] {
+            let (status, _, _) = send(app_with(sink.clone(), auth()), event(Some(right))).await;
+            assert_eq!(status, StatusCode::ACCEPTED, "{right}");
+        }
     }
 
     #[tokio::test]

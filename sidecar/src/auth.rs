@@ -1,0 +1,300 @@
+//! Ingest authentication: `POST /v1/events` only from callers that present one of the
+//! sidecar's shared secrets as `Authorization: Bearer <secret>`, i.e. from its proxies'
+//! filters (`sidecar.secret` in the filter config).
+//!
+//! The secrets come from a file (one per line) or the `EVENTWIRE_INGEST_SECRET` variable,
+//! never from the command line, where `ps` shows them. The file is read again when it
+//! changes, so a secret is rotated without a restart: add the new line, move the proxies to
+//! it, remove the old line. Every secret accepted is compared in full on every request, in
+//! time that does not depend on where a wrong secret differs.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, SystemTime};
+
+use axum::http::{HeaderMap, header};
+use thiserror::Error;
+
+pub use eventwire_contract::{MIN_SECRET_LEN, SECRET_ENV};
+/// How often the secret file is looked at for a change.
+const RELOAD_EVERY: Duration = Duration::from_secs(1);
+
+#[derive(Debug, Error)]
+pub enum SecretError {
+    #[error("cannot read the ingest secret file {path}: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("{what}: no secret in it (one per line; `#` starts a comment line)")]
+    Empty { what: String },
+    #[error(
+        "{what}, line {line}: a secret must be at least {MIN_SECRET_LEN} visible ASCII characters"
+    )]
+    Weak { what: String, line: usize },
+}
+
+/// Why a request was refused: the answer says only that, never which secret was near.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Error)]
+pub enum AuthError {
+    #[error("ingest needs `Authorization: Bearer <secret>` (the filter's `sidecar.secret`)")]
+    Missing,
+    #[error("the ingest credentials are not accepted")]
+    Wrong,
+}
+
+pub struct IngestAuth {
+    file: Option<PathBuf>,
+    /// `None`: ingest is open (no secret configured).
+    secrets: RwLock<Option<Arc<Vec<Vec<u8>>>>>,
+    seen: RwLock<Option<(SystemTime, u64)>>,
+}
+
+impl IngestAuth {
+    /// Secrets from `file`, else from [`SECRET_ENV`], else none (open ingest).
+    pub fn load(file: Option<&Path>) -> Result<IngestAuth, SecretError> {
+        let auth = IngestAuth {
+            file: file.map(Path::to_path_buf),
+            secrets: RwLock::new(None),
+            seen: RwLock::new(None),
+        };
+        let secrets = match (file, std::env::var(SECRET_ENV)) {
+            (Some(path), _) => {
+                *write(&auth.seen) = stamp(path);
+                Some(read_file(path)?)
+            }
+            (None, Ok(text)) if !text.trim().is_empty() => Some(parse(&text, SECRET_ENV)?),
+            (None, _) => None,
+        };
+        *write(&auth.secrets) = secrets.map(Arc::new);
+        Ok(auth)
+    }
+
+    /// No secret configured: anyone who reaches the listener may publish.
+    pub fn is_open(&self) -> bool {
+        read(&self.secrets).is_none()
+    }
+
+    pub fn secrets(&self) -> usize {
+        read(&self.secrets).as_ref().map_or(0, |s| s.len())
+    }
+
+    pub fn check(&self, headers: &HeaderMap) -> Result<(), AuthError> {
+        let Some(secrets) = read(&self.secrets).clone() else {
+            return Ok(());
+        };
+        let presented = headers
+            .get(header::AUTHORIZATION)
+            .and_then(|v| bearer(v.as_bytes()))
+            .ok_or(AuthError::Missing)?;
+        // Every secret is compared in full: which one matched must not show in the timing.
+        let matched = secrets
+            .iter()
+            .fold(false, |any, s| any | constant_time_eq(presented, s));
+        if matched {
+            Ok(())
+        } else {
+            Err(AuthError::Wrong)
+        }
+    }
+
+    /// Reads the secret file again whenever it changes; a file that became unreadable or
+    /// invalid keeps the secrets in force and is logged.
+    pub fn spawn_reloader(self: &Arc<Self>) -> Option<tokio::task::JoinHandle<()>> {
+        let path = self.file.clone()?;
+        let auth = Arc::clone(self);
+        Some(tokio::spawn(async move {
+            let mut every = tokio::time::interval(RELOAD_EVERY);
+            loop {
+                every.tick().await;
+                auth.reload(&path);
+            }
+        }))
+    }
+
+    fn reload(&self, path: &Path) {
+        let now = stamp(path);
+        if now.is_none() || now == *read(&self.seen) {
+            return;
+        }
+        *write(&self.seen) = now;
+        match read_file(path) {
+            Ok(secrets) => {
+                tracing::info!(file = %path.display(), secrets = secrets.len(), "ingest secrets reloaded");
+                *write(&self.secrets) = Some(Arc::new(secrets));
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "ingest secrets not reloaded; the previous ones stay")
+            }
+        }
+    }
+}
+
+fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    lock.read()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    lock.write()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
+    let meta = std::fs::metadata(path).ok()?;
+    Some((meta.modified().ok()?, meta.len()))
+}
+
+fn read_file(path: &Path) -> Result<Vec<Vec<u8>>, SecretError> {
+    let text = std::fs::read_to_string(path).map_err(|source| SecretError::Read {
+        path: path.to_path_buf(),
+        source,
+    })?;
+    parse(&text, &path.display().to_string())
+}
+
+/// One secret per line; blank lines and `#` comment lines are skipped.
+fn parse(text: &str, what: &str) -> Result<Vec<Vec<u8>>, SecretError> {
+    let mut secrets = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let line = line.trim();
+        if line.is_empty() || line.starts_with('#') {
+            continue;
+        }
+        if line.len() < MIN_SECRET_LEN || !line.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(SecretError::Weak {
+                what: what.to_string(),
+                line: i + 1,
+            });
+        }
+        secrets.push(line.as_bytes().to_vec());
+    }
+    if secrets.is_empty() {
+        return Err(SecretError::Empty {
+            what: what.to_string(),
+        });
+    }
+    Ok(secrets)
+}
+
+/// The token of `Bearer <token>` (the scheme is case-insensitive, RFC 9110 11.1).
+fn bearer(value: &[u8]) -> Option<&[u8]> {
+    let (scheme, token) = value.split_at_checked(7)?;
+    (scheme.eq_ignore_ascii_case(b"bearer ") && !token.is_empty()).then_some(token)
+}
+
+/// Equality whose time depends only on the lengths, not on where the bytes differ.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    let mut diff = a.len() ^ b.len();
+    for i in 0..a.len().max(b.len()) {
+        let (x, y) = (
+            a.get(i).copied().unwrap_or(0),
+            b.get(i).copied().unwrap_or(0),
+        );
+        diff |= usize::from(x ^ y);
+    }
+    std::hint::black_box(diff) == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::http::HeaderValue;
+
+    const A: &str = "0123456789abcdef-old";
+    const B: &str = "0123456789abcdef-new";
+
+    fn headers(auth: Option<&str>) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        if let Some(a) = auth {
+            h.insert(header::AUTHORIZATION, HeaderValue::from_str(a).unwrap());
+        }
+        h
+    }
+
+    fn file(text: &str) -> tempfile::NamedTempFile {
+        let f = tempfile::NamedTempFile::new().unwrap();
+        std::fs::write(f.path(), text).unwrap();
+        f
+    }
+
+    #[test]
+    fn secrets_parse_one_per_line_and_weak_ones_are_refused() {
+        let s = parse(&format!("# rotation\n{A}\n\n  {B}  \n"), "f").unwrap();
+        assert_eq!(s, [A.as_bytes(), B.as_bytes()]);
+        assert!(matches!(
+            parse("# nothing\n\n", "f"),
+            Err(SecretError::Empty { .. })
+        ));
+        let e = parse(&format!("{A}\nshort\n"), "f").unwrap_err();
+        assert!(e.to_string().contains("f, line 2"), "{e}");
+        assert!(
+            parse("0123456789abcdef ghij", "f").is_err(),
+            "no spaces inside"
+        );
+    }
+
+    #[test]
+    fn either_secret_is_accepted_and_nothing_else() {
+        let f = file(&format!("{A}\n{B}\n"));
+        let auth = IngestAuth::load(Some(f.path())).unwrap();
+        assert!(!auth.is_open());
+        assert_eq!(auth.check(&headers(Some(&format!("Bearer {A}")))), Ok(()));
+        assert_eq!(auth.check(&headers(Some(&format!("bearer {B}")))), Ok(()));
+        assert_eq!(auth.check(&headers(None)), Err(AuthError::Missing));
+        assert_eq!(
+            auth.check(&headers(Some(A))),
+            Err(AuthError::Missing),
+            "no scheme"
+        );
+        assert_eq!(
+            auth.check(&headers(Some("Bearer "))),
+            Err(AuthError::Missing)
+        );
+        let near = format!("Bearer {}", &A[..A.len() - 1]);
+        assert_eq!(auth.check(&headers(Some(&near))), Err(AuthError::Wrong));
+        let longer = format!("Bearer {A}x");
+        assert_eq!(auth.check(&headers(Some(&longer))), Err(AuthError::Wrong));
+        assert_eq!(
+            auth.check(&headers(Some("Basic abc"))),
+            Err(AuthError::Missing)
+        );
+    }
+
+    #[test]
+    fn a_changed_file_is_read_again_and_a_broken_one_keeps_the_old_secrets() {
+        let f = file(&format!("{A}\n"));
+        let auth = IngestAuth::load(Some(f.path())).unwrap();
+        let with = |s: &str| headers(Some(&format!("Bearer {s}")));
+        assert_eq!(auth.check(&with(B)), Err(AuthError::Wrong));
+        std::fs::write(f.path(), format!("{A}\n{B}\n")).unwrap();
+        auth.reload(f.path());
+        assert_eq!(
+            (auth.check(&with(A)), auth.check(&with(B))),
+            (Ok(()), Ok(()))
+        );
+        std::fs::write(f.path(), format!("{B}\n# {A} retired\n")).unwrap();
+        auth.reload(f.path());
+        assert_eq!(
+            auth.check(&with(A)),
+            Err(AuthError::Wrong),
+            "the old one is gone"
+        );
+        std::fs::write(f.path(), "short\n").unwrap();
+        auth.reload(f.path());
+        assert_eq!(
+            auth.check(&with(B)),
+            Ok(()),
+            "an invalid file changes nothing"
+        );
+    }
+
+    #[test]
+    fn constant_time_eq_is_equality() {
+        assert!(constant_time_eq(b"abc", b"abc"));
+        assert!(!constant_time_eq(b"abc", b"abd"));
+        assert!(!constant_time_eq(b"abc", b"ab"));
+        assert!(!constant_time_eq(b"", b"a"));
+        assert!(constant_time_eq(b"", b""));
+    }
+}
