@@ -74,6 +74,34 @@ fn assert_problem(resp: &(u16, Vec<(String, String)>, Vec<u8>), status: u16, slu
     p
 }
 
+/// Posts a new order to `/orders` until its answer's status is `done` (the sidecar reads
+/// its secret file again within a second); that answer.
+async fn orders_until(
+    s: &Stack,
+    what: &str,
+    done: impl Fn(u16) -> bool,
+) -> (u16, Vec<(String, String)>, Vec<u8>) {
+    let last = std::sync::Mutex::new(None);
+    let mut n = 0;
+    wait_until(what, WAIT, || {
+        n += 1;
+        let body = format!(r#"{{"id":"ord-until-{n}"}}"#).into_bytes();
+        let (last, done) = (&last, &done);
+        async move {
+            let resp = s
+                .post("/orders", &[("content-type", "application/json")], &body)
+                .await;
+            let finished = done(resp.0);
+            *last.lock().unwrap_or_else(|e| e.into_inner()) = Some(resp);
+            finished
+        }
+    })
+    .await;
+    last.into_inner()
+        .unwrap_or_else(|e| e.into_inner())
+        .unwrap_or_else(|| panic!("no answer from /orders"))
+}
+
 fn is_rfc3339_utc(t: &str) -> bool {
     let b = t.as_bytes();
     t.len() >= 20
@@ -357,24 +385,10 @@ async fn ingest_needs_the_secret_and_rotates_without_a_restart() {
     let resp = s.post("/orders", &json, &order("ord-2")).await;
     assert_eq!(resp.0, 202, "the proxies' old secret still works meanwhile");
     std::fs::write(s.sidecar.secret_file(), format!("{new}\n")).unwrap_or_else(|e| panic!("{e}"));
-    let last = std::sync::Mutex::new(None);
-    let mut m = 0;
-    wait_until("the sidecar to drop the old secret", WAIT, || {
-        m += 1;
-        let body = order(&format!("ord-late-{m}"));
-        let (last, s, json) = (&last, &s, &json);
-        async move {
-            let resp = s.post("/orders", json, &body).await;
-            let refused = resp.0 != 202;
-            *last.lock().unwrap_or_else(|e| e.into_inner()) = Some(resp);
-            refused
-        }
+    let last = orders_until(&s, "the sidecar to drop the old secret", |status| {
+        status != 202
     })
     .await;
-    let last = last
-        .into_inner()
-        .unwrap_or_else(|e| e.into_inner())
-        .unwrap_or_else(|| panic!("no answer"));
     // The client did nothing wrong: the proxy's credentials are stale, a 503 like any
     // sidecar it cannot use.
     assert_problem(&last, 503, "sidecar-unavailable");
@@ -394,6 +408,37 @@ async fn ingest_needs_the_secret_and_rotates_without_a_restart() {
         );
     }
     assert!(ids.contains(&"right"), "{ids:?}");
+}
+
+/// A secret limited to some topics: a rule publishing elsewhere gets the sidecar's 403,
+/// relayed by the filter; the allowed topic works; nothing reaches the forbidden one.
+#[tokio::test]
+async fn a_secret_limited_to_topics_refuses_the_others() {
+    let s = stack(EnvoyConfig::shipped(), &[(ORDERS, 1), (PAYMENTS, 1)]).await;
+    std::fs::write(
+        s.sidecar.secret_file(),
+        format!("# the proxies may publish payments only\n{INGEST_SECRET} payment-*\n"),
+    )
+    .unwrap_or_else(|e| panic!("{e}"));
+    let json = [("content-type", "application/json")];
+    let last = orders_until(&s, "the sidecar to read the topic list", |status| {
+        status == 403
+    })
+    .await;
+    let p = assert_problem(&last, 403, "forbidden-topic");
+    assert_eq!(p["attribute"], "eventwire-topic");
+    let pay = br#"{"order_id":"ord-1","amount":5}"#;
+    let resp = s.post("/payments", &json, pay).await;
+    assert_eq!(resp.0, 200, "{}", String::from_utf8_lossy(&resp.2));
+    assert_eq!(s.broker.records(PAYMENTS, 1, WAIT).len(), 1);
+    // Orders accepted before the file was read again are the only ones in the topic.
+    let accepted_before = s.envoy.counter("eventwire_events_accepted_total").await - 1;
+    let orders = s.broker.records_settled(ORDERS, 0, Duration::from_secs(2));
+    assert_eq!(
+        orders.len() as u64,
+        accepted_before,
+        "no refused order in Kafka"
+    );
 }
 
 /// The other enablement style (filter on every route, rules by route name) publishes the same,

@@ -34,10 +34,12 @@ impl KongStack {
         for (t, partitions) in topics {
             broker.create_topic(t, *partitions).await;
         }
-        let sidecar = Sidecar::start(&broker.bootstrap()).await;
+        // Secured as in production: the filter's callouts carry the secret on Kong too.
+        let sidecar = Sidecar::start_secured(&broker.bootstrap(), &[]).await;
         sidecar.wait_ready().await;
         let upstream = Upstream::start().await;
-        let kong = KongHost::start(cfg, sidecar.port, upstream.port).await;
+        let cfg = cfg.with_ingest_secret(INGEST_SECRET);
+        let kong = KongHost::start(&cfg, sidecar.port, upstream.port).await;
         KongStack {
             kong,
             upstream,

@@ -54,6 +54,7 @@ kinds! {
     UnknownTopic = 404, "unknown-topic", "Unknown topic";
     // Who may publish.
     Unauthorized = 401, "unauthorized", "Ingest credentials missing or not accepted";
+    ForbiddenTopic = 403, "forbidden-topic", "Topic not allowed for these credentials";
     // Durability and idempotency.
     IdempotencyConflict = 409, "idempotency-conflict", "Event id reused with another payload";
     BrokerRefused = 422, "broker-refused", "Refused by the broker";
@@ -192,7 +193,7 @@ mod tests {
                 assert_ne!(a.slug(), b.slug());
             }
         }
-        assert_eq!(Kind::ALL.len(), 28);
+        assert_eq!(Kind::ALL.len(), 29);
         assert_eq!(Kind::SpoolFull.retry_after(), Some("1"));
         assert_eq!(Kind::BodyTooLarge.retry_after(), None);
     }

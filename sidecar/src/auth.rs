@@ -2,6 +2,9 @@
 //! sidecar's shared secrets as `Authorization: Bearer <secret>`, i.e. from its proxies'
 //! filters (`sidecar.secret` in the filter config).
 //!
+//! A line may name the topics its secret may publish to after the secret: `<secret>
+//! orders,payment-*` (names, or prefixes ending in `*`); without a list, every topic.
+//!
 //! The secrets come from a file (one per line) or the `EVENTWIRE_INGEST_SECRET` variable,
 //! never from the command line, where `ps` shows them. The file is read again when it
 //! changes, so a secret is rotated without a restart: add the new line, move the proxies to
@@ -32,6 +35,43 @@ pub enum SecretError {
         "{what}, line {line}: a secret must be at least {MIN_SECRET_LEN} visible ASCII characters"
     )]
     Weak { what: String, line: usize },
+    #[error("{what}, line {line}: {why}")]
+    Topics {
+        what: String,
+        line: usize,
+        why: String,
+    },
+}
+
+/// One accepted secret and the topics it may publish to (`None`: every topic).
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct Secret {
+    bytes: Vec<u8>,
+    topics: Option<Vec<TopicPattern>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum TopicPattern {
+    Exact(String),
+    Prefix(String),
+}
+
+impl TopicPattern {
+    fn matches(&self, topic: &str) -> bool {
+        match self {
+            TopicPattern::Exact(t) => t == topic,
+            TopicPattern::Prefix(p) => topic.starts_with(p.as_str()),
+        }
+    }
+}
+
+/// What a request's credentials allow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Grant {
+    /// Ingest is open.
+    Open,
+    /// The secret at this position of the file.
+    Secret(usize),
 }
 
 /// Why a request was refused: the answer says only that, never which secret was near.
@@ -46,7 +86,7 @@ pub enum AuthError {
 pub struct IngestAuth {
     file: Option<PathBuf>,
     /// `None`: ingest is open (no secret configured).
-    secrets: RwLock<Option<Arc<Vec<Vec<u8>>>>>,
+    secrets: RwLock<Option<Arc<Vec<Secret>>>>,
     seen: RwLock<Option<(SystemTime, u64)>>,
 }
 
@@ -79,22 +119,35 @@ impl IngestAuth {
         read(&self.secrets).as_ref().map_or(0, |s| s.len())
     }
 
-    pub fn check(&self, headers: &HeaderMap) -> Result<(), AuthError> {
+    pub fn check(&self, headers: &HeaderMap) -> Result<Grant, AuthError> {
         let Some(secrets) = read(&self.secrets).clone() else {
-            return Ok(());
+            return Ok(Grant::Open);
         };
         let presented = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| bearer(v.as_bytes()))
             .ok_or(AuthError::Missing)?;
-        // Every secret is compared in full: which one matched must not show in the timing.
-        let matched = secrets
-            .iter()
-            .fold(false, |any, s| any | constant_time_eq(presented, s));
-        if matched {
-            Ok(())
-        } else {
-            Err(AuthError::Wrong)
+        // Every secret is compared in full: where a wrong one differs must not show.
+        let mut matched = None;
+        for (i, s) in secrets.iter().enumerate() {
+            if constant_time_eq(presented, &s.bytes) {
+                matched = Some(i);
+            }
+        }
+        matched.map(Grant::Secret).ok_or(AuthError::Wrong)
+    }
+
+    /// Whether the credentials `check` granted may publish to `topic`. A secret removed from
+    /// the file since (a reload in between) allows nothing.
+    pub fn allows(&self, grant: Grant, topic: &str) -> bool {
+        let Grant::Secret(i) = grant else {
+            return true;
+        };
+        let secrets = read(&self.secrets).clone();
+        match secrets.as_ref().and_then(|s| s.get(i)).map(|s| &s.topics) {
+            Some(None) => true,
+            Some(Some(patterns)) => patterns.iter().any(|p| p.matches(topic)),
+            None => false,
         }
     }
 
@@ -145,7 +198,7 @@ fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
     Some((meta.modified().ok()?, meta.len()))
 }
 
-fn read_file(path: &Path) -> Result<Vec<Vec<u8>>, SecretError> {
+fn read_file(path: &Path) -> Result<Vec<Secret>, SecretError> {
     let text = std::fs::read_to_string(path).map_err(|source| SecretError::Read {
         path: path.to_path_buf(),
         source,
@@ -153,21 +206,44 @@ fn read_file(path: &Path) -> Result<Vec<Vec<u8>>, SecretError> {
     parse(&text, &path.display().to_string())
 }
 
-/// One secret per line; blank lines and `#` comment lines are skipped.
-fn parse(text: &str, what: &str) -> Result<Vec<Vec<u8>>, SecretError> {
+/// One secret per line, optionally followed by the topics it may publish to; blank lines
+/// and `#` comment lines are skipped.
+fn parse(text: &str, what: &str) -> Result<Vec<Secret>, SecretError> {
     let mut secrets = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
         if line.is_empty() || line.starts_with('#') {
             continue;
         }
-        if line.len() < MIN_SECRET_LEN || !line.bytes().all(|b| b.is_ascii_graphic()) {
+        let mut fields = line.split_ascii_whitespace();
+        let secret = fields.next().unwrap_or_default();
+        if secret.len() < MIN_SECRET_LEN || !secret.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(SecretError::Weak {
                 what: what.to_string(),
                 line: i + 1,
             });
         }
-        secrets.push(line.as_bytes().to_vec());
+        let topics = match (fields.next(), fields.next()) {
+            (None, _) => None,
+            (Some(list), None) => {
+                Some(topic_patterns(list).map_err(|why| SecretError::Topics {
+                    what: what.to_string(),
+                    line: i + 1,
+                    why,
+                })?)
+            }
+            (Some(_), Some(_)) => {
+                return Err(SecretError::Topics {
+                    what: what.to_string(),
+                    line: i + 1,
+                    why: "topics are one comma-separated list after the secret".into(),
+                });
+            }
+        };
+        secrets.push(Secret {
+            bytes: secret.as_bytes().to_vec(),
+            topics,
+        });
     }
     if secrets.is_empty() {
         return Err(SecretError::Empty {
@@ -175,6 +251,19 @@ fn parse(text: &str, what: &str) -> Result<Vec<Vec<u8>>, SecretError> {
         });
     }
     Ok(secrets)
+}
+
+/// `orders,payment-*`: topic names (Kafka's rules) or prefixes ending in `*`.
+fn topic_patterns(list: &str) -> Result<Vec<TopicPattern>, String> {
+    list.split(',')
+        .map(|t| match t.strip_suffix('*') {
+            Some(prefix) if !prefix.contains('*') => Ok(TopicPattern::Prefix(prefix.to_string())),
+            Some(_) => Err(format!("`{t}`: `*` only at the end")),
+            None => eventwire_contract::topic::validate(t)
+                .map(|()| TopicPattern::Exact(t.to_string()))
+                .map_err(|e| format!("`{t}`: {e}")),
+        })
+        .collect()
 }
 
 /// The token of `Bearer <token>` (the scheme is case-insensitive, RFC 9110 11.1).
@@ -221,16 +310,20 @@ mod tests {
     #[test]
     fn secrets_parse_one_per_line_and_weak_ones_are_refused() {
         let s = parse(&format!("# rotation\n{A}\n\n  {B}  \n"), "f").unwrap();
-        assert_eq!(s, [A.as_bytes(), B.as_bytes()]);
+        let bytes: Vec<&[u8]> = s.iter().map(|s| s.bytes.as_slice()).collect();
+        assert_eq!(bytes, [A.as_bytes(), B.as_bytes()]);
+        assert!(s.iter().all(|s| s.topics.is_none()), "no list: every topic");
         assert!(matches!(
             parse("# nothing\n\n", "f"),
             Err(SecretError::Empty { .. })
         ));
         let e = parse(&format!("{A}\nshort\n"), "f").unwrap_err();
         assert!(e.to_string().contains("f, line 2"), "{e}");
-        assert!(
-            parse("0123456789abcdef ghij", "f").is_err(),
-            "no spaces inside"
+        let limited = parse("0123456789abcdef ghij", "f").unwrap();
+        assert_eq!(
+            limited[0].topics,
+            Some(vec![TopicPattern::Exact("ghij".into())]),
+            "what follows the secret is its topics"
         );
     }
 
@@ -239,8 +332,14 @@ mod tests {
         let f = file(&format!("{A}\n{B}\n"));
         let auth = IngestAuth::load(Some(f.path())).unwrap();
         assert!(!auth.is_open());
-        assert_eq!(auth.check(&headers(Some(&format!("Bearer {A}")))), Ok(()));
-        assert_eq!(auth.check(&headers(Some(&format!("bearer {B}")))), Ok(()));
+        assert_eq!(
+            auth.check(&headers(Some(&format!("Bearer {A}")))),
+            Ok(Grant::Secret(0))
+        );
+        assert_eq!(
+            auth.check(&headers(Some(&format!("bearer {B}")))),
+            Ok(Grant::Secret(1))
+        );
         assert_eq!(auth.check(&headers(None)), Err(AuthError::Missing));
         assert_eq!(
             auth.check(&headers(Some(A))),
@@ -269,10 +368,7 @@ mod tests {
         assert_eq!(auth.check(&with(B)), Err(AuthError::Wrong));
         std::fs::write(f.path(), format!("{A}\n{B}\n")).unwrap();
         auth.reload(f.path());
-        assert_eq!(
-            (auth.check(&with(A)), auth.check(&with(B))),
-            (Ok(()), Ok(()))
-        );
+        assert!(auth.check(&with(A)).is_ok() && auth.check(&with(B)).is_ok());
         std::fs::write(f.path(), format!("{B}\n# {A} retired\n")).unwrap();
         auth.reload(f.path());
         assert_eq!(
@@ -282,11 +378,35 @@ mod tests {
         );
         std::fs::write(f.path(), "short\n").unwrap();
         auth.reload(f.path());
-        assert_eq!(
-            auth.check(&with(B)),
-            Ok(()),
+        assert!(
+            auth.check(&with(B)).is_ok(),
             "an invalid file changes nothing"
         );
+    }
+
+    #[test]
+    fn a_secret_may_be_limited_to_topics() {
+        let f = file(&format!("{A} order-placed-events,payment-*\n{B}\n"));
+        let auth = IngestAuth::load(Some(f.path())).unwrap();
+        let a = auth.check(&headers(Some(&format!("Bearer {A}")))).unwrap();
+        let b = auth.check(&headers(Some(&format!("Bearer {B}")))).unwrap();
+        assert!(auth.allows(a, "order-placed-events"));
+        assert!(auth.allows(a, "payment-requested-events"), "prefix");
+        assert!(!auth.allows(a, "order-placed-events-2"), "names are exact");
+        assert!(!auth.allows(a, "audit"));
+        assert!(auth.allows(b, "audit"), "no list: every topic");
+        assert!(auth.allows(Grant::Open, "audit"));
+        for bad in ["orders pay", "or*ders", "bad/topic"] {
+            let e = parse(&format!("{A} {bad}\n"), "f").unwrap_err();
+            assert!(
+                matches!(e, SecretError::Topics { line: 1, .. }),
+                "{bad}: {e}"
+            );
+        }
+        // A grant from before a reload that removed its secret allows nothing.
+        std::fs::write(f.path(), format!("{B}\n")).unwrap();
+        auth.reload(f.path());
+        assert!(!auth.allows(Grant::Secret(1), "audit"));
     }
 
     #[test]

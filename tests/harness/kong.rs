@@ -63,6 +63,38 @@ impl KongConfig {
         out
     }
 
+    /// The same with `"secret": {"value": secret}` in every eventwire filter's `sidecar`
+    /// (Kong passes no per-request environment; the inline form is what kong.yml would use).
+    pub fn with_ingest_secret(&self, secret: &str) -> KongConfig {
+        let mut doc: serde_json::Value = serde_norway::from_str(&self.yaml)
+            .unwrap_or_else(|e| panic!("kong.yml is not YAML: {e}"));
+        let add = |owner: &mut serde_json::Value| {
+            // `get_mut`, not indexing: indexing would add the member as null where absent.
+            let chains = owner
+                .get_mut("filter_chains")
+                .and_then(|c| c.as_array_mut());
+            for chain in chains.into_iter().flatten() {
+                let filters = chain.get_mut("filters").and_then(|f| f.as_array_mut());
+                for f in filters.into_iter().flatten() {
+                    if f["name"] == "eventwire" && f["config"].is_object() {
+                        f["config"]["sidecar"]["secret"] = serde_json::json!({ "value": secret });
+                    }
+                }
+            }
+        };
+        let services = doc.get_mut("services").and_then(|s| s.as_array_mut());
+        for svc in services.into_iter().flatten() {
+            add(svc);
+            let routes = svc.get_mut("routes").and_then(|r| r.as_array_mut());
+            for route in routes.into_iter().flatten() {
+                add(route);
+            }
+        }
+        KongConfig {
+            yaml: serde_norway::to_string(&doc).unwrap_or_else(|e| panic!("YAML: {e}")),
+        }
+    }
+
     fn render(&self, sidecar_port: u16, upstream_port: u16) -> String {
         self.yaml
             .replace(SHIPPED_SIDECAR, &format!("127.0.0.1:{sidecar_port}"))

@@ -49,6 +49,10 @@ pub enum IngestError {
     NotReady,
     #[error("{0}")]
     Unauthorized(#[from] crate::auth::AuthError),
+    #[error(
+        "these credentials may not publish to topic `{0}` (the topics after the secret in --ingest-secret-file)"
+    )]
+    ForbiddenTopic(String),
 }
 
 impl From<PublishError> for IngestError {
@@ -91,12 +95,15 @@ impl ProblemSource for IngestError {
             UnknownEvent(_) => Kind::UnknownEvent,
             NotReady => Kind::NotReady,
             Unauthorized(_) => Kind::Unauthorized,
+            ForbiddenTopic(_) => Kind::ForbiddenTopic,
         }
     }
 
     fn attribute(&self) -> Option<&str> {
         match self {
-            IngestError::MissingTopic | IngestError::InvalidTopic(_) => Some(TOPIC_HEADER),
+            IngestError::MissingTopic
+            | IngestError::InvalidTopic(_)
+            | IngestError::ForbiddenTopic(_) => Some(TOPIC_HEADER),
             IngestError::Parse(ParseError::Header { header, .. }) => Some(header),
             IngestError::Parse(ParseError::Invalid(e)) if !e.attribute.is_empty() => {
                 Some(&e.attribute)

@@ -63,13 +63,17 @@ async fn readyz(State(state): State<AppState>) -> Response {
 async fn post_event(State(state): State<AppState>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     // Before anything is read: a caller without the secret learns nothing else.
-    if let Err(e) = state.auth.check(&parts.headers) {
-        return reject(IngestError::from(e), None);
-    }
+    let grant = match state.auth.check(&parts.headers) {
+        Ok(g) => g,
+        Err(e) => return reject(IngestError::from(e), None),
+    };
     let topic = match request::topic(&parts.headers) {
         Ok(t) => t,
         Err(e) => return reject(e, None),
     };
+    if !state.auth.allows(grant, &topic) {
+        return reject(IngestError::ForbiddenTopic(topic), None);
+    }
     match request::read_events(&parts.headers, body, state.limits).await {
         Ok(Events::One(event)) => publish_one(&state, &parts.headers, event, &topic).await,
         Ok(Events::Batch(events)) => publish_batch(&state, &parts.headers, events, &topic).await,
@@ -444,6 +448,24 @@ mod tests {
             let (status, _, _) = send(app_with(sink.clone(), auth()), event(Some(right))).await;
             assert_eq!(status, StatusCode::ACCEPTED, "{right}");
         }
+        // A secret limited to other topics: 403 naming the topic header, nothing published.
+        std::fs::write(secrets.path(), "0123456789abcdef-one payments,audit-*\n").unwrap();
+        let before = sink.records.lock().unwrap().len();
+        let req = event(Some("Bearer 0123456789abcdef-one"));
+        let (status, headers, body) = send(app_with(sink.clone(), auth()), req).await;
+        assert_eq!(status, StatusCode::FORBIDDEN, "{body}");
+        assert_eq!(headers[header::CONTENT_TYPE], "application/problem+json");
+        let p: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(p["type"], "urn:eventwire:problem:forbidden-topic");
+        assert_eq!(p["attribute"], TOPIC_HEADER);
+        assert!(
+            p["detail"]
+                .as_str()
+                .unwrap_or_default()
+                .contains("`orders`"),
+            "{p}"
+        );
+        assert_eq!(sink.records.lock().unwrap().len(), before);
     }
 
     #[tokio::test]
