@@ -45,7 +45,7 @@ pub enum SecretError {
 
 /// One accepted secret and the topics it may publish to (`None`: every topic).
 #[derive(Debug, Clone, PartialEq, Eq)]
-struct Secret {
+pub struct Secret {
     bytes: Vec<u8>,
     topics: Option<Vec<TopicPattern>>,
 }
@@ -65,13 +65,13 @@ impl TopicPattern {
     }
 }
 
-/// What a request's credentials allow.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What a request's credentials allow: the secret that matched, in the set it was checked
+/// against (a reload meanwhile does not change what this request may do).
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Grant {
     /// Ingest is open.
     Open,
-    /// The secret at this position of the file.
-    Secret(usize),
+    Secret(Arc<Vec<Secret>>, usize),
 }
 
 /// Why a request was refused: the answer says only that, never which secret was near.
@@ -134,23 +134,26 @@ impl IngestAuth {
                 matched = Some(i);
             }
         }
-        matched.map(Grant::Secret).ok_or(AuthError::Wrong)
+        let i = matched.ok_or(AuthError::Wrong)?;
+        Ok(Grant::Secret(secrets, i))
     }
+}
 
-    /// Whether the credentials `check` granted may publish to `topic`. A secret removed from
-    /// the file since (a reload in between) allows nothing.
-    pub fn allows(&self, grant: Grant, topic: &str) -> bool {
-        let Grant::Secret(i) = grant else {
+impl Grant {
+    /// Whether these credentials may publish to `topic`.
+    pub fn allows(&self, topic: &str) -> bool {
+        let Grant::Secret(secrets, i) = self else {
             return true;
         };
-        let secrets = read(&self.secrets).clone();
-        match secrets.as_ref().and_then(|s| s.get(i)).map(|s| &s.topics) {
+        match secrets.get(*i).map(|s| &s.topics) {
             Some(None) => true,
             Some(Some(patterns)) => patterns.iter().any(|p| p.matches(topic)),
             None => false,
         }
     }
+}
 
+impl IngestAuth {
     /// Reads the secret file again whenever it changes; a file that became unreadable or
     /// invalid keeps the secrets in force and is logged.
     pub fn spawn_reloader(self: &Arc<Self>) -> Option<tokio::task::JoinHandle<()>> {
@@ -332,13 +335,17 @@ mod tests {
         let f = file(&format!("{A}\n{B}\n"));
         let auth = IngestAuth::load(Some(f.path())).unwrap();
         assert!(!auth.is_open());
+        let index = |g: Result<Grant, AuthError>| match g {
+            Ok(Grant::Secret(_, i)) => Some(i),
+            _ => None,
+        };
         assert_eq!(
-            auth.check(&headers(Some(&format!("Bearer {A}")))),
-            Ok(Grant::Secret(0))
+            index(auth.check(&headers(Some(&format!("Bearer {A}"))))),
+            Some(0)
         );
         assert_eq!(
-            auth.check(&headers(Some(&format!("bearer {B}")))),
-            Ok(Grant::Secret(1))
+            index(auth.check(&headers(Some(&format!("bearer {B}"))))),
+            Some(1)
         );
         assert_eq!(auth.check(&headers(None)), Err(AuthError::Missing));
         assert_eq!(
@@ -390,12 +397,12 @@ mod tests {
         let auth = IngestAuth::load(Some(f.path())).unwrap();
         let a = auth.check(&headers(Some(&format!("Bearer {A}")))).unwrap();
         let b = auth.check(&headers(Some(&format!("Bearer {B}")))).unwrap();
-        assert!(auth.allows(a, "order-placed-events"));
-        assert!(auth.allows(a, "payment-requested-events"), "prefix");
-        assert!(!auth.allows(a, "order-placed-events-2"), "names are exact");
-        assert!(!auth.allows(a, "audit"));
-        assert!(auth.allows(b, "audit"), "no list: every topic");
-        assert!(auth.allows(Grant::Open, "audit"));
+        assert!(a.allows("order-placed-events"));
+        assert!(a.allows("payment-requested-events"), "prefix");
+        assert!(!a.allows("order-placed-events-2"), "names are exact");
+        assert!(!a.allows("audit"));
+        assert!(b.allows("audit"), "no list: every topic");
+        assert!(Grant::Open.allows("audit"));
         for bad in ["orders pay", "or*ders", "bad/topic"] {
             let e = parse(&format!("{A} {bad}\n"), "f").unwrap_err();
             assert!(
@@ -403,10 +410,11 @@ mod tests {
                 "{bad}: {e}"
             );
         }
-        // A grant from before a reload that removed its secret allows nothing.
+        // A grant keeps the set it was checked against: a reload meanwhile (here: B now
+        // first, A gone) does not lend it another secret's topics.
         std::fs::write(f.path(), format!("{B}\n")).unwrap();
         auth.reload(f.path());
-        assert!(!auth.allows(Grant::Secret(1), "audit"));
+        assert!(!a.allows("audit"));
     }
 
     #[test]

@@ -71,7 +71,7 @@ async fn post_event(State(state): State<AppState>, request: Request) -> Response
         Ok(t) => t,
         Err(e) => return reject(e, None),
     };
-    if !state.auth.allows(grant, &topic) {
+    if !grant.allows(&topic) {
         return reject(IngestError::ForbiddenTopic(topic), None);
     }
     match request::read_events(&parts.headers, body, state.limits).await {
