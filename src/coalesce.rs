@@ -238,7 +238,9 @@ fn event_answer(raw: &[u8]) -> Option<Answer<'_>> {
         None => Some(Answer {
             status: Some(202),
             content_type: Some(Cow::Borrowed(b"application/json")),
-            location: Some(Cow::Owned(location(item.get("id")?.as_str()?).into_bytes())),
+            location: Some(Cow::Owned(
+                eventwire_contract::event_location(item.get("id")?.as_str()?).into_bytes(),
+            )),
             body: Cow::Borrowed(raw),
             ..Answer::default()
         }),
@@ -281,23 +283,6 @@ fn array_items<'a>(body: &'a [u8], prefix: &[u8]) -> Option<Vec<&'a [u8]>> {
         items.push(inner[start..].trim_ascii());
     }
     Some(items)
-}
-
-/// `/v1/events/<id>` with the id percent-encoded as one path segment (as the sidecar does).
-fn location(id: &str) -> String {
-    let mut out = String::with_capacity(eventwire_contract::INGEST_PATH.len() + 1 + id.len());
-    out.push_str(eventwire_contract::INGEST_PATH);
-    out.push('/');
-    for b in id.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push('%');
-            out.push(char::from(b"0123456789ABCDEF"[usize::from(b >> 4)]));
-            out.push(char::from(b"0123456789ABCDEF"[usize::from(b & 15)]));
-        }
-    }
-    out
 }
 
 #[cfg(test)]

@@ -32,3 +32,38 @@ pub const DEFAULT_MAX_BODY_BYTES: u64 = 1_048_576;
 pub const MIN_SECRET_LEN: usize = 16;
 /// The variable the sidecar and (Envoy) the filter's VM read the ingest secret from by default.
 pub const SECRET_ENV: &str = "EVENTWIRE_INGEST_SECRET";
+
+/// An accepted event's `Location`, `/v1/events/<id>` with the id percent-encoded as one path
+/// segment (all but RFC 3986 unreserved characters): the sidecar answers it for one event,
+/// the filter for each event of a batch.
+pub fn event_location(id: &str) -> String {
+    const HEX: &[u8; 16] = b"0123456789ABCDEF";
+    let mut out = String::with_capacity(INGEST_PATH.len() + 1 + id.len());
+    out.push_str(INGEST_PATH);
+    out.push('/');
+    for b in id.bytes() {
+        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
+            out.push(char::from(b));
+        } else {
+            out.push('%');
+            out.push(char::from(HEX[usize::from(b >> 4)]));
+            out.push(char::from(HEX[usize::from(b & 15)]));
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod location_tests {
+    #[cfg(target_arch = "wasm32")]
+    use wasm_bindgen_test::wasm_bindgen_test as test;
+
+    #[test]
+    fn ids_become_one_path_segment() {
+        assert_eq!(super::event_location("e-1.a_b~"), "/v1/events/e-1.a_b~");
+        assert_eq!(
+            super::event_location("a b/é,\""),
+            "/v1/events/a%20b%2F%C3%A9%2C%22"
+        );
+    }
+}

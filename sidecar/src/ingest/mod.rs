@@ -232,7 +232,7 @@ async fn get_event(
 fn accepted_answer(snapshot: &Snapshot) -> Response {
     tracing::debug!(event_id = %snapshot.id, topic = %snapshot.topic, state = ?snapshot.state, "event accepted");
     let json = serde_json::to_vec(snapshot).unwrap_or_default();
-    let location = format!("{INGEST_PATH}/{}", path_segment(&snapshot.id));
+    let location = eventwire_contract::event_location(&snapshot.id);
     (
         StatusCode::ACCEPTED,
         [
@@ -242,19 +242,6 @@ fn accepted_answer(snapshot: &Snapshot) -> Response {
         json,
     )
         .into_response()
-}
-
-/// Percent-encodes everything but RFC 3986 unreserved characters, for one path segment.
-fn path_segment(s: &str) -> String {
-    let mut out = String::with_capacity(s.len());
-    for b in s.bytes() {
-        if b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.' | b'_' | b'~') {
-            out.push(b as char);
-        } else {
-            out.push_str(&format!("%{b:02X}"));
-        }
-    }
-    out
 }
 
 /// Logs a rejection (client faults at info, server-side trouble at warn) and renders it.
