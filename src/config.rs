@@ -6,9 +6,7 @@
 //! the two in agreement.
 
 use crate::route::PathPattern;
-use serde::Deserialize;
-use serde_json::Value;
-use std::collections::BTreeMap;
+use serde_json::{Map, Value};
 use std::fmt;
 
 pub const DEFAULT_UPSTREAM: &str = "eventwire_sidecar";
@@ -62,8 +60,7 @@ fn err(field: impl Into<String>, message: impl Into<String>) -> ConfigError {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
     /// Answer `202` after the sidecar's acknowledgement; the upstream is never called.
     Bridge,
@@ -71,8 +68,7 @@ pub enum Mode {
     Tap,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case")]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnFailure {
     /// Answer the client with the error (503 when the sidecar cannot be reached).
     Reject,
@@ -81,8 +77,7 @@ pub enum OnFailure {
 }
 
 /// Where a per-request value (partition key, subject) comes from.
-#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
-#[serde(rename_all = "snake_case", deny_unknown_fields)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ValueSource {
     Header(String),
     JsonPointer(String),
@@ -228,79 +223,6 @@ impl Config {
     }
 }
 
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawConfig {
-    #[serde(default)]
-    sidecar: Option<Value>,
-    #[serde(default)]
-    max_body_bytes: Option<Value>,
-    #[serde(default)]
-    rules: Vec<Value>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawSidecar {
-    upstream: Option<String>,
-    authority: Option<String>,
-    path: Option<String>,
-    timeout_ms: Option<u64>,
-    batching: Option<Value>,
-    secret: Option<Value>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawSecret {
-    env: Option<String>,
-    value: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawBatching {
-    max_events: Option<u64>,
-    max_in_flight: Option<u64>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawMatch {
-    route_name: Option<String>,
-    method: Option<String>,
-    path: Option<String>,
-}
-
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawRule {
-    name: Option<String>,
-    #[serde(rename = "match")]
-    matcher: Option<Value>,
-    mode: Option<Value>,
-    on_failure: Option<Value>,
-    topic: String,
-    #[serde(rename = "type")]
-    ce_type: String,
-    source: Option<String>,
-    subject: Option<Value>,
-    key: Option<Value>,
-    #[serde(default)]
-    extensions: BTreeMap<String, String>,
-    consumer: Option<Value>,
-}
-
-/// Kong's authenticated consumer, as its auth plugins set it on the request: which of the
-/// three headers become which extension attributes.
-#[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawConsumer {
-    id: Option<String>,
-    username: Option<String>,
-    credential: Option<String>,
-}
-
 /// The headers Kong's auth plugins set for the authenticated consumer.
 pub const KONG_CONSUMER_HEADERS: [(&str, &str); 3] = [
     ("id", "x-consumer-id"),
@@ -308,9 +230,101 @@ pub const KONG_CONSUMER_HEADERS: [(&str, &str); 3] = [
     ("credential", "x-credential-identifier"),
 ];
 
-/// Deserializes one nested object, prefixing serde's message with the field's path.
-fn typed<T: serde::de::DeserializeOwned>(v: Value, field: &str) -> Result<T, ConfigError> {
-    serde_json::from_value(v).map_err(|e| err(field, e.to_string()))
+/// An object's members, taken one by one; what is left when it is done is an unknown field.
+/// Written by hand rather than with serde's derive: the derive's type errors pull core's
+/// float formatting (~16 KB) into the `.wasm`.
+struct Fields {
+    members: Map<String, Value>,
+    at: String,
+}
+
+impl Fields {
+    fn of(v: Value, at: &str) -> Result<Fields, ConfigError> {
+        match v {
+            Value::Object(members) => Ok(Fields {
+                members,
+                at: at.to_string(),
+            }),
+            other => Err(err(at, format!("must be an object, not {}", kind(&other)))),
+        }
+    }
+
+    fn path(&self, name: &str) -> String {
+        if self.at.is_empty() {
+            name.to_string()
+        } else {
+            format!("{}.{name}", self.at)
+        }
+    }
+
+    /// A member; `null` counts as absent.
+    fn value(&mut self, name: &str) -> Option<Value> {
+        self.members.remove(name).filter(|v| !v.is_null())
+    }
+
+    fn string(&mut self, name: &str) -> Result<Option<String>, ConfigError> {
+        match self.value(name) {
+            None => Ok(None),
+            Some(Value::String(s)) => Ok(Some(s)),
+            Some(other) => Err(err(
+                self.path(name),
+                format!("must be a string, not {}", kind(&other)),
+            )),
+        }
+    }
+
+    fn required_string(&mut self, name: &str) -> Result<String, ConfigError> {
+        self.string(name)?
+            .ok_or_else(|| err(&self.at, format!("missing field `{name}`")))
+    }
+
+    fn integer(&mut self, name: &str) -> Result<Option<u64>, ConfigError> {
+        match self.value(name) {
+            None => Ok(None),
+            Some(v) => v.as_u64().map(Some).ok_or_else(|| {
+                err(
+                    self.path(name),
+                    format!("must be a non-negative integer, not {}", kind(&v)),
+                )
+            }),
+        }
+    }
+
+    /// One of `names` (a string enum), e.g. `"bridge"`.
+    fn choice(&mut self, name: &str, names: &[&'static str]) -> Result<Option<usize>, ConfigError> {
+        let Some(given) = self.string(name)? else {
+            return Ok(None);
+        };
+        match names.iter().position(|n| *n == given) {
+            Some(i) => Ok(Some(i)),
+            None => Err(err(
+                self.path(name),
+                format!(
+                    "unknown variant `{given}`, expected one of `{}`",
+                    names.join("`, `")
+                ),
+            )),
+        }
+    }
+
+    /// Refuses a member nothing took.
+    fn done(self) -> Result<(), ConfigError> {
+        match self.members.keys().next() {
+            None => Ok(()),
+            Some(k) => Err(err(&self.at, format!("unknown field `{k}`"))),
+        }
+    }
+}
+
+fn kind(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "a boolean",
+        Value::Number(_) => "a number",
+        Value::String(_) => "a string",
+        Value::Array(_) => "an array",
+        Value::Object(_) => "an object",
+    }
 }
 
 pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
@@ -318,9 +332,15 @@ pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
     if !top.is_object() {
         return Err(err("", "the configuration must be a JSON object"));
     }
-    let raw: RawConfig = typed(top, "")?;
-    let sidecar = parse_sidecar(raw.sidecar)?;
-    let max_body_bytes = match raw.max_body_bytes {
+    let mut raw = Fields::of(top, "")?;
+    let (sidecar, max_body_bytes, rules) = (
+        raw.value("sidecar"),
+        raw.value("max_body_bytes"),
+        raw.value("rules"),
+    );
+    raw.done()?;
+    let sidecar = parse_sidecar(sidecar)?;
+    let max_body_bytes = match max_body_bytes {
         None => DEFAULT_MAX_BODY_BYTES,
         Some(v) => match v.as_u64() {
             Some(n) if (1..=MAX_MAX_BODY_BYTES).contains(&n) => n,
@@ -332,8 +352,18 @@ pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
             }
         },
     };
-    let mut rules = Vec::with_capacity(raw.rules.len());
-    for (i, v) in raw.rules.into_iter().enumerate() {
+    let raw_rules = match rules {
+        None => Vec::new(),
+        Some(Value::Array(items)) => items,
+        Some(other) => {
+            return Err(err(
+                "rules",
+                format!("must be an array, not {}", kind(&other)),
+            ));
+        }
+    };
+    let mut rules = Vec::with_capacity(raw_rules.len());
+    for (i, v) in raw_rules.into_iter().enumerate() {
         let rule = parse_rule(v, i)?;
         if let Some(j) = rules.iter().position(|r: &Rule| r.name == rule.name) {
             return Err(err(
@@ -358,36 +388,32 @@ pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
 }
 
 fn parse_sidecar(v: Option<Value>) -> Result<Sidecar, ConfigError> {
-    let raw: RawSidecar = match v {
-        None => RawSidecar {
-            upstream: None,
-            authority: None,
-            path: None,
-            timeout_ms: None,
-            batching: None,
-            secret: None,
-        },
-        Some(v) => typed(v, "sidecar")?,
-    };
-    let upstream = raw.upstream.unwrap_or_else(|| DEFAULT_UPSTREAM.to_string());
+    let mut raw = Fields::of(v.unwrap_or_else(|| Value::Object(Map::new())), "sidecar")?;
+    let upstream = raw.string("upstream")?;
+    let authority = raw.string("authority")?;
+    let path = raw.string("path")?;
+    let timeout_ms = raw.integer("timeout_ms")?;
+    let (batching, secret) = (raw.value("batching"), raw.value("secret"));
+    raw.done()?;
+    let upstream = upstream.unwrap_or_else(|| DEFAULT_UPSTREAM.to_string());
     if upstream.is_empty() || upstream.bytes().any(|b| b.is_ascii_whitespace()) {
         return Err(err(
             "sidecar.upstream",
             "must be a non-empty name without spaces",
         ));
     }
-    let authority = raw.authority.unwrap_or_else(|| upstream.clone());
+    let authority = authority.unwrap_or_else(|| upstream.clone());
     if authority.is_empty() || !authority.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(err("sidecar.authority", "must be a non-empty host[:port]"));
     }
-    let path = raw.path.unwrap_or_else(|| DEFAULT_SIDECAR_PATH.to_string());
+    let path = path.unwrap_or_else(|| DEFAULT_SIDECAR_PATH.to_string());
     if !path.starts_with('/') || !path.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(err(
             "sidecar.path",
             "must start with '/' and hold no spaces",
         ));
     }
-    let timeout_ms = raw.timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS);
+    let timeout_ms = timeout_ms.unwrap_or(DEFAULT_TIMEOUT_MS);
     if !(1..=MAX_TIMEOUT_MS).contains(&timeout_ms) {
         return Err(err(
             "sidecar.timeout_ms",
@@ -399,15 +425,17 @@ fn parse_sidecar(v: Option<Value>) -> Result<Sidecar, ConfigError> {
         authority,
         path,
         timeout_ms,
-        batching: parse_batching(raw.batching)?,
-        secret: raw.secret.map(parse_secret).transpose()?,
+        batching: parse_batching(batching)?,
+        secret: secret.map(parse_secret).transpose()?,
         authorization: None,
     })
 }
 
 fn parse_secret(v: Value) -> Result<SecretSource, ConfigError> {
-    let raw: RawSecret = typed(v, "sidecar.secret")?;
-    match (raw.env, raw.value) {
+    let mut raw = Fields::of(v, "sidecar.secret")?;
+    let (env, value) = (raw.string("env")?, raw.string("value")?);
+    raw.done()?;
+    match (env, value) {
         (Some(name), None) if !name.is_empty() && !name.contains('=') => {
             Ok(SecretSource::Env(name))
         }
@@ -430,7 +458,9 @@ fn parse_batching(v: Option<Value>) -> Result<Batching, ConfigError> {
     let Some(v) = v else {
         return Ok(DEFAULT_BATCHING);
     };
-    let raw: RawBatching = typed(v, "sidecar.batching")?;
+    let mut raw = Fields::of(v, "sidecar.batching")?;
+    let (max_events, max_in_flight) = (raw.integer("max_events")?, raw.integer("max_in_flight")?);
+    raw.done()?;
     let field = |v: Option<u64>, default: usize, max: u64, name: &str| match v {
         None => Ok(default),
         Some(n) if (1..=max).contains(&n) => Ok(n as usize),
@@ -441,13 +471,13 @@ fn parse_batching(v: Option<Value>) -> Result<Batching, ConfigError> {
     };
     Ok(Batching {
         max_events: field(
-            raw.max_events,
+            max_events,
             DEFAULT_BATCHING.max_events,
             MAX_BATCH_EVENTS,
             "max_events",
         )?,
         max_in_flight: field(
-            raw.max_in_flight,
+            max_in_flight,
             DEFAULT_BATCHING.max_in_flight,
             MAX_IN_FLIGHT,
             "max_in_flight",
@@ -457,40 +487,48 @@ fn parse_batching(v: Option<Value>) -> Result<Batching, ConfigError> {
 
 fn parse_rule(v: Value, i: usize) -> Result<Rule, ConfigError> {
     let at = |f: &str| format!("rules[{i}].{f}");
-    let raw: RawRule = typed(v, &format!("rules[{i}]"))?;
-    let name = raw.name.unwrap_or_else(|| format!("rule-{i}"));
+    let mut raw = Fields::of(v, &format!("rules[{i}]"))?;
+    let name = raw.string("name")?;
+    let matcher = raw.value("match");
+    let mode = raw.choice("mode", &["bridge", "tap"])?;
+    let on_failure = raw.choice("on_failure", &["reject", "passthrough"])?;
+    let topic = raw.required_string("topic")?;
+    let ce_type = raw.required_string("type")?;
+    let source = raw.string("source")?;
+    let (subject, key) = (raw.value("subject"), raw.value("key"));
+    let raw_extensions = raw.value("extensions");
+    let consumer = raw.value("consumer");
+    raw.done()?;
+    let name = name.unwrap_or_else(|| format!("rule-{i}"));
     if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic()) {
         return Err(err(
             at("name"),
             "must be non-empty, printable ASCII, no spaces",
         ));
     }
-    let matcher = match raw.matcher {
+    let matcher = match matcher {
         None => Matcher::default(),
-        Some(v) => parse_match(typed(v, &at("match"))?, &at("match"))?,
+        Some(v) => parse_match(v, &at("match"))?,
     };
-    let mode = match raw.mode {
-        Some(v) => typed(v, &at("mode"))?,
-        None => Mode::Bridge,
-    };
-    let on_failure = match raw.on_failure {
-        Some(v) => typed(v, &at("on_failure"))?,
+    let mode = [Mode::Bridge, Mode::Tap][mode.unwrap_or(0)];
+    let on_failure = match on_failure {
+        Some(i) => [OnFailure::Reject, OnFailure::Passthrough][i],
         None => match mode {
             Mode::Bridge => OnFailure::Reject,
             // Tap must never turn a good upstream answer into an error by default.
             Mode::Tap => OnFailure::Passthrough,
         },
     };
-    if let Err(e) = eventwire_contract::topic::validate(&raw.topic) {
+    if let Err(e) = eventwire_contract::topic::validate(&topic) {
         return Err(err(at("topic"), e.to_string()));
     }
-    if !is_ce_string(&raw.ce_type) {
+    if !is_ce_string(&ce_type) {
         return Err(err(
             at("type"),
             "must be a non-empty string without control characters",
         ));
     }
-    if let Some(s) = &raw.source
+    if let Some(s) = &source
         && (s.is_empty() || s.chars().any(|c| c.is_control() || c == ' '))
     {
         return Err(err(
@@ -498,27 +536,34 @@ fn parse_rule(v: Value, i: usize) -> Result<Rule, ConfigError> {
             "must be a non-empty URI-reference without spaces",
         ));
     }
-    let key = raw
-        .key
+    let key = key
         .map(|v| parse_value_source(v, &at("key"), &matcher))
         .transpose()?;
-    let subject = raw
-        .subject
+    let subject = subject
         .map(|v| parse_value_source(v, &at("subject"), &matcher))
         .transpose()?;
-    let mut extensions = Vec::with_capacity(raw.extensions.len() + 3);
-    for (header, attr) in raw.extensions {
-        let field = format!("rules[{i}].extensions.{header}");
-        let header = validate_header_name(&header).map_err(|e| err(&field, e))?;
-        add_extension(&mut extensions, header, &attr, &field)?;
+    let mut extensions = Vec::new();
+    if let Some(v) = raw_extensions {
+        let mut headers = Fields::of(v, &at("extensions"))?;
+        let names: Vec<String> = headers.members.keys().cloned().collect();
+        for header in names {
+            let field = format!("rules[{i}].extensions.{header}");
+            let Some(attr) = headers.string(&header)? else {
+                continue;
+            };
+            let header = validate_header_name(&header).map_err(|e| err(&field, e))?;
+            add_extension(&mut extensions, header, &attr, &field)?;
+        }
     }
-    if let Some(v) = raw.consumer {
-        let c: RawConsumer = typed(v, &at("consumer"))?;
-        for ((key, header), attr) in
-            KONG_CONSUMER_HEADERS
-                .iter()
-                .zip([c.id, c.username, c.credential])
-        {
+    if let Some(v) = consumer {
+        let mut c = Fields::of(v, &at("consumer"))?;
+        let attrs = [
+            c.string("id")?,
+            c.string("username")?,
+            c.string("credential")?,
+        ];
+        c.done()?;
+        for ((key, header), attr) in KONG_CONSUMER_HEADERS.iter().zip(attrs) {
             if let Some(attr) = attr {
                 let field = format!("rules[{i}].consumer.{key}");
                 add_extension(&mut extensions, (*header).to_string(), &attr, &field)?;
@@ -530,9 +575,9 @@ fn parse_rule(v: Value, i: usize) -> Result<Rule, ConfigError> {
         matcher,
         mode,
         on_failure,
-        topic: raw.topic,
-        ce_type: raw.ce_type,
-        source: raw.source,
+        topic,
+        ce_type,
+        source,
         subject,
         key,
         extensions,
@@ -557,13 +602,20 @@ fn add_extension(
     Ok(())
 }
 
-fn parse_match(raw: RawMatch, field: &str) -> Result<Matcher, ConfigError> {
-    if let Some(r) = &raw.route_name
+fn parse_match(v: Value, field: &str) -> Result<Matcher, ConfigError> {
+    let mut m = Fields::of(v, field)?;
+    let (route_name, method, path) = (
+        m.string("route_name")?,
+        m.string("method")?,
+        m.string("path")?,
+    );
+    m.done()?;
+    if let Some(r) = &route_name
         && r.is_empty()
     {
         return Err(err(format!("{field}.route_name"), "must not be empty"));
     }
-    if let Some(m) = &raw.method
+    if let Some(m) = &method
         && (m.is_empty() || !m.bytes().all(|b| b.is_ascii_uppercase()))
     {
         return Err(err(
@@ -571,21 +623,20 @@ fn parse_match(raw: RawMatch, field: &str) -> Result<Matcher, ConfigError> {
             "must be an upper-case HTTP method such as POST",
         ));
     }
-    let path = raw
-        .path
+    let path = path
         .as_deref()
         .map(PathPattern::parse)
         .transpose()
         .map_err(|e| err(format!("{field}.path"), e.0))?;
     Ok(Matcher {
-        route_name: raw.route_name,
-        method: raw.method,
+        route_name,
+        method,
         path,
     })
 }
 
 fn parse_value_source(v: Value, field: &str, m: &Matcher) -> Result<ValueSource, ConfigError> {
-    let src: ValueSource = typed(v, field)?;
+    let src = value_source(v, field)?;
     match &src {
         ValueSource::Header(h) => {
             let lower = validate_header_name(h).map_err(|e| err(format!("{field}.header"), e))?;
@@ -606,6 +657,39 @@ fn parse_value_source(v: Value, field: &str, m: &Matcher) -> Result<ValueSource,
         }
     }
     Ok(src)
+}
+
+/// `{"header": NAME}`, `{"json_pointer": POINTER}` or `{"path_param": NAME}`: exactly one.
+fn value_source(v: Value, field: &str) -> Result<ValueSource, ConfigError> {
+    const KINDS: [&str; 3] = ["header", "json_pointer", "path_param"];
+    let mut f = Fields::of(v, field)?;
+    let mut found = None;
+    for (i, kind) in KINDS.iter().enumerate() {
+        if let Some(s) = f.string(kind)? {
+            if found.is_some() {
+                return Err(err(field, "must have exactly one member"));
+            }
+            found = Some((i, s));
+        }
+    }
+    if let Some(other) = f.members.keys().next() {
+        return Err(err(
+            field,
+            format!(
+                "unknown variant `{other}`, expected one of `{}`",
+                KINDS.join("`, `")
+            ),
+        ));
+    }
+    match found {
+        Some((0, s)) => Ok(ValueSource::Header(s)),
+        Some((1, s)) => Ok(ValueSource::JsonPointer(s)),
+        Some((_, s)) => Ok(ValueSource::PathParam(s)),
+        None => Err(err(
+            field,
+            "must be one of {\"header\": ...}, {\"json_pointer\": ...}, {\"path_param\": ...}",
+        )),
+    }
 }
 
 /// Lowercases a header name and refuses the ones that carry credentials.
@@ -761,7 +845,7 @@ mod tests {
             (r#"{"sidecar":{"upstrem":"x"}}"#.into(), "sidecar", "unknown field `upstrem`"),
             (r#"{"sidecar":{"path":"v1"}}"#.into(), "sidecar.path", "start with '/'"),
             (r#"{"sidecar":{"timeout_ms":0}}"#.into(), "sidecar.timeout_ms", "from 1"),
-            (r#"{"sidecar":{"timeout_ms":-5}}"#.into(), "sidecar", "invalid value"),
+            (r#"{"sidecar":{"timeout_ms":-5}}"#.into(), "sidecar.timeout_ms", "non-negative integer"),
             (
                 r#"{"sidecar":{"batching":{"max_events":0}}}"#.into(),
                 "sidecar.batching.max_events",
