@@ -67,10 +67,20 @@ if [ ! -s "$SECRET_FILE" ]; then
   (umask 077; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \n' >"$SECRET_FILE"; echo >>"$SECRET_FILE")
 fi
 
+# A dashboard token for the push side and the status API (orders and payments only), made
+# like the secret; the viewer link below carries it in its fragment.
+TOKENS_FILE="$RUN/subscriber-tokens"
+if [ ! -s "$TOKENS_FILE" ]; then
+  (umask 077; printf '%s order-placed-events,payment-requested-events\n' \
+     "$(head -c 24 /dev/urandom | od -An -tx1 | tr -d ' \n')" >"$TOKENS_FILE")
+fi
+TOKEN="$(head -n1 "$TOKENS_FILE" | cut -d' ' -f1)"
+
 "$UPSTREAM" 127.0.0.1:8081 >"$RUN/upstream.log" 2>&1 &
 pids+=($!)
 "$SIDECAR" serve --listen 127.0.0.1:8090 --brokers $BROKERS --data-dir "$RUN/sidecar-data" \
-  --ingest-secret-file "$SECRET_FILE" >"$RUN/sidecar.log" 2>&1 &
+  --ingest-secret-file "$SECRET_FILE" --subscriber-tokens-file "$TOKENS_FILE" \
+  >"$RUN/sidecar.log" 2>&1 &
 pids+=($!)
 wait_port 8090 sidecar "$RUN/sidecar.log"
 EVENTWIRE_INGEST_SECRET="$(head -n1 "$SECRET_FILE")" \
@@ -92,14 +102,15 @@ Place an order (bridge: 202 from the filter, the upstream never sees it):
        -d '{"id":"ord-1001","customer":"c-42","total":99.5}'
 
 Ask where the event is (the 202's Location header):
-  curl -s http://127.0.0.1:10000/v1/events/<id from the 202>
+  curl -s http://127.0.0.1:10000/v1/events/<id from the 202> -H 'authorization: Bearer $TOKEN'
 
 Request a payment (tap: the upstream answers, the event is published too):
   curl -i http://127.0.0.1:10000/payments -H 'content-type: application/json' \\
        -d '{"order_id":"ord-1001","amount":99.5}'
 
 Watch orders arrive live (WebSocket through Envoy):
-  http://127.0.0.1:10000/ui        (topic order-placed-events, then Connect)
+  http://127.0.0.1:10000/ui#token=$TOKEN
+  (topic order-placed-events, then Connect; the dashboard token is in $TOKENS_FILE)
 
 Read the topics (one CloudEvent per line):
   $SIDECAR tail --topic order-placed-events --brokers $BROKERS

@@ -664,7 +664,12 @@ async fn viewer_page_in_headless_chromium_shows_an_order_posted_through_envoy() 
             .exists(),
         "playwright-core is missing: run `make deps` (npm ci in tests/browser)"
     );
-    let s = stack(&[(ORDERS, 3)], &[]).await;
+    // The viewer as a dashboard user has it: subscriptions need a token, given in the link.
+    let tokens = tempfile::NamedTempFile::new().unwrap_or_else(|e| panic!("{e}"));
+    let token = "viewer-test-token-0001";
+    std::fs::write(tokens.path(), format!("{token} {ORDERS}\n")).unwrap_or_else(|e| panic!("{e}"));
+    let tokens_path = tokens.path().display().to_string();
+    let s = stack(&[(ORDERS, 3)], &["--subscriber-tokens-file", &tokens_path]).await;
     let shot = tempfile::Builder::new()
         .prefix("eventwire-viewer-")
         .suffix(".png")
@@ -677,6 +682,7 @@ async fn viewer_page_in_headless_chromium_shows_an_order_posted_through_envoy() 
         .arg(s.envoy.url("/"))
         .arg(ORDERS)
         .arg(&shot)
+        .env("EVENTWIRE_VIEWER_TOKEN", token)
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .kill_on_drop(true)

@@ -52,8 +52,8 @@ kinds! {
     MissingTopic = 400, "missing-topic", "Missing topic";
     InvalidTopic = 400, "invalid-topic", "Invalid topic";
     UnknownTopic = 404, "unknown-topic", "Unknown topic";
-    // Who may publish.
-    Unauthorized = 401, "unauthorized", "Ingest credentials missing or not accepted";
+    // Who may publish, subscribe or read an event's status.
+    Unauthorized = 401, "unauthorized", "Credentials missing or not accepted";
     ForbiddenTopic = 403, "forbidden-topic", "Topic not allowed for these credentials";
     // Durability and idempotency.
     IdempotencyConflict = 409, "idempotency-conflict", "Event id reused with another payload";

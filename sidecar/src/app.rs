@@ -7,7 +7,7 @@ use std::time::Duration;
 use eventwire_contract::DEFAULT_CALLOUT_TIMEOUT_MS;
 use tracing_subscriber::EnvFilter;
 
-use crate::auth::IngestAuth;
+use crate::auth::{IngestAuth, SubscriberAuth};
 use crate::config::{Cli, Command, DurabilityArgs, LogFormat, ServeArgs, TopicCommand};
 use crate::durable::DurableSink;
 use crate::error::AppError;
@@ -24,7 +24,7 @@ const SHUTDOWN_FLUSH: Duration = Duration::from_secs(3);
 pub async fn run(cli: Cli) -> Result<(), AppError> {
     match cli.command {
         None => serve(cli.serve).await,
-        Some(Command::Serve(args)) => serve(args).await,
+        Some(Command::Serve(args)) => serve(*args).await,
         Some(Command::Tail(args)) => tail::run(args).await,
         Some(Command::Topic {
             action:
@@ -72,8 +72,15 @@ pub async fn serve(args: ServeArgs) -> Result<(), AppError> {
     tracing::info!(listen = %args.listen, brokers = %args.kafka.brokers, data_dir = %d.data_dir.display(), ack = ?d.ack, "eventwire sidecar listening");
     let fanout = push_fanout(&args)?;
     let auth = ingest_auth(&args)?;
-    let reloader = auth.spawn_reloader();
-    axum::serve(listener, router(&args, sink, fanout.clone(), auth))
+    let readers = subscriber_auth(&args)?;
+    let reloader = {
+        let (a, r) = (auth.clone(), readers.clone());
+        crate::auth::spawn_reloader(vec![
+            Box::new(move || a.reload()),
+            Box::new(move || r.reload()),
+        ])
+    };
+    axum::serve(listener, router(&args, sink, fanout.clone(), auth, readers))
         .with_graceful_shutdown(async move {
             shutdown_signal().await;
             // Open subscriptions would otherwise hold the graceful shutdown forever.
@@ -86,9 +93,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), AppError> {
     let _ = stop.send(true);
     let _ = forwarder.await;
     probe.abort();
-    if let Some(r) = reloader {
-        r.abort();
-    }
+    reloader.abort();
     tracing::info!("stopped");
     Ok(())
 }
@@ -99,6 +104,16 @@ fn ingest_auth(args: &ServeArgs) -> Result<Arc<IngestAuth>, AppError> {
         tracing::warn!(listen = %args.listen, "ingest is not authenticated: anyone who reaches the listener can publish (set --ingest-secret-file)");
     } else {
         tracing::info!(secrets = auth.secrets(), "ingest needs a secret");
+    }
+    Ok(Arc::new(auth))
+}
+
+fn subscriber_auth(args: &ServeArgs) -> Result<Arc<SubscriberAuth>, AppError> {
+    let auth = SubscriberAuth::load(&args.subscribers.auth_config())?;
+    if auth.is_open() {
+        tracing::warn!(listen = %args.listen, "subscriptions and event status are not authenticated: anyone who reaches the listener can read every topic (set --subscriber-tokens-file or --subscriber-jwks-file)");
+    } else {
+        tracing::info!("subscribers need a token");
     }
     Ok(Arc::new(auth))
 }
@@ -146,10 +161,12 @@ fn router(
     sink: Arc<DurableSink>,
     fanout: Arc<fanout::Fanout>,
     auth: Arc<IngestAuth>,
+    readers: Arc<SubscriberAuth>,
 ) -> axum::Router {
     ingest::router(ingest::AppState {
         sink,
         auth,
+        readers: readers.clone(),
         limits: ingest::Limits {
             max_body_bytes: args.max_body_bytes,
             max_batch_events: args.max_batch_events,
@@ -158,6 +175,8 @@ fn router(
     .merge(subscribe::router(subscribe::PushState {
         fanout,
         ping_interval: Duration::from_secs(args.push.ping_interval_s),
+        auth: readers,
+        tickets: Arc::default(),
     }))
 }
 

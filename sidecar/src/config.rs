@@ -48,7 +48,7 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the HTTP server (the default).
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Print the records of a topic as JSON lines (CloudEvents in structured form).
     Tail(TailArgs),
     /// Manage topics.
@@ -90,6 +90,44 @@ pub struct ServeArgs {
     pub durability: DurabilityArgs,
     #[command(flatten)]
     pub push: PushArgs,
+    #[command(flatten)]
+    pub subscribers: SubscriberArgs,
+}
+
+/// Who may subscribe (`/v1/subscribe`, `/v1/tickets`) and read event status
+/// (`GET /v1/events/<id>`). With neither file, those are open.
+#[derive(Debug, Clone, Args)]
+pub struct SubscriberArgs {
+    /// File of static subscriber tokens, one per line, optionally followed by the topics it
+    /// may read (`<token> orders,payment-*`); read again when it changes.
+    #[arg(long, env = "EVENTWIRE_SUBSCRIBER_TOKENS_FILE", value_name = "PATH")]
+    pub subscriber_tokens_file: Option<std::path::PathBuf>,
+    /// JWKS file with the keys subscriber JWTs are verified with (`oct`: HS256, `RSA`:
+    /// RS256, `EC` P-256: ES256); read again when it changes.
+    #[arg(long, env = "EVENTWIRE_SUBSCRIBER_JWKS_FILE", value_name = "PATH")]
+    pub subscriber_jwks_file: Option<std::path::PathBuf>,
+    /// The `aud` a subscriber JWT must carry (unset: `aud` is not checked).
+    #[arg(long, env = "EVENTWIRE_SUBSCRIBER_JWT_AUDIENCE")]
+    pub subscriber_jwt_audience: Option<String>,
+    /// The `iss` a subscriber JWT must carry (unset: `iss` is not checked).
+    #[arg(long, env = "EVENTWIRE_SUBSCRIBER_JWT_ISSUER")]
+    pub subscriber_jwt_issuer: Option<String>,
+    /// Clock skew allowed on `exp` and `nbf`; a live subscription closes (4401) this long
+    /// after its token's `exp`.
+    #[arg(long, env = "EVENTWIRE_SUBSCRIBER_JWT_LEEWAY_S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub subscriber_jwt_leeway_s: u64,
+}
+
+impl SubscriberArgs {
+    pub fn auth_config(&self) -> crate::auth::SubscriberAuthConfig {
+        crate::auth::SubscriberAuthConfig {
+            tokens_file: self.subscriber_tokens_file.clone(),
+            jwks_file: self.subscriber_jwks_file.clone(),
+            audience: self.subscriber_jwt_audience.clone(),
+            issuer: self.subscriber_jwt_issuer.clone(),
+            leeway: std::time::Duration::from_secs(self.subscriber_jwt_leeway_s),
+        }
+    }
 }
 
 /// The push side: `GET /v1/subscribe` (WebSocket, SSE) and the `/ui` viewer.

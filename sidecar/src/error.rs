@@ -13,5 +13,7 @@ pub enum AppError {
     #[error("{0}")]
     Secret(#[from] crate::auth::SecretError),
     #[error("{0}")]
+    SubscriberAuth(#[from] crate::auth::SubscriberAuthError),
+    #[error("{0}")]
     Other(String),
 }

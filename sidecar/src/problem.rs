@@ -30,6 +30,10 @@ pub trait ProblemSource: fmt::Display {
     fn allow(&self) -> Option<&'static str> {
         None
     }
+    /// The `WWW-Authenticate` challenge of a 401: which credentials the resource wants.
+    fn challenge(&self) -> &'static str {
+        "Bearer realm=\"eventwire-ingest\""
+    }
 }
 
 /// Renders any problem source: the body, its content type and the headers its kind needs.
@@ -43,7 +47,7 @@ pub fn response(source: &impl ProblemSource) -> Response {
         .to_json();
     let status = StatusCode::from_u16(kind.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut response = (status, body).into_response();
-    add_headers(response.headers_mut(), kind, source.allow());
+    add_headers(response.headers_mut(), source);
     response
 }
 
@@ -57,12 +61,13 @@ pub fn value(source: &impl ProblemSource) -> serde_json::Value {
     serde_json::to_value(problem).unwrap_or_default()
 }
 
-fn add_headers(headers: &mut HeaderMap, kind: Kind, allow: Option<&'static str>) {
+fn add_headers(headers: &mut HeaderMap, source: &impl ProblemSource) {
+    let kind = source.kind();
     headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(CONTENT_TYPE));
     if let Some(seconds) = kind.retry_after() {
         headers.insert(header::RETRY_AFTER, HeaderValue::from_static(seconds));
     }
-    match (kind, allow) {
+    match (kind, source.allow()) {
         (Kind::MethodNotAllowed, Some(methods)) => {
             headers.insert(header::ALLOW, HeaderValue::from_static(methods));
         }
@@ -70,7 +75,7 @@ fn add_headers(headers: &mut HeaderMap, kind: Kind, allow: Option<&'static str>)
             headers.insert(header::UPGRADE, HeaderValue::from_static("websocket"));
         }
         (Kind::Unauthorized, _) => {
-            let challenge = HeaderValue::from_static("Bearer realm=\"eventwire-ingest\"");
+            let challenge = HeaderValue::from_static(source.challenge());
             headers.insert(header::WWW_AUTHENTICATE, challenge);
         }
         _ => {}

@@ -80,6 +80,10 @@ pub enum End {
     ShuttingDown {
         cursor: Cursor,
     },
+    /// The subscriber's token expired; resume from `cursor` with a fresh one.
+    TokenExpired {
+        cursor: Cursor,
+    },
 }
 
 /// One event for one subscriber.

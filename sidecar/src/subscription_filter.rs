@@ -40,9 +40,22 @@ impl Filter {
             path: "filter".into(),
             reason: format!("not JSON: {e}"),
         })?;
+        Filter::from_value(&value, "filter")
+    }
+
+    /// A filter given as a JSON value (a token's forced filter); errors name `path`.
+    pub fn from_value(value: &Value, path: &str) -> Result<Filter, FilterError> {
         match value {
-            Value::Array(items) => list(&items, "filter", 0).map(Filter::All),
-            other => parse_value(&other, "filter", 0),
+            Value::Array(items) => list(items, path, 0).map(Filter::All),
+            other => parse_value(other, path, 0),
+        }
+    }
+
+    /// Both filters must hold (a token's forced filter and the subscriber's own).
+    pub fn and(forced: Option<Filter>, own: Option<Filter>) -> Option<Filter> {
+        match (forced, own) {
+            (Some(f), Some(o)) => Some(Filter::All(vec![f, o])),
+            (f, o) => f.or(o),
         }
     }
 

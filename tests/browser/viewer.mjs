@@ -2,7 +2,8 @@
 //   node viewer.mjs <base url> <topic> [screenshot path]
 // Opens <base url>/ui, subscribes to <topic> with a filter built in the form, prints READY,
 // then reads an event id from stdin, waits for that event on the page, expands it, prints
-// FOUND <json> and SCREENSHOT <path>, and exits 0. Every wait is bounded.
+// FOUND <json> and SCREENSHOT <path>, and exits 0. Every wait is bounded. With
+// EVENTWIRE_VIEWER_TOKEN set, the page gets it the way a shared link would (#token=...).
 import { chromium } from "playwright-core";
 import { createInterface } from "node:readline";
 import { tmpdir } from "node:os";
@@ -27,7 +28,9 @@ try {
   page.setDefaultTimeout(WAIT_MS);
   page.on("console", (m) => console.error(`console.${m.type()}: ${m.text()}`));
   page.on("pageerror", (e) => console.error(`pageerror: ${e.message}`));
-  await page.goto(new URL("/ui", base).href);
+  const ui = new URL("/ui", base);
+  if (process.env.EVENTWIRE_VIEWER_TOKEN) ui.hash = "token=" + encodeURIComponent(process.env.EVENTWIRE_VIEWER_TOKEN);
+  await page.goto(ui.href);
   await page.fill("#topic", topic);
   // Build the filter with the form: type prefix com.example.order.
   const row = page.locator("#conditions .condition").first();

@@ -54,6 +54,32 @@ impl WsClient {
         WsClient { ws, closed: None }
     }
 
+    /// Connects offering WebSocket `protocols` (a browser's only way to send a token); the
+    /// handshake's error (e.g. a 401 problem) is returned, not a panic. The subprotocol the
+    /// server selected comes with the client.
+    pub async fn connect_offering(
+        url: &str,
+        protocols: &str,
+    ) -> Result<(WsClient, Option<String>), tokio_tungstenite::tungstenite::Error> {
+        use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+        let mut req = url.into_client_request()?;
+        let value = protocols
+            .parse()
+            .unwrap_or_else(|e| panic!("protocols {protocols:?}: {e}"));
+        req.headers_mut().insert("sec-websocket-protocol", value);
+        let (ws, resp) = tokio::time::timeout(
+            Duration::from_secs(15),
+            tokio_tungstenite::connect_async(req),
+        )
+        .await
+        .unwrap_or_else(|_| panic!("connect {url}: timed out"))?;
+        let selected = resp
+            .headers()
+            .get("sec-websocket-protocol")
+            .map(|v| v.to_str().unwrap_or_default().to_owned());
+        Ok((WsClient { ws, closed: None }, selected))
+    }
+
     /// Connects over a socket with a small receive buffer, so a client that stops reading
     /// pushes back on the server after little data.
     pub async fn connect_small_buffer(url: &str, port: u16) -> WsClient {
@@ -161,6 +187,19 @@ impl SseClient {
         if let Some(id) = last_event_id {
             req = req.header("last-event-id", id);
         }
+        Self::send(req, url).await
+    }
+
+    /// Subscribes with `Authorization: Bearer <token>`.
+    pub async fn connect_with_token(url: &str, token: &str) -> SseClient {
+        let req = reqwest::Client::new()
+            .get(url)
+            .header("accept", "text/event-stream")
+            .bearer_auth(token);
+        Self::send(req, url).await
+    }
+
+    async fn send(req: reqwest::RequestBuilder, url: &str) -> SseClient {
         let resp = tokio::time::timeout(Duration::from_secs(15), req.send())
             .await
             .unwrap_or_else(|_| panic!("GET {url}: timed out"))

@@ -1,5 +1,6 @@
 //! The HTTP API: `POST /v1/events`, `GET /v1/events/<id>`, health and readiness. Every
-//! error is problem+json (`problem`).
+//! error is problem+json (`problem`). An event's status is read with a subscriber's
+//! credentials (`auth::subscriber`), for the topics they may read.
 
 mod error;
 mod request;
@@ -23,12 +24,15 @@ use crate::cloudevent::CloudEvent;
 use crate::problem::{ProblemSource, RouteError, allow};
 use crate::sink::{EventRecord, EventSink, PublishError};
 use crate::status::{Accepted, Snapshot};
+use crate::subscribe::SubscribeError;
 
 #[derive(Clone)]
 pub struct AppState {
     pub sink: Arc<dyn EventSink>,
     pub limits: Limits,
     pub auth: Arc<crate::auth::IngestAuth>,
+    /// Who may read an event's status: the subscribers of its topic.
+    pub readers: Arc<crate::auth::SubscriberAuth>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -221,8 +225,16 @@ async fn get_event(
     State(state): State<AppState>,
     Path(id): Path<String>,
     Query(q): Query<StatusQuery>,
+    headers: HeaderMap,
 ) -> Response {
+    let access = match state.readers.check_header(&headers) {
+        Ok(access) => access,
+        Err(e) => return SubscribeError::from(e).into_response(),
+    };
     match state.sink.status(&id, q.source.as_deref()) {
+        Some(snapshot) if !access.allows(&snapshot.topic) => {
+            SubscribeError::ForbiddenTopic(snapshot.topic).into_response()
+        }
         Some(snapshot) => Json(snapshot).into_response(),
         None => IngestError::UnknownEvent(id).into_response(),
     }
@@ -327,6 +339,7 @@ mod tests {
                 max_batch_events: 3,
             },
             auth: Arc::new(auth),
+            readers: Arc::new(crate::auth::SubscriberAuth::open()),
         })
     }
 
@@ -338,6 +351,7 @@ mod tests {
                 max_batch_events: 3,
             },
             auth: Arc::new(IngestAuth::load(None).unwrap()),
+            readers: Arc::new(crate::auth::SubscriberAuth::open()),
         })
     }
 

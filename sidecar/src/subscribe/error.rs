@@ -5,6 +5,7 @@ use eventwire_contract::problem::Kind;
 use eventwire_contract::topic::TopicError;
 use thiserror::Error;
 
+use crate::auth::{AccessError, TicketError};
 use crate::fanout::FanoutError;
 use crate::problem::ProblemSource;
 use crate::subscription::StartError;
@@ -35,6 +36,12 @@ pub enum SubscribeError {
         "subscribe with a WebSocket upgrade, or with `Accept: text/event-stream` for Server-Sent Events"
     )]
     TransportRequired,
+    #[error("{0}")]
+    Unauthorized(#[from] AccessError),
+    #[error("topic `{0}` is not among the topics this token may read")]
+    ForbiddenTopic(String),
+    #[error("{0}")]
+    Ticket(#[from] TicketError),
 }
 
 impl ProblemSource for SubscribeError {
@@ -50,12 +57,23 @@ impl ProblemSource for SubscribeError {
             SubscribeError::TooManySubscribers(_) => Kind::TooManySubscribers,
             SubscribeError::TooManyReplays(_) => Kind::TooManyReplays,
             SubscribeError::TransportRequired => Kind::TransportRequired,
+            SubscribeError::Unauthorized(_) => Kind::Unauthorized,
+            SubscribeError::ForbiddenTopic(_) => Kind::ForbiddenTopic,
+            SubscribeError::Ticket(TicketError::TooMany) => Kind::TooManySubscribers,
+            SubscribeError::Ticket(TicketError::Random(_)) => Kind::NotReady,
         }
+    }
+
+    fn challenge(&self) -> &'static str {
+        "Bearer realm=\"eventwire-subscribe\""
     }
 
     fn parameter(&self) -> Option<&str> {
         match self {
-            SubscribeError::MissingTopic | SubscribeError::InvalidTopic(_) => Some("topic"),
+            SubscribeError::MissingTopic
+            | SubscribeError::InvalidTopic(_)
+            | SubscribeError::ForbiddenTopic(_) => Some("topic"),
+            SubscribeError::Unauthorized(AccessError::Ticket) => Some("ticket"),
             SubscribeError::InvalidFrom { part, .. } => Some(part),
             SubscribeError::InvalidFilter(e) => Some(&e.path),
             _ => None,

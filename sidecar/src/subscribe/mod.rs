@@ -9,6 +9,12 @@
 //! lets a fast client absorb a burst (one Kafka fetch can hold hundreds of records). The same
 //! holds in bytes with `--subscriber-queue-bytes`, which bounds what a topic's hub keeps.
 //!
+//! Who may subscribe (`auth::subscriber`): a bearer token in `Authorization`, as the
+//! WebSocket subprotocol `bearer.<token>` (offered with `eventwire`, which the answer
+//! selects), or a single-use `ticket=` from `POST /v1/tickets`; 401 / 403 before the upgrade.
+//! A token's forced filter is applied together with the subscriber's own, and a
+//! subscription ends when its token expires (WebSocket 4401, SSE `event: error`).
+//!
 //! Limits, checked before the upgrade: `--max-subscribers` open subscriptions and
 //! `--max-replays` replaying ones (503 + `Retry-After: 1`); internal topics (`__*`) and, with
 //! `--push-topics`, unlisted ones are 404 `unknown-topic`, exactly like a missing topic. After
@@ -24,21 +30,27 @@ mod websocket;
 use std::sync::Arc;
 use std::time::Duration;
 
+use axum::Json;
 use axum::Router;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
 use axum::extract::{Query, State};
 use axum::http::HeaderMap;
+use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use tokio::sync::mpsc;
 
 pub use error::SubscribeError;
 
+use crate::auth::subscriber::{WS_PROTOCOL, ws_protocol_token};
+use crate::auth::ticket::TICKET_TTL;
+use crate::auth::{Access, SubscriberAuth, Tickets};
 use crate::fanout::Fanout;
 use crate::problem::allow;
 use crate::subscription::{StartError, Subscription};
+use crate::subscription_filter::Filter;
 use request::Request;
 
 const VIEWER_HTML: &str = include_str!("viewer.html");
@@ -47,11 +59,14 @@ const VIEWER_HTML: &str = include_str!("viewer.html");
 pub struct PushState {
     pub fanout: Arc<Fanout>,
     pub ping_interval: Duration,
+    pub auth: Arc<SubscriberAuth>,
+    pub tickets: Arc<Tickets>,
 }
 
 pub fn router(state: PushState) -> Router {
     Router::new()
         .route("/v1/subscribe", get(subscribe).fallback(allow("GET, HEAD")))
+        .route("/v1/tickets", post(ticket).fallback(allow("POST")))
         .route("/ui", get(viewer).fallback(allow("GET, HEAD")))
         .with_state(state)
 }
@@ -73,20 +88,59 @@ async fn subscribe(
     if upgrade.is_err() && !sse {
         return Err(SubscribeError::TransportRequired);
     }
-    let sub = start(&state.fanout, request).await?;
-    tracing::debug!(topic = sub.topic(), cursor = %sub.cursor(), sse, "subscriber joined");
+    let access = authorize(&state, &headers, &request, upgrade.is_ok())?;
+    if !access.allows(&request.topic) {
+        return Err(SubscribeError::ForbiddenTopic(request.topic));
+    }
+    let sub = start(&state.fanout, request, access.filter).await?;
+    tracing::debug!(topic = sub.topic(), cursor = %sub.cursor(), sse, principal = access.principal, "subscriber joined");
     let (tx, rx) = mpsc::channel(1);
-    tokio::spawn(pump::pump(sub, tx, state.fanout.shutdown_signal()));
+    let shutdown = state.fanout.shutdown_signal();
+    tokio::spawn(pump::pump(sub, tx, shutdown, access.expires));
     Ok(match upgrade {
         Ok(ws) => ws
+            .protocols([WS_PROTOCOL])
             .on_upgrade(move |socket| websocket::serve_websocket(socket, rx, state.ping_interval))
             .into_response(),
         Err(_) => sse::serve_sse(rx, state.ping_interval).into_response(),
     })
 }
 
-/// Admits and starts the subscription; every refusal here comes before the upgrade.
-async fn start(fanout: &Arc<Fanout>, request: Request) -> Result<Subscription, SubscribeError> {
+/// The subscriber's access: a ticket, else the token subprotocol (WebSocket), else the
+/// `Authorization` header.
+fn authorize(
+    state: &PushState,
+    headers: &HeaderMap,
+    request: &Request,
+    websocket: bool,
+) -> Result<Access, SubscribeError> {
+    if let Some(ticket) = &request.ticket {
+        return Ok(state.tickets.redeem(ticket)?);
+    }
+    match ws_protocol_token(headers).filter(|_| websocket) {
+        Some(token) => Ok(state.auth.check(token)?),
+        None => Ok(state.auth.check_header(headers)?),
+    }
+}
+
+/// `POST /v1/tickets`: a single-use ticket carrying the bearer token's access.
+async fn ticket(
+    State(state): State<PushState>,
+    headers: HeaderMap,
+) -> Result<Response, SubscribeError> {
+    let access = state.auth.check_header(&headers)?;
+    let ticket = state.tickets.issue(access)?;
+    let body = serde_json::json!({"ticket": ticket, "expires_in": TICKET_TTL.as_secs()});
+    Ok((StatusCode::CREATED, Json(body)).into_response())
+}
+
+/// Admits and starts the subscription; every refusal here comes before the upgrade. The
+/// token's forced filter holds together with the subscriber's own.
+async fn start(
+    fanout: &Arc<Fanout>,
+    request: Request,
+    forced: Option<Filter>,
+) -> Result<Subscription, SubscribeError> {
     if !fanout.limits().topic_open(&request.topic) {
         return Err(SubscribeError::UnknownTopic(request.topic));
     }
@@ -95,7 +149,7 @@ async fn start(fanout: &Arc<Fanout>, request: Request) -> Result<Subscription, S
         fanout.clone(),
         &request.topic,
         &request.from,
-        request.filter,
+        Filter::and(forced, request.filter),
         admitted,
     )
     .await?;
@@ -124,6 +178,8 @@ mod tests {
         let app = router(PushState {
             fanout: fanout.clone(),
             ping_interval: Duration::from_secs(15),
+            auth: Arc::new(SubscriberAuth::open()),
+            tickets: Arc::default(),
         });
         let get = |uri: &str| axum::http::Request::get(uri).body(Body::empty()).unwrap();
         let resp = app.clone().oneshot(get("/ui")).await.unwrap();

@@ -1,7 +1,7 @@
 //! Between a subscription and its connection's writer: events one at a time, and the
 //! watch on the subscriber's lag that closes a client which stopped reading.
 
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime};
 
 use tokio::sync::{mpsc, watch};
 
@@ -26,18 +26,22 @@ pub enum Outgoing {
 
 /// Moves events from the subscription to the writer. While the writer is busy the
 /// subscriber's lag is watched, so a client that stops reading is detected even though
-/// nothing is being taken from the broadcast.
+/// nothing is being taken from the broadcast. At `expires` (the token's) the subscription ends.
 pub async fn pump(
     mut sub: Subscription,
     tx: mpsc::Sender<Outgoing>,
     mut shutdown: watch::Receiver<bool>,
+    expires: Option<SystemTime>,
 ) {
     let mut lag = LagWatch::default();
+    let expiry = until(expires);
+    tokio::pin!(expiry);
     loop {
         let next = tokio::select! {
             next = sub.next() => next,
             () = tx.closed() => return,
             () = stopped(&mut shutdown) => Err(End::ShuttingDown { cursor: sub.cursor().clone() }),
+            () = &mut expiry => Err(End::TokenExpired { cursor: sub.cursor().clone() }),
         };
         let event = match next {
             Ok(event) => event,
@@ -69,6 +73,17 @@ pub async fn pump(
             let _ = tx.send(Outgoing::End(end)).await;
             return;
         }
+    }
+}
+
+/// Resolves at `at` (wall clock, like a token's `exp`); never without one.
+async fn until(at: Option<SystemTime>) {
+    match at {
+        Some(at) => {
+            let left = at.duration_since(SystemTime::now()).unwrap_or_default();
+            tokio::time::sleep(left).await;
+        }
+        None => std::future::pending().await,
     }
 }
 
@@ -116,6 +131,9 @@ pub fn end_message(end: &End) -> String {
         ),
         End::ShuttingDown { cursor } => {
             format!("sidecar shutting down; reconnect with from={cursor}")
+        }
+        End::TokenExpired { cursor } => {
+            format!("token expired; reconnect with a new token and from={cursor}")
         }
     }
 }

@@ -14,6 +14,8 @@ pub struct Request {
     pub topic: String,
     pub from: StartFrom,
     pub filter: Option<Filter>,
+    /// A single-use ticket from `POST /v1/tickets`, standing in for a bearer token.
+    pub ticket: Option<String>,
 }
 
 pub fn parse_request(
@@ -48,6 +50,7 @@ pub fn parse_request(
         topic: topic.clone(),
         from,
         filter,
+        ticket: param("ticket").cloned(),
     })
 }
 

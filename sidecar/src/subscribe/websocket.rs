@@ -12,6 +12,8 @@ use crate::subscription::End;
 /// WebSocket close code for a subscriber that fell too far behind (4000-4999 are private
 /// use; 4008 mirrors 1008 "policy violation").
 pub const SLOW_CONSUMER_CLOSE: u16 = 4008;
+/// WebSocket close code for a subscriber whose token expired (mirrors HTTP 401).
+pub const TOKEN_EXPIRED_CLOSE: u16 = 4401;
 /// Close reasons must fit a control frame (123 bytes).
 const MAX_CLOSE_REASON: usize = 123;
 
@@ -19,6 +21,7 @@ fn close_frame(end: &End) -> CloseFrame {
     let code = match end {
         End::SlowConsumer { .. } | End::ReplayTooLong { .. } => SLOW_CONSUMER_CLOSE,
         End::ShuttingDown { .. } => 1001,
+        End::TokenExpired { .. } => TOKEN_EXPIRED_CLOSE,
     };
     let mut reason = end_message(end);
     if reason.len() > MAX_CLOSE_REASON {
@@ -33,6 +36,9 @@ fn close_frame(end: &End) -> CloseFrame {
             ),
             End::ShuttingDown { .. } => {
                 "sidecar shutting down; reconnect with from=<last cursor>".into()
+            }
+            End::TokenExpired { .. } => {
+                "token expired; reconnect with a new token and from=<last cursor>".into()
             }
         };
     }

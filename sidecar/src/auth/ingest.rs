@@ -11,24 +11,19 @@
 //! it, remove the old line. Every secret accepted is compared in full on every request, in
 //! time that does not depend on where a wrong secret differs.
 
-use std::path::{Path, PathBuf};
-use std::sync::{Arc, RwLock};
-use std::time::{Duration, SystemTime};
+use std::path::Path;
+use std::sync::Arc;
 
 use axum::http::{HeaderMap, header};
 use thiserror::Error;
 
+use super::{TopicPattern, Watched, bearer, constant_time_eq};
 pub use eventwire_contract::{MIN_SECRET_LEN, SECRET_ENV};
-/// How often the secret file is looked at for a change.
-const RELOAD_EVERY: Duration = Duration::from_secs(1);
 
 #[derive(Debug, Error)]
 pub enum SecretError {
-    #[error("cannot read the ingest secret file {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
+    #[error("{0}")]
+    File(String),
     #[error("{what}: no secret in it (one per line; `#` starts a comment line)")]
     Empty { what: String },
     #[error(
@@ -43,26 +38,12 @@ pub enum SecretError {
     },
 }
 
-/// One accepted secret and the topics it may publish to (`None`: every topic).
+/// One accepted secret (or static subscriber token) and the topics it is good for
+/// (`None`: every topic).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Secret {
     bytes: Vec<u8>,
-    topics: Option<Vec<TopicPattern>>,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum TopicPattern {
-    Exact(String),
-    Prefix(String),
-}
-
-impl TopicPattern {
-    fn matches(&self, topic: &str) -> bool {
-        match self {
-            TopicPattern::Exact(t) => t == topic,
-            TopicPattern::Prefix(p) => topic.starts_with(p.as_str()),
-        }
-    }
+    pub topics: Option<Vec<TopicPattern>>,
 }
 
 /// What a request's credentials allow: the secret that matched, in the set it was checked
@@ -84,59 +65,77 @@ pub enum AuthError {
 }
 
 pub struct IngestAuth {
-    file: Option<PathBuf>,
     /// `None`: ingest is open (no secret configured).
-    secrets: RwLock<Option<Arc<Vec<Secret>>>>,
-    seen: RwLock<Option<(SystemTime, u64)>>,
+    secrets: Option<Secrets>,
+}
+
+/// Secrets from a file (read again on change) or fixed from the environment.
+enum Secrets {
+    File(Watched<Vec<Secret>>),
+    Fixed(Arc<Vec<Secret>>),
 }
 
 impl IngestAuth {
     /// Secrets from `file`, else from [`SECRET_ENV`], else none (open ingest).
     pub fn load(file: Option<&Path>) -> Result<IngestAuth, SecretError> {
-        let auth = IngestAuth {
-            file: file.map(Path::to_path_buf),
-            secrets: RwLock::new(None),
-            seen: RwLock::new(None),
-        };
         let secrets = match (file, std::env::var(SECRET_ENV)) {
-            (Some(path), _) => {
-                *write(&auth.seen) = stamp(path);
-                Some(read_file(path)?)
+            (Some(path), _) => Some(Secrets::File(
+                Watched::load(path, read_file).map_err(SecretError::File)?,
+            )),
+            (None, Ok(text)) if !text.trim().is_empty() => {
+                Some(Secrets::Fixed(Arc::new(parse(&text, SECRET_ENV)?)))
             }
-            (None, Ok(text)) if !text.trim().is_empty() => Some(parse(&text, SECRET_ENV)?),
             (None, _) => None,
         };
-        *write(&auth.secrets) = secrets.map(Arc::new);
-        Ok(auth)
+        Ok(IngestAuth { secrets })
     }
 
     /// No secret configured: anyone who reaches the listener may publish.
     pub fn is_open(&self) -> bool {
-        read(&self.secrets).is_none()
+        self.secrets.is_none()
     }
 
     pub fn secrets(&self) -> usize {
-        read(&self.secrets).as_ref().map_or(0, |s| s.len())
+        self.current().map_or(0, |s| s.len())
+    }
+
+    fn current(&self) -> Option<Arc<Vec<Secret>>> {
+        match self.secrets.as_ref()? {
+            Secrets::File(w) => Some(w.get()),
+            Secrets::Fixed(s) => Some(s.clone()),
+        }
     }
 
     pub fn check(&self, headers: &HeaderMap) -> Result<Grant, AuthError> {
-        let Some(secrets) = read(&self.secrets).clone() else {
+        let Some(secrets) = self.current() else {
             return Ok(Grant::Open);
         };
         let presented = headers
             .get(header::AUTHORIZATION)
             .and_then(|v| bearer(v.as_bytes()))
             .ok_or(AuthError::Missing)?;
-        // Every secret is compared in full: where a wrong one differs must not show.
-        let mut matched = None;
-        for (i, s) in secrets.iter().enumerate() {
-            if constant_time_eq(presented, &s.bytes) {
-                matched = Some(i);
-            }
-        }
-        let i = matched.ok_or(AuthError::Wrong)?;
+        let i = matching(&secrets, presented).ok_or(AuthError::Wrong)?;
         Ok(Grant::Secret(secrets, i))
     }
+
+    /// Reads the secret file again if it changed (a no-op for secrets from the environment).
+    pub fn reload(&self) {
+        if let Some(Secrets::File(w)) = &self.secrets {
+            w.reload();
+        }
+    }
+}
+
+/// The index of the secret `presented` is, comparing every secret in full: where a wrong
+/// one differs must not show in the time taken.
+pub fn matching(secrets: &[Secret], presented: &[u8]) -> Option<usize> {
+    let mut matched = None;
+    for (i, s) in secrets.iter().enumerate() {
+        if constant_time_eq(presented, &s.bytes) {
+            matched = Some(i);
+        }
+    }
+    matched
 }
 
 impl Grant {
@@ -153,65 +152,14 @@ impl Grant {
     }
 }
 
-impl IngestAuth {
-    /// Reads the secret file again whenever it changes; a file that became unreadable or
-    /// invalid keeps the secrets in force and is logged.
-    pub fn spawn_reloader(self: &Arc<Self>) -> Option<tokio::task::JoinHandle<()>> {
-        let path = self.file.clone()?;
-        let auth = Arc::clone(self);
-        Some(tokio::spawn(async move {
-            let mut every = tokio::time::interval(RELOAD_EVERY);
-            loop {
-                every.tick().await;
-                auth.reload(&path);
-            }
-        }))
-    }
-
-    fn reload(&self, path: &Path) {
-        let now = stamp(path);
-        if now.is_none() || now == *read(&self.seen) {
-            return;
-        }
-        *write(&self.seen) = now;
-        match read_file(path) {
-            Ok(secrets) => {
-                tracing::info!(file = %path.display(), secrets = secrets.len(), "ingest secrets reloaded");
-                *write(&self.secrets) = Some(Arc::new(secrets));
-            }
-            Err(e) => {
-                tracing::error!(error = %e, "ingest secrets not reloaded; the previous ones stay")
-            }
-        }
-    }
-}
-
-fn read<T>(lock: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    lock.read()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn write<T>(lock: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    lock.write()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn stamp(path: &Path) -> Option<(SystemTime, u64)> {
-    let meta = std::fs::metadata(path).ok()?;
-    Some((meta.modified().ok()?, meta.len()))
-}
-
-fn read_file(path: &Path) -> Result<Vec<Secret>, SecretError> {
-    let text = std::fs::read_to_string(path).map_err(|source| SecretError::Read {
-        path: path.to_path_buf(),
-        source,
-    })?;
-    parse(&text, &path.display().to_string())
+pub fn read_file(path: &Path) -> Result<Vec<Secret>, String> {
+    let text = super::read_text(path)?;
+    parse(&text, &path.display().to_string()).map_err(|e| e.to_string())
 }
 
 /// One secret per line, optionally followed by the topics it may publish to; blank lines
 /// and `#` comment lines are skipped.
-fn parse(text: &str, what: &str) -> Result<Vec<Secret>, SecretError> {
+pub fn parse(text: &str, what: &str) -> Result<Vec<Secret>, SecretError> {
     let mut secrets = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let line = line.trim();
@@ -258,34 +206,7 @@ fn parse(text: &str, what: &str) -> Result<Vec<Secret>, SecretError> {
 
 /// `orders,payment-*`: topic names (Kafka's rules) or prefixes ending in `*`.
 fn topic_patterns(list: &str) -> Result<Vec<TopicPattern>, String> {
-    list.split(',')
-        .map(|t| match t.strip_suffix('*') {
-            Some(prefix) if !prefix.contains('*') => Ok(TopicPattern::Prefix(prefix.to_string())),
-            Some(_) => Err(format!("`{t}`: `*` only at the end")),
-            None => eventwire_contract::topic::validate(t)
-                .map(|()| TopicPattern::Exact(t.to_string()))
-                .map_err(|e| format!("`{t}`: {e}")),
-        })
-        .collect()
-}
-
-/// The token of `Bearer <token>` (the scheme is case-insensitive, RFC 9110 11.1).
-fn bearer(value: &[u8]) -> Option<&[u8]> {
-    let (scheme, token) = value.split_at_checked(7)?;
-    (scheme.eq_ignore_ascii_case(b"bearer ") && !token.is_empty()).then_some(token)
-}
-
-/// Equality whose time depends only on the lengths, not on where the bytes differ.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    let mut diff = a.len() ^ b.len();
-    for i in 0..a.len().max(b.len()) {
-        let (x, y) = (
-            a.get(i).copied().unwrap_or(0),
-            b.get(i).copied().unwrap_or(0),
-        );
-        diff |= usize::from(x ^ y);
-    }
-    std::hint::black_box(diff) == 0
+    list.split(',').map(TopicPattern::parse).collect()
 }
 
 #[cfg(test)]
@@ -374,17 +295,17 @@ mod tests {
         let with = |s: &str| headers(Some(&format!("Bearer {s}")));
         assert_eq!(auth.check(&with(B)), Err(AuthError::Wrong));
         std::fs::write(f.path(), format!("{A}\n{B}\n")).unwrap();
-        auth.reload(f.path());
+        auth.reload();
         assert!(auth.check(&with(A)).is_ok() && auth.check(&with(B)).is_ok());
         std::fs::write(f.path(), format!("{B}\n# {A} retired\n")).unwrap();
-        auth.reload(f.path());
+        auth.reload();
         assert_eq!(
             auth.check(&with(A)),
             Err(AuthError::Wrong),
             "the old one is gone"
         );
         std::fs::write(f.path(), "short\n").unwrap();
-        auth.reload(f.path());
+        auth.reload();
         assert!(
             auth.check(&with(B)).is_ok(),
             "an invalid file changes nothing"
@@ -413,16 +334,7 @@ mod tests {
         // A grant keeps the set it was checked against: a reload meanwhile (here: B now
         // first, A gone) does not lend it another secret's topics.
         std::fs::write(f.path(), format!("{B}\n")).unwrap();
-        auth.reload(f.path());
+        auth.reload();
         assert!(!a.allows("audit"));
-    }
-
-    #[test]
-    fn constant_time_eq_is_equality() {
-        assert!(constant_time_eq(b"abc", b"abc"));
-        assert!(!constant_time_eq(b"abc", b"abd"));
-        assert!(!constant_time_eq(b"abc", b"ab"));
-        assert!(!constant_time_eq(b"", b"a"));
-        assert!(constant_time_eq(b"", b""));
     }
 }

@@ -1,0 +1,334 @@
+//! Subscriber authentication through real Envoy, the sidecar and Tansu: tokens (static, and
+//! JWTs signed HS256 / RS256 / ES256 with the keys of `tests/fixtures/jwt`) are checked
+//! before the upgrade, a token reads only its topics and through its forced filter, tickets
+//! are single-use, the status API wants a token too, and an expiring token closes its
+//! live subscription. (Ingest authentication is in `bridge.rs`.)
+
+use eventwire_e2e::push::*;
+use eventwire_e2e::*;
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{Value, json};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+const ORDERS: &str = "order-placed-events";
+const AUDIENCE: &str = "dashboard";
+const STATIC_TOKEN: &str = "static-dashboard-token-0001";
+const WAIT: Duration = Duration::from_secs(15);
+/// How long to go on listening after the expected events, to prove no other one comes.
+const QUIET: Duration = Duration::from_millis(1500);
+
+fn fixture(name: &str) -> Vec<u8> {
+    let path = repo_root().join("tests/fixtures/jwt").join(name);
+    std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+fn now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default()
+}
+
+/// A JWT signed with the fixture key of `alg` (its kid in the header).
+fn jwt(alg: Algorithm, claims: &Value) -> String {
+    let key = match alg {
+        Algorithm::RS256 => EncodingKey::from_rsa_pem(&fixture("rs256.pem")),
+        Algorithm::ES256 => EncodingKey::from_ec_pem(&fixture("es256.pem")),
+        _ => EncodingKey::from_secret(&fixture("hs256.key")),
+    }
+    .unwrap_or_else(|e| panic!("{alg:?} key: {e}"));
+    let mut header = Header::new(alg);
+    header.kid = Some(
+        match alg {
+            Algorithm::RS256 => "test-rs256",
+            Algorithm::ES256 => "test-es256",
+            _ => "test-hs256",
+        }
+        .into(),
+    );
+    jsonwebtoken::encode(&header, claims, &key).unwrap_or_else(|e| panic!("sign: {e}"))
+}
+
+/// Good claims for the orders topic, `change` merged over them.
+fn claims(change: Value) -> Value {
+    let mut c = json!({"sub": "dashboard-1", "aud": AUDIENCE, "exp": now() + 600,
+                       "topics": [ORDERS]});
+    if let (Some(c), Some(change)) = (c.as_object_mut(), change.as_object()) {
+        c.extend(change.clone());
+    }
+    c
+}
+
+/// A stack whose sidecar checks subscribers against the fixture JWKS and a static token.
+async fn secured_stack() -> (Stack, tempfile::NamedTempFile) {
+    let tokens = tempfile::NamedTempFile::new().unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(tokens.path(), format!("{STATIC_TOKEN} {ORDERS}\n"))
+        .unwrap_or_else(|e| panic!("{e}"));
+    let jwks = repo_root().join("tests/fixtures/jwt/jwks.json");
+    let (jwks, tokens_path) = (
+        jwks.display().to_string(),
+        tokens.path().display().to_string(),
+    );
+    let args = [
+        "--subscriber-jwks-file",
+        &jwks,
+        "--subscriber-tokens-file",
+        &tokens_path,
+        "--subscriber-jwt-audience",
+        AUDIENCE,
+        "--subscriber-jwt-leeway-s",
+        "0",
+    ];
+    let s = Stack::start(&EnvoyConfig::shipped(), &[(ORDERS, 1)], &args).await;
+    (s, tokens)
+}
+
+fn ws_url(s: &Stack, path: &str) -> String {
+    format!("ws://127.0.0.1:{}{path}", s.envoy.port)
+}
+
+/// An SSE subscription's answer when refused: status, problem type and the challenge.
+async fn refused(s: &Stack, path: &str, token: Option<&str>) -> (u16, String, String) {
+    let mut req = s
+        .http
+        .get(s.envoy.url(path))
+        .header("accept", "text/event-stream");
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    let resp = req
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("GET {path}: {e}"));
+    let status = resp.status().as_u16();
+    let challenge = resp
+        .headers()
+        .get("www-authenticate")
+        .map(|v| v.to_str().unwrap_or_default().to_owned())
+        .unwrap_or_default();
+    if status == 200 {
+        return (status, String::new(), challenge);
+    }
+    let body: Value = resp.json().await.unwrap_or_else(|e| panic!("{path}: {e}"));
+    let ty = body["type"].as_str().unwrap_or_default().to_owned();
+    (status, ty, challenge)
+}
+
+/// `POST /orders` through Envoy for `tenant`; the 202's event id and Location.
+async fn order(s: &Stack, id: &str, tenant: &str) -> (String, String) {
+    let resp = s
+        .http
+        .post(s.envoy.url("/orders"))
+        .header("content-type", "application/json")
+        .header("x-tenant-id", tenant)
+        .body(json!({"id": id}).to_string())
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("POST /orders: {e}"));
+    assert_eq!(resp.status().as_u16(), 202);
+    let location = resp.headers()["location"]
+        .to_str()
+        .unwrap_or_default()
+        .to_owned();
+    let body: Value = resp.json().await.unwrap_or_else(|e| panic!("{e}"));
+    (body["id"].as_str().unwrap_or_default().to_owned(), location)
+}
+
+fn ids(frames: &[Value]) -> Vec<String> {
+    frames
+        .iter()
+        .map(|f| f["event"]["id"].as_str().unwrap_or_default().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn subscribers_need_a_valid_token_for_the_topic_and_get_only_what_it_allows() {
+    let (s, _tokens) = secured_stack().await;
+    let path = subscribe_path(ORDERS, &[]);
+
+    // Refused before the upgrade, each with the answer its fault calls for.
+    let forged = {
+        let c = claims(json!({}));
+        let mut t = jwt(Algorithm::HS256, &c);
+        t.truncate(t.len() - 4);
+        t + "AAAA"
+    };
+    let cases = [
+        ("no token", None, 401),
+        ("bad signature", Some(forged), 401),
+        (
+            "expired",
+            Some(jwt(Algorithm::HS256, &claims(json!({"exp": now() - 60})))),
+            401,
+        ),
+        (
+            "not yet valid",
+            Some(jwt(Algorithm::RS256, &claims(json!({"nbf": now() + 600})))),
+            401,
+        ),
+        (
+            "wrong audience",
+            Some(jwt(Algorithm::ES256, &claims(json!({"aud": "billing"})))),
+            401,
+        ),
+        (
+            "not a JWT nor a static token",
+            Some("x.y.z".to_string()),
+            401,
+        ),
+        (
+            "topic not in claims",
+            Some(jwt(
+                Algorithm::HS256,
+                &claims(json!({"topics": ["payment-*"]})),
+            )),
+            403,
+        ),
+    ];
+    for (what, token, want) in &cases {
+        let (status, ty, challenge) = refused(&s, &path, token.as_deref()).await;
+        assert_eq!(status, *want, "{what}");
+        let slug = if *want == 401 {
+            "unauthorized"
+        } else {
+            "forbidden-topic"
+        };
+        assert_eq!(ty, format!("urn:eventwire:problem:{slug}"), "{what}");
+        if *want == 401 {
+            assert_eq!(challenge, r#"Bearer realm="eventwire-subscribe""#, "{what}");
+        }
+    }
+    let (status, _, _) = refused(&s, &subscribe_path("audit", &[]), Some(STATIC_TOKEN)).await;
+    assert_eq!(status, 403, "the static token is for {ORDERS} only");
+    match tokio_tungstenite::connect_async(ws_url(&s, &path)).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status().as_u16(), 401, "a WebSocket without a token");
+        }
+        other => panic!(
+            "a WebSocket without a token was not refused: {:?}",
+            other.is_ok()
+        ),
+    }
+
+    // A browser's WebSocket: the token as a subprotocol, with a forced filter (one tenant).
+    let acme_only = jwt(
+        Algorithm::RS256,
+        &claims(json!({"filter": {"exact": {"tenant": "acme"}}})),
+    );
+    let (mut ws, selected) = WsClient::connect_offering(
+        &ws_url(&s, &path),
+        &format!("eventwire, bearer.{acme_only}"),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("WebSocket with the token subprotocol: {e}"));
+    assert_eq!(selected.as_deref(), Some("eventwire"));
+    // A header token (ES256, no forced filter) and the static token over SSE.
+    let mut all = SseClient::connect_with_token(
+        &s.envoy.url(&path),
+        &jwt(Algorithm::ES256, &claims(json!({}))),
+    )
+    .await;
+    let mut by_static = SseClient::connect_with_token(&s.envoy.url(&path), STATIC_TOKEN).await;
+    // A ticket for an EventSource: good once.
+    let resp = s
+        .http
+        .post(s.envoy.url("/v1/tickets"))
+        .bearer_auth(jwt(Algorithm::HS256, &claims(json!({}))))
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("POST /v1/tickets: {e}"));
+    assert_eq!(resp.status().as_u16(), 201);
+    let ticket: Value = resp.json().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(ticket["expires_in"], 30);
+    let ticket = ticket["ticket"].as_str().unwrap_or_default().to_owned();
+    let with_ticket = subscribe_path(ORDERS, &[("ticket", &ticket)]);
+    let mut by_ticket = SseClient::connect(&s.envoy.url(&with_ticket), None).await;
+    let (status, ty, _) = refused(&s, &with_ticket, None).await;
+    assert_eq!(
+        (status, ty.as_str()),
+        (401, "urn:eventwire:problem:unauthorized"),
+        "a used ticket"
+    );
+    let resp = s.http.post(s.envoy.url("/v1/tickets")).send().await;
+    assert_eq!(
+        resp.map(|r| r.status().as_u16()).ok(),
+        Some(401),
+        "a ticket needs a token"
+    );
+
+    let (a1, location) = order(&s, "sec-a1", "acme").await;
+    let (g1, _) = order(&s, "sec-g1", "globex").await;
+    let (a2, _) = order(&s, "sec-a2", "acme").await;
+
+    let got = ws.take_settled(2, WAIT, QUIET).await;
+    assert_eq!(
+        ids(&got),
+        [a1.clone(), a2.clone()],
+        "the forced filter holds"
+    );
+    for (name, sse) in [
+        ("ES256", &mut all),
+        ("static", &mut by_static),
+        ("ticket", &mut by_ticket),
+    ] {
+        let got: Vec<Value> = sse.take(3, WAIT).await.iter().map(SseEvent::json).collect();
+        assert_eq!(ids(&got), [a1.clone(), g1.clone(), a2.clone()], "{name}");
+    }
+
+    // The status API (the 202's Location) reads with a token for the event's topic.
+    let status_of = |token: Option<String>| {
+        let mut req = s.http.get(s.envoy.url(&location));
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        async move { req.send().await.map(|r| r.status().as_u16()).unwrap_or(0) }
+    };
+    assert_eq!(status_of(None).await, 401);
+    assert_eq!(status_of(Some(STATIC_TOKEN.into())).await, 200);
+    let payments = jwt(Algorithm::HS256, &claims(json!({"topics": ["payment-*"]})));
+    assert_eq!(status_of(Some(payments)).await, 403);
+}
+
+#[tokio::test]
+async fn a_live_subscription_closes_when_its_token_expires() {
+    let (s, _tokens) = secured_stack().await;
+    let path = subscribe_path(ORDERS, &[]);
+    let short = jwt(Algorithm::HS256, &claims(json!({"exp": now() + 3})));
+    let (mut ws, _) =
+        WsClient::connect_offering(&ws_url(&s, &path), &format!("eventwire, bearer.{short}"))
+            .await
+            .unwrap_or_else(|e| panic!("WebSocket: {e}"));
+    let mut sse = SseClient::connect_with_token(&s.envoy.url(&path), &short).await;
+    let (id, _) = order(&s, "sec-live", "acme").await;
+    assert_eq!(
+        ids(&ws.take(1, WAIT).await),
+        [id.as_str()],
+        "events flow while it is valid"
+    );
+
+    // Nothing more is published: what ends the subscriptions is the expiry alone.
+    let rest = ws.drain(Duration::from_secs(8)).await;
+    assert!(rest.is_empty(), "{rest:?}");
+    let frame = ws.closed.clone().flatten();
+    let frame = frame.unwrap_or_else(|| panic!("no close frame within 8 s of expiry"));
+    assert_eq!(u16::from(frame.code), 4401);
+    assert!(
+        frame.reason.as_str().starts_with("token expired"),
+        "{}",
+        frame.reason
+    );
+
+    let events = sse.take(2, WAIT).await;
+    assert_eq!(events.len(), 2, "the event, then the end");
+    assert_eq!(events[0].json()["event"]["id"], id.as_str());
+    assert_eq!(events[1].event.as_deref(), Some("error"));
+    assert!(
+        events[1].data.starts_with("token expired"),
+        "{}",
+        events[1].data
+    );
+    assert!(
+        sse.take(1, WAIT).await.is_empty() && sse.ended,
+        "the stream ends"
+    );
+}
