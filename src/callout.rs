@@ -8,6 +8,7 @@
 use crate::cloudevent::{self, Incoming};
 use crate::config::{Rule, Sidecar, ValueSource};
 use crate::problem::FilterError;
+use crate::redact;
 use crate::route::strip_query;
 use eventwire_contract::header_value::{
     decode as decode_header_value, encode as encode_header_value,
@@ -94,7 +95,13 @@ pub fn build<'a>(
     if mode == Incoming::Batch {
         return batch(rule, req, h);
     }
-    let data = EventData::of(mode, content_type, req.body, rule.needs_json_body())?;
+    let (body, data) = if rule.redact.is_empty() {
+        let data = EventData::of(mode, content_type, req.body, rule.needs_json_body())?;
+        (Cow::Borrowed(req.body), data)
+    } else {
+        let (body, data) = redacted(rule, mode, content_type, req.body)?;
+        (Cow::Owned(body), data)
+    };
     if let Some(src) = &rule.key {
         let key = resolve(src, "partition key", rule, req, &data)?;
         h.push((
@@ -117,8 +124,67 @@ pub fn build<'a>(
     };
     Ok(Callout {
         headers: h,
-        body: Cow::Borrowed(req.body),
+        body,
         id,
+    })
+}
+
+/// A redacting rule's body with its fields taken out, and the data keys are read from (so a
+/// key or subject never carries a value the rule redacts). Only JSON can be redacted: any
+/// other body on such a rule is refused rather than published whole.
+fn redacted(
+    rule: &Rule,
+    mode: Incoming,
+    content_type: Option<&str>,
+    body: &[u8],
+) -> Result<(Vec<u8>, EventData), FilterError> {
+    match mode {
+        Incoming::Structured => {
+            let mut event = parse_json(body)?;
+            check_structured(&event)?;
+            redact_event(rule, &mut event)?;
+            let bytes = to_json(&event)?;
+            let data = match event.get_mut("data").map(Value::take) {
+                Some(d) => EventData::Json(d),
+                None => EventData::NotJson("the event has no JSON data"),
+            };
+            Ok((bytes, data))
+        }
+        _ if body.is_empty() => Ok((Vec::new(), EventData::NotJson("the request body is empty"))),
+        _ if content_type.is_some_and(cloudevent::is_json) => {
+            let mut data = parse_json(body)?;
+            redact::apply(&mut data, &rule.redact, &rule.redaction_key);
+            Ok((to_json(&data)?, EventData::Json(data)))
+        }
+        _ => Err(FilterError::InvalidJson {
+            detail: format!(
+                "rule '{}' redacts fields, so the body must be JSON (a JSON content-type)",
+                rule.name
+            ),
+        }),
+    }
+}
+
+/// Redacts a structured event's `data`; `data_base64` cannot be looked into, so it is refused.
+fn redact_event(rule: &Rule, event: &mut Value) -> Result<(), FilterError> {
+    if event.get("data_base64").is_some() {
+        return Err(FilterError::InvalidCloudEvent {
+            attribute: "data_base64",
+            detail: format!(
+                "rule '{}' redacts fields, so the event data must be JSON (`data`)",
+                rule.name
+            ),
+        });
+    }
+    if let Some(data) = event.get_mut("data") {
+        redact::apply(data, &rule.redact, &rule.redaction_key);
+    }
+    Ok(())
+}
+
+fn to_json(v: &Value) -> Result<Vec<u8>, FilterError> {
+    serde_json::to_vec(v).map_err(|e| FilterError::InvalidJson {
+        detail: e.to_string(),
     })
 }
 
@@ -131,8 +197,15 @@ fn batch<'a>(
     mut h: Vec<(Cow<'a, str>, Cow<'a, str>)>,
 ) -> Result<Callout<'a>, FilterError> {
     h.push(("content-type".into(), cloudevent::BATCH.into()));
+    let from_body = rule.key.as_ref().filter(|k| k.uses_body());
+    if from_body.is_some() || !rule.redact.is_empty() {
+        return Ok(Callout {
+            headers: h,
+            body: Cow::Owned(rewritten_batch(from_body, rule, req)?),
+            id: None,
+        });
+    }
     let body = match &rule.key {
-        Some(src) if src.uses_body() => Cow::Owned(keyed_batch(src, rule, req)?),
         Some(src) => {
             let key = resolve(
                 src,
@@ -156,8 +229,13 @@ fn batch<'a>(
     })
 }
 
-/// The batch with `partitionkey` set from each event's data, where the event has none.
-fn keyed_batch(src: &ValueSource, rule: &Rule, req: &Request<'_>) -> Result<Vec<u8>, FilterError> {
+/// The batch with each event's data redacted (a redacting rule), then `partitionkey` set from
+/// the data (`key` from the body), where the event has none.
+fn rewritten_batch(
+    key: Option<&ValueSource>,
+    rule: &Rule,
+    req: &Request<'_>,
+) -> Result<Vec<u8>, FilterError> {
     let Value::Array(mut events) = parse_json(req.body)? else {
         return Err(FilterError::InvalidCloudEvent {
             attribute: "",
@@ -165,11 +243,16 @@ fn keyed_batch(src: &ValueSource, rule: &Rule, req: &Request<'_>) -> Result<Vec<
         });
     };
     for (index, event) in events.iter_mut().enumerate() {
-        key_event(event, src, rule, req).map_err(|e| in_batch(e, index))?;
+        let mut each = || {
+            check_structured(event)?;
+            if !rule.redact.is_empty() {
+                redact_event(rule, event)?;
+            }
+            key.map_or(Ok(()), |src| key_event(event, src, rule, req))
+        };
+        each().map_err(|e| in_batch(e, index))?;
     }
-    serde_json::to_vec(&events).map_err(|e| FilterError::InvalidJson {
-        detail: e.to_string(),
-    })
+    to_json(&Value::Array(events))
 }
 
 fn key_event(
@@ -178,7 +261,6 @@ fn key_event(
     rule: &Rule,
     req: &Request<'_>,
 ) -> Result<(), FilterError> {
-    check_structured(event)?;
     let Some(obj) = event.as_object_mut() else {
         return Ok(());
     };
@@ -896,5 +978,81 @@ mod tests {
         let out = build(&c.rules[0], &c.sidecar, &request(&[], b""), &STAMP).unwrap();
         let v: Value = serde_json::from_slice(&structured(&out).unwrap()).unwrap();
         assert!(v.get("data").is_none() && v.get("data_base64").is_none());
+    }
+
+    /// A rule that drops, masks and hashes, keyed by the hashed email.
+    fn redacting() -> config::Config {
+        let json = r#"{"redaction_key":{"value":"redaction-key-0123456789"},"rules":[{"topic":"orders",
+            "type":"t","key":{"json_pointer":"/email"},"redact":[{"pointer":"/card","action":"drop"},
+            {"pointer":"/cvv","action":"mask"},{"pointer":"/email","action":"hash"}]}]}"#;
+        let mut c = config::parse(json.as_bytes()).unwrap();
+        c.rules[0].redaction_key = b"redaction-key-0123456789".to_vec();
+        c
+    }
+
+    #[test]
+    fn redaction_takes_fields_out_of_the_event_and_its_key() {
+        let c = redacting();
+        let email_hash = redact::hash(
+            &serde_json::json!("a@example.com"),
+            b"redaction-key-0123456789",
+        );
+        let json = hdrs(&[("content-type", "application/json")]);
+        let body = br#"{"id":"o-1","card":"4111 1111","cvv":"123","email":"a@example.com"}"#;
+        let out = build(&c.rules[0], &c.sidecar, &request(&json, body), &STAMP).unwrap();
+        let data: Value = serde_json::from_slice(&out.body).unwrap();
+        assert_eq!(
+            data,
+            serde_json::json!({"id":"o-1","cvv":"***","email": email_hash})
+        );
+        assert_eq!(
+            get(&out, KEY_HEADER),
+            Some(email_hash.as_str()),
+            "the key is the hash"
+        );
+
+        // Structured events and batches are redacted inside `data`.
+        let ce = hdrs(&[("content-type", cloudevent::STRUCTURED)]);
+        let event = br#"{"specversion":"1.0","id":"e1","source":"/s","type":"t","data":{"card":"4111","email":"a@example.com"}}"#;
+        let out = build(&c.rules[0], &c.sidecar, &request(&ce, event), &STAMP).unwrap();
+        let v: Value = serde_json::from_slice(&out.body).unwrap();
+        assert_eq!(v["data"], serde_json::json!({"email": email_hash}));
+        assert_eq!(v["id"], "e1");
+        let batch = hdrs(&[("content-type", cloudevent::BATCH)]);
+        let events = format!("[{}]", String::from_utf8_lossy(event));
+        let out = build(
+            &c.rules[0],
+            &c.sidecar,
+            &request(&batch, events.as_bytes()),
+            &STAMP,
+        )
+        .unwrap();
+        let v: Value = serde_json::from_slice(&out.body).unwrap();
+        assert_eq!(v[0]["data"], serde_json::json!({"email": email_hash}));
+        assert_eq!(v[0]["partitionkey"], email_hash.as_str());
+
+        // What cannot be looked into is refused, never published whole.
+        let text = hdrs(&[("content-type", "text/plain")]);
+        let e = build(
+            &c.rules[0],
+            &c.sidecar,
+            &request(&text, b"card 4111"),
+            &STAMP,
+        )
+        .err();
+        assert!(matches!(e, Some(FilterError::InvalidJson { .. })), "{e:?}");
+        let b64 =
+            br#"{"specversion":"1.0","id":"e1","source":"/s","type":"t","data_base64":"eA=="}"#;
+        let e = build(&c.rules[0], &c.sidecar, &request(&ce, b64), &STAMP).err();
+        assert!(
+            matches!(
+                e,
+                Some(FilterError::InvalidCloudEvent {
+                    attribute: "data_base64",
+                    ..
+                })
+            ),
+            "{e:?}"
+        );
     }
 }

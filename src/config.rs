@@ -5,6 +5,7 @@
 //! documents the same fields and defaults; `tests` in this module and the schema test keep
 //! the two in agreement.
 
+use crate::redact::{Action, Redaction};
 use crate::route::PathPattern;
 use serde_json::{Map, Value};
 use std::fmt;
@@ -194,6 +195,11 @@ pub struct Rule {
     pub subject: Option<ValueSource>,
     pub key: Option<ValueSource>,
     pub extensions: Vec<Extension>,
+    /// Fields taken out of the event's JSON data before it leaves the proxy.
+    pub redact: Vec<Redaction>,
+    /// The HMAC key of `redact` hashes (the config's `redaction_key`, resolved by
+    /// `stream::configure`; empty when the rule hashes nothing).
+    pub redaction_key: Vec<u8>,
 }
 
 impl Rule {
@@ -208,6 +214,8 @@ pub struct Config {
     pub sidecar: Sidecar,
     pub max_body_bytes: usize,
     pub rules: Vec<Rule>,
+    /// Where the key of `redact` hashes comes from; resolved once by `stream::configure`.
+    pub redaction_key: Option<SecretSource>,
     /// Reading the route name, method or path is a host call; skip those no rule looks at.
     pub needs_route_name: bool,
     pub needs_method: bool,
@@ -338,6 +346,10 @@ pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
         raw.value("max_body_bytes"),
         raw.value("rules"),
     );
+    let redaction_key = raw
+        .value("redaction_key")
+        .map(|v| parse_secret(v, "redaction_key"))
+        .transpose()?;
     raw.done()?;
     let sidecar = parse_sidecar(sidecar)?;
     let max_body_bytes = match max_body_bytes {
@@ -373,6 +385,13 @@ pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
         }
         rules.push(rule);
     }
+    let hashes = |r: &Rule| r.redact.iter().any(|x| x.action == Action::Hash);
+    if let (None, Some(i)) = (&redaction_key, rules.iter().position(hashes)) {
+        return Err(err(
+            format!("rules[{i}].redact"),
+            "hashes a field, so the config needs redaction_key ({\"env\": NAME} or {\"value\": KEY})",
+        ));
+    }
     let needs_route_name = rules.iter().any(|r| r.matcher.route_name.is_some());
     let needs_method = rules.iter().any(|r| r.matcher.method.is_some());
     let needs_path = rules.iter().any(|r| r.matcher.path.is_some());
@@ -381,6 +400,7 @@ pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
         // Bounded by MAX_MAX_BODY_BYTES above, so it fits a 32-bit usize.
         max_body_bytes: max_body_bytes as usize,
         rules,
+        redaction_key,
         needs_route_name,
         needs_method,
         needs_path,
@@ -426,13 +446,16 @@ fn parse_sidecar(v: Option<Value>) -> Result<Sidecar, ConfigError> {
         path,
         timeout_ms,
         batching: parse_batching(batching)?,
-        secret: secret.map(parse_secret).transpose()?,
+        secret: secret
+            .map(|v| parse_secret(v, "sidecar.secret"))
+            .transpose()?,
         authorization: None,
     })
 }
 
-fn parse_secret(v: Value) -> Result<SecretSource, ConfigError> {
-    let mut raw = Fields::of(v, "sidecar.secret")?;
+/// `{"env": NAME}` or `{"value": SECRET}` at `field`.
+fn parse_secret(v: Value, field: &str) -> Result<SecretSource, ConfigError> {
+    let mut raw = Fields::of(v, field)?;
     let (env, value) = (raw.string("env")?, raw.string("value")?);
     raw.done()?;
     match (env, value) {
@@ -440,15 +463,15 @@ fn parse_secret(v: Value) -> Result<SecretSource, ConfigError> {
             Ok(SecretSource::Env(name))
         }
         (Some(_), None) => Err(err(
-            "sidecar.secret.env",
+            format!("{field}.env"),
             "must be a variable name (non-empty, no '=')",
         )),
         (None, Some(value)) => match weak_secret(&value) {
-            Some(why) => Err(err("sidecar.secret.value", why)),
+            Some(why) => Err(err(format!("{field}.value"), why)),
             None => Ok(SecretSource::Value(value)),
         },
         _ => Err(err(
-            "sidecar.secret",
+            field,
             "must be exactly one of {\"env\": NAME} or {\"value\": SECRET}",
         )),
     }
@@ -498,6 +521,7 @@ fn parse_rule(v: Value, i: usize) -> Result<Rule, ConfigError> {
     let (subject, key) = (raw.value("subject"), raw.value("key"));
     let raw_extensions = raw.value("extensions");
     let consumer = raw.value("consumer");
+    let redact = raw.value("redact");
     raw.done()?;
     let name = name.unwrap_or_else(|| format!("rule-{i}"));
     if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic()) {
@@ -581,6 +605,11 @@ fn parse_rule(v: Value, i: usize) -> Result<Rule, ConfigError> {
         subject,
         key,
         extensions,
+        redact: redact
+            .map(|v| parse_redact(v, &at("redact")))
+            .transpose()?
+            .unwrap_or_default(),
+        redaction_key: Vec::new(),
     })
 }
 
@@ -657,6 +686,27 @@ fn parse_value_source(v: Value, field: &str, m: &Matcher) -> Result<ValueSource,
         }
     }
     Ok(src)
+}
+
+/// `[{"pointer": "/card/number", "action": "mask"}, ...]`.
+fn parse_redact(v: Value, field: &str) -> Result<Vec<Redaction>, ConfigError> {
+    let Value::Array(items) = v else {
+        return Err(err(field, format!("must be an array, not {}", kind(&v))));
+    };
+    items
+        .into_iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let at = format!("{field}[{i}]");
+            let mut f = Fields::of(item, &at)?;
+            let pointer = f.required_string("pointer")?;
+            let action = f.choice("action", &Action::NAMES)?;
+            f.done()?;
+            let action = action.ok_or_else(|| err(&at, "missing field `action`"))?;
+            Redaction::parse(&pointer, Action::ALL[action])
+                .map_err(|e| err(format!("{at}.pointer"), e))
+        })
+        .collect()
 }
 
 /// `{"header": NAME}`, `{"json_pointer": POINTER}` or `{"path_param": NAME}`: exactly one.
@@ -912,6 +962,12 @@ mod tests {
             ),
             (rule(r#","consumer":{"id":"X"}"#), "rules[0].consumer.id", "lower-case"),
             (rule(r#","consumer":{"group":"g"}"#), "rules[0].consumer", "unknown field `group`"),
+            (rule(r#","redact":{}"#), "rules[0].redact", "array"),
+            (rule(r#","redact":[{"pointer":"card","action":"drop"}]"#), "rules[0].redact[0].pointer", "start with '/'"),
+            (rule(r#","redact":[{"pointer":"/c","action":"erase"}]"#), "rules[0].redact[0].action", "unknown variant `erase`"),
+            (rule(r#","redact":[{"pointer":"/c"}]"#), "rules[0].redact[0]", "missing field `action`"),
+            (rule(r#","redact":[{"pointer":"/c","action":"hash"}]"#), "rules[0].redact", "redaction_key"),
+            (r#"{"redaction_key":{"value":"short"}}"#.into(), "redaction_key.value", "at least 16"),
             (
                 rule(r#","extensions":{"x-consumer-id":"c"},"consumer":{"id":"d"}"#),
                 "rules[0].consumer.id",

@@ -13,6 +13,7 @@ pub mod coalesce;
 pub mod config;
 pub mod host;
 pub mod problem;
+pub mod redact;
 pub mod route;
 pub mod stream;
 

@@ -76,7 +76,7 @@ pub fn configure(host: &impl Host, bytes: Option<&[u8]>) -> Option<Config> {
         Some(b) if !b.is_empty() => b,
         _ => b"{}",
     };
-    match config::parse(bytes).and_then(|c| resolve_secret(host, c)) {
+    match config::parse(bytes).and_then(|c| resolve_secrets(host, c)) {
         Ok(c) => {
             if c.rules.is_empty() {
                 host.log(
@@ -101,30 +101,45 @@ pub fn configure(host: &impl Host, bytes: Option<&[u8]>) -> Option<Config> {
     }
 }
 
-/// The secret from where the config says, into the header every callout carries.
-fn resolve_secret(host: &impl Host, mut c: Config) -> Result<Config, config::ConfigError> {
-    let secret = match &c.sidecar.secret {
-        None => return Ok(c),
-        Some(config::SecretSource::Value(v)) => v.clone(),
-        Some(config::SecretSource::Env(name)) => {
-            let refused = |why: String| config::ConfigError {
-                field: "sidecar.secret.env".into(),
-                message: why,
-            };
-            let v = host.env(name).ok_or_else(|| {
-                refused(format!(
-                    "{name} is not set in the VM (Envoy: list it in \
-                     vm_config.environment_variables.host_env_keys)"
-                ))
-            })?;
-            if let Some(why) = config::weak_secret(&v) {
-                return Err(refused(format!("{name}: {why}")));
-            }
-            v
+/// The ingest secret into the header every callout carries, and the redaction key into the
+/// rules that redact, each from where the config says.
+fn resolve_secrets(host: &impl Host, mut c: Config) -> Result<Config, config::ConfigError> {
+    if let Some(src) = &c.sidecar.secret {
+        let secret = resolve(host, src, "sidecar.secret")?;
+        c.sidecar.authorization = Some(format!("Bearer {secret}"));
+    }
+    if let Some(src) = &c.redaction_key {
+        let key = resolve(host, src, "redaction_key")?;
+        for rule in c.rules.iter_mut().filter(|r| !r.redact.is_empty()) {
+            rule.redaction_key = key.as_bytes().to_vec();
         }
-    };
-    c.sidecar.authorization = Some(format!("Bearer {secret}"));
+    }
     Ok(c)
+}
+
+fn resolve(
+    host: &impl Host,
+    src: &config::SecretSource,
+    field: &str,
+) -> Result<String, config::ConfigError> {
+    let name = match src {
+        config::SecretSource::Value(v) => return Ok(v.clone()),
+        config::SecretSource::Env(name) => name,
+    };
+    let refused = |why: String| config::ConfigError {
+        field: format!("{field}.env"),
+        message: why,
+    };
+    let v = host.env(name).ok_or_else(|| {
+        refused(format!(
+            "{name} is not set in the VM (Envoy: list it in \
+             vm_config.environment_variables.host_env_keys)"
+        ))
+    })?;
+    match config::weak_secret(&v) {
+        Some(why) => Err(refused(format!("{name}: {why}"))),
+        None => Ok(v),
+    }
 }
 
 enum State {

@@ -332,3 +332,105 @@ async fn a_live_subscription_closes_when_its_token_expires() {
         "the stream ends"
     );
 }
+
+#[tokio::test]
+async fn redacted_fields_never_reach_kafka_and_hashes_stay_joinable() {
+    let filter = r#"{
+  "sidecar": { "upstream": "eventwire_sidecar", "secret": { "env": "EVENTWIRE_INGEST_SECRET" } },
+  "redaction_key": { "value": "e2e-redaction-key-0001" },
+  "rules": [{
+    "name": "orders", "match": { "route_name": "orders-placed" },
+    "topic": "order-placed-events", "type": "com.example.order.placed", "source": "/shop/orders",
+    "key": { "json_pointer": "/customer/email" },
+    "redact": [
+      { "pointer": "/card", "action": "drop" },
+      { "pointer": "/customer/phone", "action": "mask" },
+      { "pointer": "/customer/email", "action": "hash" },
+      { "pointer": "/items/*/gift_note", "action": "drop" }
+    ]
+  }]
+}"#;
+    let cfg = EnvoyConfig::shipped().with_filter_config(filter);
+    let s = Stack::start(&cfg, &[(ORDERS, 1)], &[]).await;
+    let post = |body: Value, content_type: &'static str| {
+        let req = s
+            .http
+            .post(s.envoy.url("/orders"))
+            .header("content-type", content_type)
+            .body(body.to_string());
+        async move {
+            let resp = req
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("POST /orders: {e}"));
+            let status = resp.status().as_u16();
+            (status, resp.text().await.unwrap_or_default())
+        }
+    };
+    let order = |id: &str, email: &str| {
+        json!({"id": id, "card": {"number": "4111111111111111", "cvc": "737"},
+               "customer": {"email": email, "phone": "+49 30 1234567"},
+               "items": [{"sku": "a", "gift_note": "happy birthday"}, {"sku": "b"}]})
+    };
+    for (id, email) in [
+        ("r-1", "ada@example.com"),
+        ("r-2", "ada@example.com"),
+        ("r-3", "bob@example.com"),
+    ] {
+        let (status, text) = post(order(id, email), "application/json").await;
+        assert_eq!(status, 202, "{id}: {text}");
+    }
+    // A body the rule cannot look into is refused, not published whole.
+    let (status, text) = post(json!("card 4111111111111111"), "text/plain").await;
+    assert_eq!(status, 400, "{text}");
+    assert!(
+        text.contains("urn:eventwire:problem:invalid-json"),
+        "{text}"
+    );
+
+    let records = s.broker.records_settled(ORDERS, 3, WAIT);
+    assert_eq!(records.len(), 3, "the refused body was not published");
+    let mut hashes = Vec::new();
+    for r in &records {
+        let raw = [
+            r.value.clone().unwrap_or_default(),
+            r.key.clone().unwrap_or_default(),
+            r.headers
+                .iter()
+                .flat_map(|(n, v)| [n.as_bytes(), v].concat())
+                .collect(),
+        ]
+        .concat();
+        let raw = String::from_utf8_lossy(&raw);
+        for secret in [
+            "4111111111111111",
+            "737",
+            "1234567",
+            "example.com",
+            "birthday",
+        ] {
+            assert!(!raw.contains(secret), "{secret} reached Kafka: {raw}");
+        }
+        let data: Value = serde_json::from_slice(r.value.as_deref().unwrap_or_default())
+            .unwrap_or_else(|e| panic!("record value: {e}"));
+        assert!(data.get("card").is_none(), "{data}");
+        assert_eq!(data["customer"]["phone"], "***");
+        assert_eq!(data["items"], json!([{"sku": "a"}, {"sku": "b"}]));
+        let hash = data["customer"]["email"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned();
+        assert!(
+            hash.len() == 64 && hash.bytes().all(|b| b.is_ascii_hexdigit()),
+            "{hash}"
+        );
+        assert_eq!(
+            r.key_str(),
+            Some(hash.as_str()),
+            "the key is read from the redacted data"
+        );
+        hashes.push(hash);
+    }
+    assert_eq!(hashes[0], hashes[1], "equal emails, equal hashes");
+    assert_ne!(hashes[0], hashes[2], "other emails, other hashes");
+}

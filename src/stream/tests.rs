@@ -1213,3 +1213,33 @@ fn the_ingest_secret_goes_on_every_callout_and_a_missing_one_refuses_the_config(
         "{logged}"
     );
 }
+
+#[test]
+fn the_redaction_key_reaches_the_rules_that_redact_and_a_missing_one_refuses_the_config() {
+    let cfg = |key: &str| {
+        format!(
+            r#"{{"redaction_key": {key}, "rules": [
+              {{"name": "a", "topic": "orders", "type": "t",
+                "redact": [{{"pointer": "/email", "action": "hash"}}]}},
+              {{"name": "b", "topic": "audit", "type": "t"}}]}}"#
+        )
+    };
+    let host = Mock::default();
+    let c = configure(
+        &host,
+        Some(cfg(r#"{"env": "EVENTWIRE_INGEST_SECRET"}"#).as_bytes()),
+    )
+    .unwrap_or_else(|| panic!("refused: {:?}", host.logs(Level::Error)));
+    assert_eq!(c.rules[0].redaction_key, b"0123456789abcdef-env");
+    assert!(
+        c.rules[1].redaction_key.is_empty(),
+        "a rule that redacts nothing holds no key"
+    );
+    let host = Mock::default();
+    assert!(configure(&host, Some(cfg(r#"{"env": "NO_SUCH_KEY"}"#).as_bytes())).is_none());
+    let logged = host.logs(Level::Error).join("\n");
+    assert!(
+        logged.contains("redaction_key.env") && logged.contains("NO_SUCH_KEY"),
+        "{logged}"
+    );
+}
