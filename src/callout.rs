@@ -553,6 +553,12 @@ fn wrap<'a>(
         "ce-time".into(),
         cloudevent::rfc3339(stamp.now_nanos).into(),
     ));
+    if let Some(schema) = &rule.dataschema {
+        h.push((
+            "ce-dataschema".into(),
+            encode_header_value(schema.as_bytes()),
+        ));
+    }
     if let Some(src) = &rule.subject {
         let subject = resolve(src, "subject", rule, req, data)?;
         h.push((
@@ -676,7 +682,8 @@ mod tests {
     }
 
     const ORDERS: &str = r#"{"match":{"path":"/orders/{shop}"},"topic":"orders","type":"com.example.order.placed",
-        "key":{"json_pointer":"/id"},"subject":{"path_param":"shop"},"extensions":{"x-tenant":"tenant"}}"#;
+        "key":{"json_pointer":"/id"},"subject":{"path_param":"shop"},"extensions":{"x-tenant":"tenant"},
+        "dataschema":"urn:eventwire:schema:order:v1"}"#;
 
     fn request<'a>(headers: &'a [(String, Vec<u8>)], body: &'a [u8]) -> Request<'a> {
         Request {
@@ -717,6 +724,10 @@ mod tests {
         assert_eq!(get(&out, "ce-type"), Some("com.example.order.placed"));
         assert_eq!(get(&out, "ce-time"), Some("2018-04-05T17:31:00.000000Z"));
         assert_eq!(get(&out, "ce-subject"), Some("berlin%20mitte"));
+        assert_eq!(
+            get(&out, "ce-dataschema"),
+            Some("urn:eventwire:schema:order:v1")
+        );
         assert_eq!(get(&out, "ce-tenant"), Some("acme%20corp"));
         assert_eq!(get(&out, "content-type"), Some("application/json"));
         assert!(out.headers.iter().all(|(_, v)| !v.contains("secret")));

@@ -192,6 +192,9 @@ pub struct Rule {
     pub topic: String,
     pub ce_type: String,
     pub source: Option<String>,
+    /// The `dataschema` of the events the rule makes: the `$id` of a schema the sidecar
+    /// checks their data against (`--schema-dir`).
+    pub dataschema: Option<String>,
     pub subject: Option<ValueSource>,
     pub key: Option<ValueSource>,
     pub extensions: Vec<Extension>,
@@ -518,6 +521,7 @@ fn parse_rule(v: Value, i: usize) -> Result<Rule, ConfigError> {
     let topic = raw.required_string("topic")?;
     let ce_type = raw.required_string("type")?;
     let source = raw.string("source")?;
+    let dataschema = raw.string("dataschema")?;
     let (subject, key) = (raw.value("subject"), raw.value("key"));
     let raw_extensions = raw.value("extensions");
     let consumer = raw.value("consumer");
@@ -558,6 +562,14 @@ fn parse_rule(v: Value, i: usize) -> Result<Rule, ConfigError> {
         return Err(err(
             at("source"),
             "must be a non-empty URI-reference without spaces",
+        ));
+    }
+    if let Some(s) = &dataschema
+        && (s.is_empty() || s.chars().any(|c| c.is_control() || c == ' '))
+    {
+        return Err(err(
+            at("dataschema"),
+            "must be a non-empty URI without spaces",
         ));
     }
     let key = key
@@ -602,6 +614,7 @@ fn parse_rule(v: Value, i: usize) -> Result<Rule, ConfigError> {
         topic,
         ce_type,
         source,
+        dataschema,
         subject,
         key,
         extensions,
@@ -963,6 +976,7 @@ mod tests {
             (rule(r#","consumer":{"id":"X"}"#), "rules[0].consumer.id", "lower-case"),
             (rule(r#","consumer":{"group":"g"}"#), "rules[0].consumer", "unknown field `group`"),
             (rule(r#","redact":{}"#), "rules[0].redact", "array"),
+            (rule(r#","dataschema":"a b""#), "rules[0].dataschema", "URI"),
             (rule(r#","redact":[{"pointer":"card","action":"drop"}]"#), "rules[0].redact[0].pointer", "start with '/'"),
             (rule(r#","redact":[{"pointer":"/c","action":"erase"}]"#), "rules[0].redact[0].action", "unknown variant `erase`"),
             (rule(r#","redact":[{"pointer":"/c"}]"#), "rules[0].redact[0]", "missing field `action`"),

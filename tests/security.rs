@@ -434,3 +434,90 @@ async fn redacted_fields_never_reach_kafka_and_hashes_stay_joinable() {
     assert_eq!(hashes[0], hashes[1], "equal emails, equal hashes");
     assert_ne!(hashes[0], hashes[2], "other emails, other hashes");
 }
+
+#[tokio::test]
+async fn event_data_is_checked_against_its_schema_before_anything_is_durable() {
+    let filter = r#"{
+  "sidecar": { "upstream": "eventwire_sidecar", "secret": { "env": "EVENTWIRE_INGEST_SECRET" } },
+  "rules": [{
+    "name": "orders", "match": { "route_name": "orders-placed" },
+    "topic": "order-placed-events", "type": "com.example.order.placed", "source": "/shop/orders",
+    "dataschema": "urn:eventwire:schema:order-placed:v1"
+  }]
+}"#;
+    let dir = repo_root()
+        .join("tests/fixtures/schemas")
+        .display()
+        .to_string();
+    let cfg = EnvoyConfig::shipped().with_filter_config(filter);
+    let s = Stack::start(&cfg, &[(ORDERS, 1)], &["--schema-dir", &dir]).await;
+    let post = |body: Value| {
+        let req = s
+            .http
+            .post(s.envoy.url("/orders"))
+            .header("content-type", "application/json")
+            .body(body.to_string());
+        async move {
+            let resp = req
+                .send()
+                .await
+                .unwrap_or_else(|e| panic!("POST /orders: {e}"));
+            let status = resp.status().as_u16();
+            let text = resp.text().await.unwrap_or_default();
+            (
+                status,
+                serde_json::from_str::<Value>(&text).unwrap_or(Value::Null),
+                text,
+            )
+        }
+    };
+    let (status, _, text) =
+        post(json!({"id": "s-1", "total": 12.5, "items": [{"sku": "a", "qty": 2}]})).await;
+    assert_eq!(status, 202, "{text}");
+
+    // Each invalid body: 400 invalid-data naming every failing pointer with its keyword.
+    let cases = [
+        (
+            json!({"id": 5, "total": -1}),
+            vec![("/id", "type"), ("/total", "minimum")],
+        ),
+        (json!({"total": 1}), vec![("", "required")]),
+        (
+            json!({"id": "s-2", "total": 1, "items": [{"sku": "a", "qty": 0}, {"qty": 1}]}),
+            vec![("/items/0/qty", "minimum"), ("/items/1", "required")],
+        ),
+    ];
+    for (body, want) in cases {
+        let (status, problem, text) = post(body.clone()).await;
+        assert_eq!(status, 400, "{body}: {text}");
+        assert_eq!(
+            problem["type"], "urn:eventwire:problem:invalid-data",
+            "{text}"
+        );
+        assert_eq!(problem["attribute"], "data", "{text}");
+        let got: Vec<(String, String)> = problem["errors"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no errors: {text}"))
+            .iter()
+            .map(|e| {
+                let s = |k: &str| e[k].as_str().unwrap_or_default().to_owned();
+                (s("pointer"), s("keyword"))
+            })
+            .collect();
+        for (pointer, keyword) in want {
+            assert!(
+                got.contains(&(pointer.to_owned(), keyword.to_owned())),
+                "{body}: ({pointer}, {keyword}) not in {got:?}"
+            );
+        }
+    }
+    let records = s.broker.records_settled(ORDERS, 1, WAIT);
+    assert_eq!(records.len(), 1, "only the valid order is in Kafka");
+    assert_eq!(
+        records[0].header("ce_dataschema"),
+        Some("urn:eventwire:schema:order-placed:v1")
+    );
+    let data: Value = serde_json::from_slice(records[0].value.as_deref().unwrap_or_default())
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(data["id"], "s-1");
+}

@@ -48,6 +48,7 @@ kinds! {
     NotACloudEvent = 415, "not-a-cloudevent", "Not a CloudEvent";
     BatchTooLarge = 413, "batch-too-large", "Too many events in one batch";
     UnresolvedValue = 400, "unresolved-value", "Required value missing from the request";
+    InvalidData = 400, "invalid-data", "Event data does not match its schema";
     // Where the event goes.
     MissingTopic = 400, "missing-topic", "Missing topic";
     InvalidTopic = 400, "invalid-topic", "Invalid topic";
@@ -193,7 +194,7 @@ mod tests {
                 assert_ne!(a.slug(), b.slug());
             }
         }
-        assert_eq!(Kind::ALL.len(), 29);
+        assert_eq!(Kind::ALL.len(), 30);
         assert_eq!(Kind::SpoolFull.retry_after(), Some("1"));
         assert_eq!(Kind::BodyTooLarge.retry_after(), None);
     }

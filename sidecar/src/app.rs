@@ -12,6 +12,7 @@ use crate::config::{Cli, Command, DurabilityArgs, LogFormat, ServeArgs, TopicCom
 use crate::durable::DurableSink;
 use crate::error::AppError;
 use crate::producer::{KafkaProducer, KafkaSettings};
+use crate::schema::Schemas;
 use crate::spool::Spool;
 use crate::status::StatusStore;
 use crate::{fanout, ingest, subscribe, tail, topic};
@@ -80,13 +81,17 @@ pub async fn serve(args: ServeArgs) -> Result<(), AppError> {
             Box::new(move || r.reload()),
         ])
     };
-    axum::serve(listener, router(&args, sink, fanout.clone(), auth, readers))
-        .with_graceful_shutdown(async move {
-            shutdown_signal().await;
-            // Open subscriptions would otherwise hold the graceful shutdown forever.
-            fanout.shutdown();
-        })
-        .await?;
+    let schemas = schemas(&args)?;
+    axum::serve(
+        listener,
+        router(&args, sink, fanout.clone(), auth, readers, schemas),
+    )
+    .with_graceful_shutdown(async move {
+        shutdown_signal().await;
+        // Open subscriptions would otherwise hold the graceful shutdown forever.
+        fanout.shutdown();
+    })
+    .await?;
     if producer.is_ready() {
         flush(producer.clone()).await;
     }
@@ -106,6 +111,15 @@ fn ingest_auth(args: &ServeArgs) -> Result<Arc<IngestAuth>, AppError> {
         tracing::info!(secrets = auth.secrets(), "ingest needs a secret");
     }
     Ok(Arc::new(auth))
+}
+
+fn schemas(args: &ServeArgs) -> Result<Arc<Schemas>, AppError> {
+    let Some(dir) = &args.schema_dir else {
+        return Ok(Arc::default());
+    };
+    let schemas = Schemas::load_dir(dir)?;
+    tracing::info!(dir = %dir.display(), schemas = schemas.len(), "event data is checked against its dataschema");
+    Ok(Arc::new(schemas))
 }
 
 fn subscriber_auth(args: &ServeArgs) -> Result<Arc<SubscriberAuth>, AppError> {
@@ -162,11 +176,13 @@ fn router(
     fanout: Arc<fanout::Fanout>,
     auth: Arc<IngestAuth>,
     readers: Arc<SubscriberAuth>,
+    schemas: Arc<Schemas>,
 ) -> axum::Router {
     ingest::router(ingest::AppState {
         sink,
         auth,
         readers: readers.clone(),
+        schemas,
         limits: ingest::Limits {
             max_body_bytes: args.max_body_bytes,
             max_batch_events: args.max_batch_events,

@@ -83,6 +83,10 @@ pub struct ServeArgs {
     /// itself, never a flag: `ps` would show it); without either, ingest is open.
     #[arg(long, env = "EVENTWIRE_INGEST_SECRET_FILE", value_name = "PATH")]
     pub ingest_secret_file: Option<std::path::PathBuf>,
+    /// Directory of JSON Schemas (`*.json`, each with a unique `$id`); an event whose
+    /// `dataschema` names one is checked against it before anything is durable.
+    #[arg(long, env = "EVENTWIRE_SCHEMA_DIR", value_name = "DIR")]
+    pub schema_dir: Option<std::path::PathBuf>,
     /// Most events in one `application/cloudevents-batch+json` request.
     #[arg(long, env = "EVENTWIRE_MAX_BATCH_EVENTS", default_value_t = 1000, value_parser = clap::value_parser!(usize))]
     pub max_batch_events: usize,

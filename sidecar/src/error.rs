@@ -15,5 +15,7 @@ pub enum AppError {
     #[error("{0}")]
     SubscriberAuth(#[from] crate::auth::SubscriberAuthError),
     #[error("{0}")]
+    Schema(#[from] crate::schema::SchemaError),
+    #[error("{0}")]
     Other(String),
 }

@@ -31,6 +31,8 @@ mod problem;
 #[cfg(feature = "server")]
 mod producer;
 #[cfg(feature = "server")]
+mod schema;
+#[cfg(feature = "server")]
 mod sink;
 #[cfg(feature = "server")]
 mod spool;

@@ -30,6 +30,10 @@ pub trait ProblemSource: fmt::Display {
     fn allow(&self) -> Option<&'static str> {
         None
     }
+    /// Extra problem members (RFC 9457 extensions), e.g. `errors` of a schema check.
+    fn errors(&self) -> Option<serde_json::Value> {
+        None
+    }
     /// The `WWW-Authenticate` challenge of a 401: which credentials the resource wants.
     fn challenge(&self) -> &'static str {
         "Bearer realm=\"eventwire-ingest\""
@@ -40,11 +44,14 @@ pub trait ProblemSource: fmt::Display {
 pub fn response(source: &impl ProblemSource) -> Response {
     let kind = source.kind();
     let detail = source.to_string();
-    let body = Problem::new(kind, &detail)
+    let problem = Problem::new(kind, &detail)
         .attribute(source.attribute())
         .parameter(source.parameter())
-        .index(source.index())
-        .to_json();
+        .index(source.index());
+    let body = match source.errors() {
+        None => problem.to_json(),
+        Some(errors) => with_errors(&problem, errors).to_string().into_bytes(),
+    };
     let status = StatusCode::from_u16(kind.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let mut response = (status, body).into_response();
     add_headers(response.headers_mut(), source);
@@ -58,7 +65,18 @@ pub fn value(source: &impl ProblemSource) -> serde_json::Value {
         .attribute(source.attribute())
         .parameter(source.parameter())
         .index(source.index());
-    serde_json::to_value(problem).unwrap_or_default()
+    match source.errors() {
+        None => serde_json::to_value(problem).unwrap_or_default(),
+        Some(errors) => with_errors(&problem, errors),
+    }
+}
+
+fn with_errors(problem: &Problem<'_>, errors: serde_json::Value) -> serde_json::Value {
+    let mut v = serde_json::to_value(problem).unwrap_or_default();
+    if let Some(map) = v.as_object_mut() {
+        map.insert("errors".into(), errors);
+    }
+    v
 }
 
 fn add_headers(headers: &mut HeaderMap, source: &impl ProblemSource) {

@@ -53,6 +53,8 @@ pub enum IngestError {
         "these credentials may not publish to topic `{0}` (the topics after the secret in --ingest-secret-file)"
     )]
     ForbiddenTopic(String),
+    #[error("{0}")]
+    InvalidData(crate::schema::DataError),
 }
 
 impl From<PublishError> for IngestError {
@@ -96,6 +98,15 @@ impl ProblemSource for IngestError {
             NotReady => Kind::NotReady,
             Unauthorized(_) => Kind::Unauthorized,
             ForbiddenTopic(_) => Kind::ForbiddenTopic,
+            InvalidData(_) => Kind::InvalidData,
+        }
+    }
+
+    fn errors(&self) -> Option<serde_json::Value> {
+        match self {
+            IngestError::InvalidData(e) => e.errors(),
+            IngestError::InBatch { error, .. } => error.errors(),
+            _ => None,
         }
     }
 
@@ -109,6 +120,7 @@ impl ProblemSource for IngestError {
                 Some(&e.attribute)
             }
             IngestError::InBatch { error, .. } => error.attribute(),
+            IngestError::InvalidData(_) => Some("data"),
             _ => None,
         }
     }

@@ -33,6 +33,8 @@ pub struct AppState {
     pub auth: Arc<crate::auth::IngestAuth>,
     /// Who may read an event's status: the subscribers of its topic.
     pub readers: Arc<crate::auth::SubscriberAuth>,
+    /// The schemas event data is checked against (`--schema-dir`).
+    pub schemas: Arc<crate::schema::Schemas>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -92,6 +94,9 @@ async fn publish_one(
     event: CloudEvent,
     topic: &str,
 ) -> Response {
+    if let Err(e) = check_data(state, &event) {
+        return reject(e, Some(&event.id));
+    }
     let record = match request::out_record(headers, &event, topic) {
         Ok(r) => r,
         Err(e) => return reject(e, Some(&event.id)),
@@ -113,6 +118,14 @@ async fn publish_one(
     }
 }
 
+/// The event's data against the schema its `dataschema` names, before anything is durable.
+fn check_data(state: &AppState, event: &CloudEvent) -> Result<(), IngestError> {
+    state
+        .schemas
+        .check(event.dataschema.as_deref(), event.data.as_deref())
+        .map_err(IngestError::InvalidData)
+}
+
 /// A batch is made durable together (one producer batch, one spool sync) and answered once,
 /// with each event's result in batch order.
 async fn publish_batch(
@@ -122,6 +135,12 @@ async fn publish_batch(
     topic: &str,
 ) -> Response {
     let mut records = Vec::with_capacity(events.len());
+    for (index, event) in events.iter().enumerate() {
+        if let Err(e) = check_data(state, event) {
+            let error = Box::new(e);
+            return reject(IngestError::InBatch { index, error }, None);
+        }
+    }
     for event in events {
         match request::out_record(headers, &event, topic) {
             Ok(record) => records.push(EventRecord {
@@ -340,6 +359,7 @@ mod tests {
             },
             auth: Arc::new(auth),
             readers: Arc::new(crate::auth::SubscriberAuth::open()),
+            schemas: Arc::default(),
         })
     }
 
@@ -352,6 +372,7 @@ mod tests {
             },
             auth: Arc::new(IngestAuth::load(None).unwrap()),
             readers: Arc::new(crate::auth::SubscriberAuth::open()),
+            schemas: Arc::default(),
         })
     }
 
@@ -528,6 +549,65 @@ mod tests {
             .map(|r| r.value.clone().unwrap())
             .collect();
         assert_eq!(values, [b"1".to_vec(), b"2".to_vec(), b"3".to_vec()]);
+    }
+
+    #[tokio::test]
+    async fn data_that_fails_its_schema_is_refused_and_nothing_is_published() {
+        let sink = Arc::new(FakeSink::default());
+        let mut schemas = crate::schema::Schemas::default();
+        schemas
+            .add(&serde_json::json!({"$id": "urn:s", "required": ["n"],
+                "properties": {"n": {"type": "integer"}}}))
+            .unwrap();
+        let app = router(AppState {
+            sink: sink.clone(),
+            limits: Limits {
+                max_body_bytes: 4096,
+                max_batch_events: 3,
+            },
+            auth: Arc::new(IngestAuth::load(None).unwrap()),
+            readers: Arc::new(crate::auth::SubscriberAuth::open()),
+            schemas: Arc::new(schemas),
+        });
+        let event = |id: &str, data: &str| {
+            format!(
+                r#"{{"specversion":"1.0","id":"{id}","source":"/s","type":"t","dataschema":"urn:s","data":{data}}}"#
+            )
+        };
+        let batch = format!(
+            "[{},{}]",
+            event("a", r#"{"n":1}"#),
+            event("b", r#"{"n":"x"}"#)
+        );
+        let req = HttpRequest::post("/v1/events")
+            .header(TOPIC_HEADER, "orders")
+            .header("content-type", BATCH_CONTENT_TYPE)
+            .body(Body::from(batch))
+            .unwrap();
+        let (status, _, body) = send(app.clone(), req).await;
+        assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+        let problem: Value = serde_json::from_str(&body).unwrap();
+        assert_eq!(slug(&body), "invalid-data");
+        assert_eq!(problem["index"], 1, "{body}");
+        assert_eq!(problem["errors"][0]["pointer"], "/n", "{body}");
+        assert_eq!(problem["errors"][0]["keyword"], "type", "{body}");
+        let one = HttpRequest::post("/v1/events")
+            .header(TOPIC_HEADER, "orders")
+            .header("content-type", STRUCTURED_CONTENT_TYPE)
+            .body(Body::from(event("c", "{}")))
+            .unwrap();
+        let (status, _, body) = send(app.clone(), one).await;
+        assert_eq!(
+            (status, slug(&body)),
+            (StatusCode::BAD_REQUEST, "invalid-data".into())
+        );
+        assert!(sink.records.lock().unwrap().is_empty(), "nothing published");
+        let good = HttpRequest::post("/v1/events")
+            .header(TOPIC_HEADER, "orders")
+            .header("content-type", STRUCTURED_CONTENT_TYPE)
+            .body(Body::from(event("d", r#"{"n":2}"#)))
+            .unwrap();
+        assert_eq!(send(app, good).await.0, StatusCode::ACCEPTED);
     }
 
     #[tokio::test]
