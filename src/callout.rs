@@ -6,7 +6,7 @@
 //! already is a CloudEvent (binary, structured, or a batch) goes on as it came.
 
 use crate::cloudevent::{self, Incoming};
-use crate::config::{Rule, Sidecar, ValueSource};
+use crate::config::{JwtPayload, Rule, Sidecar, ValueSource};
 use crate::problem::FilterError;
 use crate::redact;
 use crate::route::strip_query;
@@ -387,6 +387,62 @@ fn base64(out: &mut Vec<u8>, data: &[u8]) {
     }
 }
 
+/// The claims a rule copies from the JWT payload its proxy verified and forwards as base64url
+/// JSON (Envoy `jwt_authn` `forward_payload_header`). Without the header, none: requiring a
+/// token on the route is the proxy's job.
+fn jwt_claims<'a>(
+    jwt: &'a JwtPayload,
+    req: &Request<'a>,
+    h: &mut Vec<(Cow<'a, str>, Cow<'a, str>)>,
+) -> Result<(), FilterError> {
+    let Some(raw) = req.header(&jwt.header) else {
+        return Ok(());
+    };
+    let bad = |reason| FilterError::InvalidHeader {
+        name: jwt.header.clone(),
+        reason,
+    };
+    let bytes = base64url_decode(raw).ok_or_else(|| bad("not base64url"))?;
+    let payload: Value = serde_json::from_slice(&bytes).map_err(|_| bad("not a JSON payload"))?;
+    for (claim, ce_header) in &jwt.claims {
+        let value = match payload.get(claim) {
+            None | Some(Value::Null) => continue,
+            Some(Value::String(s)) => encode_header_value(s.as_bytes()).into_owned(),
+            Some(v @ (Value::Number(_) | Value::Bool(_))) => v.to_string(),
+            Some(_) => return Err(bad("a copied claim must be a string, number or boolean")),
+        };
+        h.push((ce_header.as_str().into(), Cow::Owned(value)));
+    }
+    Ok(())
+}
+
+/// Base64url with or without padding (RFC 4648 section 5); `None` on any other byte.
+fn base64url_decode(text: &[u8]) -> Option<Vec<u8>> {
+    let text = text
+        .strip_suffix(b"==")
+        .or(text.strip_suffix(b"="))
+        .unwrap_or(text);
+    let mut out = Vec::with_capacity(text.len() * 3 / 4);
+    let (mut acc, mut bits) = (0u32, 0u32);
+    for &c in text {
+        let v = match c {
+            b'A'..=b'Z' => c - b'A',
+            b'a'..=b'z' => c - b'a' + 26,
+            b'0'..=b'9' => c - b'0' + 52,
+            b'-' => 62,
+            b'_' => 63,
+            _ => return None,
+        };
+        acc = (acc << 6) | u32::from(v);
+        bits += 6;
+        if bits >= 8 {
+            bits -= 8;
+            out.push((acc >> bits) as u8);
+        }
+    }
+    Some(out)
+}
+
 fn owned(c: Cow<'_, str>) -> Cow<'static, str> {
     Cow::Owned(c.into_owned())
 }
@@ -574,6 +630,9 @@ fn wrap<'a>(
         if let Some(v) = req.header(&ext.header) {
             h.push((ext.ce_header.as_str().into(), encode_header_value(v)));
         }
+    }
+    if let Some(jwt) = &rule.jwt_payload {
+        jwt_claims(jwt, req, h)?;
     }
     // The id may have been percent-encoded for the header; logs want the plain one.
     Ok(match cloudevent::percent_decode(&id) {
@@ -1065,5 +1124,42 @@ mod tests {
             ),
             "{e:?}"
         );
+    }
+
+    #[test]
+    fn claims_of_the_forwarded_jwt_payload_become_extensions() {
+        let c = cfg(
+            r#"{"topic":"orders","type":"t","extensions":{"x-tenant":"tenant"},
+              "jwt_payload":{"header":"x-jwt-payload","claims":{"sub":"principal","tier":"tier","roles":"roles"}}}"#,
+        );
+        // {"sub":"user 7","tier":3,"iss":"x"}, base64url without padding, as Envoy forwards it.
+        let payload = "eyJzdWIiOiJ1c2VyIDciLCJ0aWVyIjozLCJpc3MiOiJ4In0";
+        assert_eq!(
+            base64url_decode(payload.as_bytes()).as_deref(),
+            Some(&br#"{"sub":"user 7","tier":3,"iss":"x"}"#[..])
+        );
+        let headers = hdrs(&[
+            ("x-jwt-payload", payload),
+            ("content-type", "application/json"),
+        ]);
+        let out = build(&c.rules[0], &c.sidecar, &request(&headers, b"{}"), &STAMP).unwrap();
+        assert_eq!(get(&out, "ce-principal"), Some("user%207"));
+        assert_eq!(get(&out, "ce-tier"), Some("3"));
+        assert_eq!(get(&out, "ce-roles"), None, "a claim the payload lacks");
+        let none = hdrs(&[("content-type", "application/json")]);
+        let out = build(&c.rules[0], &c.sidecar, &request(&none, b"{}"), &STAMP).unwrap();
+        assert_eq!(
+            get(&out, "ce-principal"),
+            None,
+            "no payload header, no claims"
+        );
+        for bad in ["not base64!", "bm90IGpzb24", "eyJyb2xlcyI6WyJhIl19"] {
+            let headers = hdrs(&[("x-jwt-payload", bad)]);
+            let e = build(&c.rules[0], &c.sidecar, &request(&headers, b""), &STAMP).err();
+            assert!(
+                matches!(e, Some(FilterError::InvalidHeader { .. })),
+                "{bad}: {e:?}"
+            );
+        }
     }
 }

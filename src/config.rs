@@ -183,6 +183,16 @@ pub struct Extension {
     pub ce_header: String,
 }
 
+/// Claims of a JWT payload the proxy verified and forwards (Envoy `jwt_authn`
+/// `forward_payload_header`: base64url JSON) copied into extension attributes.
+#[derive(Debug, Clone, Default)]
+pub struct JwtPayload {
+    /// Lowercased request header name that carries the payload.
+    pub header: String,
+    /// (claim, `ce-<attribute>`) pairs.
+    pub claims: Vec<(String, String)>,
+}
+
 #[derive(Debug, Clone)]
 pub struct Rule {
     pub name: String,
@@ -198,6 +208,7 @@ pub struct Rule {
     pub subject: Option<ValueSource>,
     pub key: Option<ValueSource>,
     pub extensions: Vec<Extension>,
+    pub jwt_payload: Option<JwtPayload>,
     /// Fields taken out of the event's JSON data before it leaves the proxy.
     pub redact: Vec<Redaction>,
     /// The HMAC key of `redact` hashes (the config's `redaction_key`, resolved by
@@ -526,6 +537,7 @@ fn parse_rule(v: Value, i: usize) -> Result<Rule, ConfigError> {
     let raw_extensions = raw.value("extensions");
     let consumer = raw.value("consumer");
     let redact = raw.value("redact");
+    let jwt_payload = raw.value("jwt_payload");
     raw.done()?;
     let name = name.unwrap_or_else(|| format!("rule-{i}"));
     if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic()) {
@@ -606,6 +618,9 @@ fn parse_rule(v: Value, i: usize) -> Result<Rule, ConfigError> {
             }
         }
     }
+    let jwt_payload = jwt_payload
+        .map(|v| parse_jwt_payload(v, &at("jwt_payload"), &extensions))
+        .transpose()?;
     Ok(Rule {
         name,
         matcher,
@@ -618,6 +633,7 @@ fn parse_rule(v: Value, i: usize) -> Result<Rule, ConfigError> {
         subject,
         key,
         extensions,
+        jwt_payload,
         redact: redact
             .map(|v| parse_redact(v, &at("redact")))
             .transpose()?
@@ -699,6 +715,48 @@ fn parse_value_source(v: Value, field: &str, m: &Matcher) -> Result<ValueSource,
         }
     }
     Ok(src)
+}
+
+/// `{"header": "x-jwt-payload", "claims": {"sub": "principal"}}`: claim -> attribute, each
+/// attribute unused by the rule's header extensions.
+fn parse_jwt_payload(
+    v: Value,
+    field: &str,
+    extensions: &[Extension],
+) -> Result<JwtPayload, ConfigError> {
+    let mut f = Fields::of(v, field)?;
+    let header = f.required_string("header")?;
+    let claims = f.value("claims");
+    f.done()?;
+    let header = validate_header_name(&header).map_err(|e| err(format!("{field}.header"), e))?;
+    let Some(Value::Object(map)) = claims else {
+        return Err(err(
+            format!("{field}.claims"),
+            "must be an object of claim -> extension attribute",
+        ));
+    };
+    let mut out = JwtPayload {
+        header,
+        claims: Vec::with_capacity(map.len()),
+    };
+    for (claim, attr) in map {
+        let at = format!("{field}.claims.{claim}");
+        let Value::String(attr) = attr else {
+            return Err(err(at, "must be an extension attribute name (a string)"));
+        };
+        validate_extension_name(&attr).map_err(|e| err(&at, e))?;
+        let ce_header = format!("ce-{attr}");
+        let taken = extensions.iter().any(|x| x.ce_header == ce_header)
+            || out.claims.iter().any(|(_, h)| *h == ce_header);
+        if taken {
+            return Err(err(at, format!("extension '{attr}' is set twice")));
+        }
+        out.claims.push((claim, ce_header));
+    }
+    if out.claims.is_empty() {
+        return Err(err(format!("{field}.claims"), "names no claim"));
+    }
+    Ok(out)
 }
 
 /// `[{"pointer": "/card/number", "action": "mask"}, ...]`.
@@ -977,6 +1035,14 @@ mod tests {
             (rule(r#","consumer":{"group":"g"}"#), "rules[0].consumer", "unknown field `group`"),
             (rule(r#","redact":{}"#), "rules[0].redact", "array"),
             (rule(r#","dataschema":"a b""#), "rules[0].dataschema", "URI"),
+            (rule(r#","jwt_payload":{"claims":{"sub":"p"}}"#), "rules[0].jwt_payload", "missing field `header`"),
+            (rule(r#","jwt_payload":{"header":"x-p","claims":{}}"#), "rules[0].jwt_payload.claims", "no claim"),
+            (rule(r#","jwt_payload":{"header":"x-p","claims":{"sub":"Sub"}}"#), "rules[0].jwt_payload.claims.sub", "lower-case"),
+            (
+                rule(r#","extensions":{"x-a":"p"},"jwt_payload":{"header":"x-p","claims":{"sub":"p"}}"#),
+                "rules[0].jwt_payload.claims.sub",
+                "set twice",
+            ),
             (rule(r#","redact":[{"pointer":"card","action":"drop"}]"#), "rules[0].redact[0].pointer", "start with '/'"),
             (rule(r#","redact":[{"pointer":"/c","action":"erase"}]"#), "rules[0].redact[0].action", "unknown variant `erase`"),
             (rule(r#","redact":[{"pointer":"/c"}]"#), "rules[0].redact[0]", "missing field `action`"),

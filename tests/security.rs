@@ -521,3 +521,87 @@ async fn event_data_is_checked_against_its_schema_before_anything_is_durable() {
         .unwrap_or_else(|e| panic!("{e}"));
     assert_eq!(data["id"], "s-1");
 }
+
+#[tokio::test]
+async fn claims_of_the_token_envoy_verified_become_extensions_and_cannot_be_spoofed() {
+    // Envoy's jwt_authn verifies an RS256 token (the fixture key) on POST /orders and forwards
+    // its payload in x-jwt-payload; the filter copies two claims into extensions.
+    let jwks: Value =
+        serde_json::from_slice(&fixture("jwks.json")).unwrap_or_else(|e| panic!("{e}"));
+    let rsa: Vec<Value> = jwks["keys"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter(|k| k["kty"] == "RSA")
+        .cloned()
+        .collect();
+    let jwks = json!({ "keys": rsa }).to_string();
+    let jwt_authn = format!(
+        r#"          http_filters:
+          - name: envoy.filters.http.jwt_authn
+            typed_config:
+              "@type": type.googleapis.com/envoy.extensions.filters.http.jwt_authn.v3.JwtAuthentication
+              providers:
+                shop:
+                  issuer: https://id.example.com
+                  audiences: [shop]
+                  local_jwks: {{ inline_string: '{jwks}' }}
+                  forward_payload_header: x-jwt-payload
+              rules:
+              - match: {{ path: /orders }}
+                requires: {{ provider_name: shop }}
+"#
+    );
+    let filter = r#"{
+  "sidecar": { "upstream": "eventwire_sidecar", "secret": { "env": "EVENTWIRE_INGEST_SECRET" } },
+  "rules": [{
+    "name": "orders", "match": { "route_name": "orders-placed" },
+    "topic": "order-placed-events", "type": "com.example.order.placed", "source": "/shop/orders",
+    "jwt_payload": { "header": "x-jwt-payload", "claims": { "sub": "principal", "tier": "tier" } }
+  }]
+}"#;
+    let cfg = EnvoyConfig::shipped()
+        .map_yaml(|y| y.replacen("          http_filters:\n", &jwt_authn, 1))
+        .with_filter_config(filter);
+    let s = Stack::start(&cfg, &[(ORDERS, 1)], &[]).await;
+    let post = |token: Option<String>, spoof: Option<&'static str>| {
+        let mut req = s
+            .http
+            .post(s.envoy.url("/orders"))
+            .header("content-type", "application/json")
+            .body(r#"{"id":"p-1"}"#);
+        if let Some(t) = token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(p) = spoof {
+            req = req.header("x-jwt-payload", p);
+        }
+        async move { req.send().await.map(|r| r.status().as_u16()).unwrap_or(0) }
+    };
+    let token = jwt(
+        Algorithm::RS256,
+        &json!({"iss": "https://id.example.com", "aud": "shop", "sub": "customer-42",
+                "tier": 3, "exp": now() + 600}),
+    );
+    // {"sub":"admin"}: what a client would like to be.
+    let admin = "eyJzdWIiOiJhZG1pbiJ9";
+    assert_eq!(
+        post(None, Some(admin)).await,
+        401,
+        "no token: Envoy refuses"
+    );
+    assert_eq!(post(Some(token.clone()), None).await, 202);
+    assert_eq!(post(Some(token), Some(admin)).await, 202);
+
+    let records = s.broker.records_settled(ORDERS, 2, WAIT);
+    assert_eq!(records.len(), 2, "the refused request published nothing");
+    for r in &records {
+        assert_eq!(
+            r.header("ce_principal"),
+            Some("customer-42"),
+            "{:?}",
+            r.headers
+        );
+        assert_eq!(r.header("ce_tier"), Some("3"));
+    }
+}
