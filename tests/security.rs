@@ -78,6 +78,8 @@ async fn secured_stack() -> (Stack, tempfile::NamedTempFile) {
         AUDIENCE,
         "--subscriber-jwt-leeway-s",
         "0",
+        "--max-subscriptions-per-token",
+        "3",
     ];
     let s = Stack::start(&EnvoyConfig::shipped(), &[(ORDERS, 1)], &args).await;
     (s, tokens)
@@ -287,6 +289,22 @@ async fn subscribers_need_a_valid_token_for_the_topic_and_get_only_what_it_allow
     assert_eq!(status_of(Some(STATIC_TOKEN.into())).await, 200);
     let payments = jwt(Algorithm::HS256, &claims(json!({"topics": ["payment-*"]})));
     assert_eq!(status_of(Some(payments)).await, 403);
+
+    // `sub` dashboard-1 holds three subscriptions (WebSocket, ES256 SSE, ticket SSE): the most
+    // --max-subscriptions-per-token 3 allows; one more is 429 until one of them ends.
+    let another = jwt(Algorithm::HS256, &claims(json!({})));
+    let (status, ty, _) = refused(&s, &path, Some(&another)).await;
+    assert_eq!(
+        (status, ty.as_str()),
+        (429, "urn:eventwire:problem:subscription-quota")
+    );
+    ws.close().await;
+    wait_until(
+        "the closed WebSocket's place to come free",
+        WAIT,
+        || async { refused(&s, &path, Some(&another)).await.0 == 200 },
+    )
+    .await;
 }
 
 #[tokio::test]

@@ -69,6 +69,7 @@ kinds! {
     InvalidFrom = 400, "invalid-from", "Invalid start position";
     InvalidFilter = 400, "invalid-filter", "Invalid filter";
     TooManySubscribers = 503, "too-many-subscribers", "Too many subscribers";
+    SubscriptionQuota = 429, "subscription-quota", "Too many subscriptions for this token";
     TooManyReplays = 503, "too-many-replays", "Too many replays";
     TransportRequired = 426, "transport-required", "Upgrade required";
     // Plain HTTP.
@@ -194,7 +195,7 @@ mod tests {
                 assert_ne!(a.slug(), b.slug());
             }
         }
-        assert_eq!(Kind::ALL.len(), 30);
+        assert_eq!(Kind::ALL.len(), 31);
         assert_eq!(Kind::SpoolFull.retry_after(), Some("1"));
         assert_eq!(Kind::BodyTooLarge.retry_after(), None);
     }

@@ -193,6 +193,7 @@ fn router(
         ping_interval: Duration::from_secs(args.push.ping_interval_s),
         auth: readers,
         tickets: Arc::default(),
+        quota: subscribe::Quota::new(args.subscribers.max_subscriptions_per_token as usize),
     }))
 }
 

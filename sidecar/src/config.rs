@@ -120,6 +120,10 @@ pub struct SubscriberArgs {
     /// after its token's `exp`.
     #[arg(long, env = "EVENTWIRE_SUBSCRIBER_JWT_LEEWAY_S", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=3600))]
     pub subscriber_jwt_leeway_s: u64,
+    /// Subscriptions one token (a JWT's `sub`, a static token) may have open at once; more
+    /// get 429 `subscription-quota`.
+    #[arg(long, env = "EVENTWIRE_MAX_SUBSCRIPTIONS_PER_TOKEN", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_subscriptions_per_token: u32,
 }
 
 impl SubscriberArgs {

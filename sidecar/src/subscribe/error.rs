@@ -42,6 +42,10 @@ pub enum SubscribeError {
     ForbiddenTopic(String),
     #[error("{0}")]
     Ticket(#[from] TicketError),
+    #[error(
+        "this token has {0} subscriptions open, the most it may (--max-subscriptions-per-token)"
+    )]
+    Quota(usize),
 }
 
 impl ProblemSource for SubscribeError {
@@ -61,6 +65,7 @@ impl ProblemSource for SubscribeError {
             SubscribeError::ForbiddenTopic(_) => Kind::ForbiddenTopic,
             SubscribeError::Ticket(TicketError::TooMany) => Kind::TooManySubscribers,
             SubscribeError::Ticket(TicketError::Random(_)) => Kind::NotReady,
+            SubscribeError::Quota(_) => Kind::SubscriptionQuota,
         }
     }
 

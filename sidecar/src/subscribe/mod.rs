@@ -23,6 +23,7 @@
 
 mod error;
 mod pump;
+mod quota;
 mod request;
 mod sse;
 mod websocket;
@@ -53,6 +54,11 @@ use crate::subscription::{StartError, Subscription};
 use crate::subscription_filter::Filter;
 use request::Request;
 
+pub use quota::Quota;
+
+/// Largest message a subscriber may send (it only needs pings and a close).
+const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
+
 const VIEWER_HTML: &str = include_str!("viewer.html");
 
 #[derive(Clone)]
@@ -61,6 +67,7 @@ pub struct PushState {
     pub ping_interval: Duration,
     pub auth: Arc<SubscriberAuth>,
     pub tickets: Arc<Tickets>,
+    pub quota: Arc<Quota>,
 }
 
 pub fn router(state: PushState) -> Router {
@@ -92,14 +99,23 @@ async fn subscribe(
     if !access.allows(&request.topic) {
         return Err(SubscribeError::ForbiddenTopic(request.topic));
     }
+    let place = state
+        .quota
+        .take(access.principal.as_deref())
+        .map_err(SubscribeError::Quota)?;
     let sub = start(&state.fanout, request, access.filter).await?;
     tracing::debug!(topic = sub.topic(), cursor = %sub.cursor(), sse, principal = access.principal, "subscriber joined");
     let (tx, rx) = mpsc::channel(1);
     let shutdown = state.fanout.shutdown_signal();
-    tokio::spawn(pump::pump(sub, tx, shutdown, access.expires));
+    tokio::spawn(async move {
+        pump::pump(sub, tx, shutdown, access.expires).await;
+        drop(place);
+    });
     Ok(match upgrade {
         Ok(ws) => ws
             .protocols([WS_PROTOCOL])
+            .max_message_size(MAX_CLIENT_MESSAGE)
+            .max_frame_size(MAX_CLIENT_MESSAGE)
             .on_upgrade(move |socket| websocket::serve_websocket(socket, rx, state.ping_interval))
             .into_response(),
         Err(_) => sse::serve_sse(rx, state.ping_interval).into_response(),
@@ -180,6 +196,7 @@ mod tests {
             ping_interval: Duration::from_secs(15),
             auth: Arc::new(SubscriberAuth::open()),
             tickets: Arc::default(),
+            quota: Quota::new(1),
         });
         let get = |uri: &str| axum::http::Request::get(uri).body(Body::empty()).unwrap();
         let resp = app.clone().oneshot(get("/ui")).await.unwrap();
