@@ -623,3 +623,83 @@ async fn claims_of_the_token_envoy_verified_become_extensions_and_cannot_be_spoo
         assert_eq!(r.header("ce_tier"), Some("3"));
     }
 }
+
+#[tokio::test]
+async fn the_sidecar_logs_in_to_kafka_with_scram_for_producing_and_pushing() {
+    let mut broker = Broker::start().await;
+    broker.create_topic(ORDERS, 1).await;
+    broker
+        .require_scram("eventwire", "scram-password-0001")
+        .await;
+    let dir = tempfile::tempdir().unwrap_or_else(|e| panic!("{e}"));
+    let secret = |name: &str, text: &str| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, text).unwrap_or_else(|e| panic!("{e}"));
+        path.display().to_string()
+    };
+    let (right, wrong) = (
+        secret("right", "scram-password-0001\n"),
+        secret("wrong", "nope\n"),
+    );
+    let scram = |file: &str| {
+        [
+            "--kafka-sasl-mechanism",
+            // What `tansu user create` stores (its credential keys are SHA-512's).
+            "SCRAM-SHA-512",
+            "--kafka-sasl-username",
+            "eventwire",
+            "--kafka-sasl-password-file",
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .chain([file.to_string()])
+        .collect::<Vec<_>>()
+    };
+    let args = scram(&right);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let sidecar = Sidecar::start_secured(&broker.bootstrap(), &args).await;
+    sidecar.wait_ready().await;
+
+    // The push consumer logs in too: a subscriber gets the event produced after it joined.
+    let mut ws = WsClient::connect(&format!(
+        "ws://127.0.0.1:{}{}",
+        sidecar.port,
+        subscribe_path(ORDERS, &[])
+    ))
+    .await;
+    let resp = reqwest::Client::new()
+        .post(sidecar.url("/v1/events"))
+        .header("authorization", bearer())
+        .header("eventwire-topic", ORDERS)
+        .header("ce-specversion", "1.0")
+        .header("ce-id", "scram-1")
+        .header("ce-source", "/scram")
+        .header("ce-type", "t")
+        .header("content-type", "application/json")
+        .body(r#"{"id":"scram-1"}"#)
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("POST: {e}"));
+    assert_eq!(resp.status().as_u16(), 202);
+    let ack: Value = resp.json().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(
+        ack["status"], "published",
+        "acknowledged by the broker, not spooled: {ack}"
+    );
+    assert_eq!(ids(&ws.take(1, WAIT).await), ["scram-1"]);
+    let records = broker.records(ORDERS, 1, WAIT);
+    assert_eq!(records.len(), 1);
+    assert_eq!(records[0].header("ce_id"), Some("scram-1"));
+
+    // A wrong password never gets the broker: the sidecar does not become ready.
+    let args = scram(&wrong);
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let refused = Sidecar::start_secured(&broker.bootstrap(), &args).await;
+    for _ in 0..8 {
+        let ready = reqwest::get(refused.url("/readyz"))
+            .await
+            .map(|r| r.status().as_u16());
+        assert_eq!(ready.ok(), Some(503), "ready with a wrong SASL password");
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+}

@@ -63,7 +63,7 @@ pub fn init_tracing(format: LogFormat) {
 /// stays in the spool for the next start.
 pub async fn serve(args: ServeArgs) -> Result<(), AppError> {
     warn_on_ack_timeout(args.durability.ack_timeout_ms);
-    let producer = Arc::new(KafkaProducer::new(&kafka_settings(&args))?);
+    let producer = Arc::new(KafkaProducer::new(&kafka_settings(&args)?)?);
     let probe = producer.spawn_health_probe();
     let sink = Arc::new(durable_sink(&args.durability, producer.clone())?);
     let (stop, stopped) = tokio::sync::watch::channel(false);
@@ -142,12 +142,12 @@ fn warn_on_ack_timeout(ack_timeout_ms: u64) {
     }
 }
 
-fn kafka_settings(args: &ServeArgs) -> KafkaSettings {
-    KafkaSettings {
+fn kafka_settings(args: &ServeArgs) -> Result<KafkaSettings, AppError> {
+    Ok(KafkaSettings {
         brokers: args.kafka.brokers.clone(),
         delivery_timeout: Duration::from_millis(args.durability.delivery_timeout_ms),
-        overrides: args.kafka.kafka.clone(),
-    }
+        overrides: args.kafka.properties()?,
+    })
 }
 
 /// The spool and the status store under `--data-dir`, owned by the sink.
@@ -200,7 +200,7 @@ fn router(
 fn push_fanout(args: &ServeArgs) -> Result<Arc<fanout::Fanout>, AppError> {
     let config = fanout::FanoutConfig {
         brokers: args.kafka.brokers.clone(),
-        overrides: args.kafka.kafka.clone(),
+        overrides: args.kafka.properties()?,
         queue: args.push.subscriber_queue as usize,
         grace: Duration::from_millis(args.push.hub_grace_ms),
         fetch_wait: Duration::from_millis(args.push.push_fetch_wait_ms),

@@ -63,9 +63,92 @@ pub struct KafkaArgs {
     /// Kafka bootstrap servers.
     #[arg(long, env = "EVENTWIRE_BROKERS", default_value = "127.0.0.1:9092")]
     pub brokers: String,
-    /// Extra librdkafka property KEY=VALUE (repeatable; env: comma-separated).
+    /// Extra librdkafka property KEY=VALUE (repeatable; env: comma-separated); applied last.
     #[arg(long = "kafka", env = "EVENTWIRE_KAFKA", value_name = "KEY=VALUE", value_delimiter = ',', value_parser = parse_key_value)]
     pub kafka: Vec<(String, String)>,
+    /// SASL mechanism for every Kafka client: SCRAM-SHA-256, SCRAM-SHA-512 or PLAIN. The
+    /// password comes from EVENTWIRE_KAFKA_SASL_PASSWORD or --kafka-sasl-password-file,
+    /// never from a flag (`ps` shows flags).
+    #[arg(long, env = "EVENTWIRE_KAFKA_SASL_MECHANISM", value_parser = ["SCRAM-SHA-256", "SCRAM-SHA-512", "PLAIN"], requires = "kafka_sasl_username")]
+    pub kafka_sasl_mechanism: Option<String>,
+    #[arg(
+        long,
+        env = "EVENTWIRE_KAFKA_SASL_USERNAME",
+        requires = "kafka_sasl_mechanism"
+    )]
+    pub kafka_sasl_username: Option<String>,
+    /// File holding the SASL password (its first line).
+    #[arg(long, env = "EVENTWIRE_KAFKA_SASL_PASSWORD_FILE", value_name = "PATH")]
+    pub kafka_sasl_password_file: Option<std::path::PathBuf>,
+    /// TLS to the brokers (security.protocol SSL, or SASL_SSL with SASL).
+    #[arg(long, env = "EVENTWIRE_KAFKA_TLS")]
+    pub kafka_tls: bool,
+    /// CA certificate(s) (PEM) the brokers' certificates are checked against; default: the
+    /// system's.
+    #[arg(
+        long,
+        env = "EVENTWIRE_KAFKA_CA_FILE",
+        value_name = "PATH",
+        requires = "kafka_tls"
+    )]
+    pub kafka_ca_file: Option<std::path::PathBuf>,
+}
+
+/// The SASL password's variable: a secret, so no flag.
+pub const KAFKA_SASL_PASSWORD_ENV: &str = "EVENTWIRE_KAFKA_SASL_PASSWORD";
+
+impl KafkaArgs {
+    /// The librdkafka properties of every client: security from the flags above, then
+    /// `--kafka` (which wins).
+    pub fn properties(&self) -> Result<Vec<(String, String)>, crate::error::AppError> {
+        let mut p: Vec<(String, String)> = Vec::new();
+        let mut set = |k: &str, v: String| p.push((k.to_string(), v));
+        let protocol = match (&self.kafka_sasl_mechanism, self.kafka_tls) {
+            (Some(_), true) => "SASL_SSL",
+            (Some(_), false) => "SASL_PLAINTEXT",
+            (None, true) => "SSL",
+            (None, false) => "PLAINTEXT",
+        };
+        set("security.protocol", protocol.into());
+        if let (Some(mechanism), Some(user)) =
+            (&self.kafka_sasl_mechanism, &self.kafka_sasl_username)
+        {
+            set("sasl.mechanism", mechanism.clone());
+            set("sasl.username", user.clone());
+            set("sasl.password", self.sasl_password()?);
+        }
+        if let Some(ca) = &self.kafka_ca_file {
+            set("ssl.ca.location", ca.display().to_string());
+        }
+        p.extend(self.kafka.iter().cloned());
+        Ok(p)
+    }
+
+    fn sasl_password(&self) -> Result<String, crate::error::AppError> {
+        let missing = || {
+            crate::error::AppError::Other(format!(
+                "--kafka-sasl-mechanism needs a password: {KAFKA_SASL_PASSWORD_ENV} or --kafka-sasl-password-file"
+            ))
+        };
+        match &self.kafka_sasl_password_file {
+            Some(path) => std::fs::read_to_string(path)
+                .map_err(|e| {
+                    crate::error::AppError::Other(format!(
+                        "--kafka-sasl-password-file {}: {e}",
+                        path.display()
+                    ))
+                })?
+                .lines()
+                .next()
+                .filter(|l| !l.is_empty())
+                .map(str::to_string)
+                .ok_or_else(missing),
+            None => std::env::var(KAFKA_SASL_PASSWORD_ENV)
+                .ok()
+                .filter(|v| !v.is_empty())
+                .ok_or_else(missing),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Args)]

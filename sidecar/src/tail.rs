@@ -35,7 +35,7 @@ pub async fn run(args: TailArgs) -> Result<(), AppError> {
 fn consumer(kafka: &KafkaArgs) -> Result<StreamConsumer, AppError> {
     let group = format!("eventwire-tail-{}", std::process::id());
     let config = kafka_config::assign_only(&kafka.brokers, group);
-    Ok(kafka_config::with_overrides(config, &kafka.kafka).create()?)
+    Ok(kafka_config::with_overrides(config, &kafka.properties()?).create()?)
 }
 
 fn partitions(consumer: &StreamConsumer, topic: &str) -> Result<Vec<i32>, AppError> {

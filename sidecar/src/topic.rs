@@ -21,7 +21,8 @@ pub async fn create(
 ) -> Result<(), AppError> {
     eventwire_contract::topic::validate(name)
         .map_err(|e| AppError::Other(format!("invalid topic name `{name}`: {e}")))?;
-    let config = kafka_config::with_overrides(kafka_config::client(&kafka.brokers), &kafka.kafka);
+    let config =
+        kafka_config::with_overrides(kafka_config::client(&kafka.brokers), &kafka.properties()?);
     let admin: AdminClient<DefaultClientContext> = config.create()?;
     let topic = NewTopic::new(name, partitions, TopicReplication::Fixed(replication));
     let options = AdminOptions::new()

@@ -19,6 +19,8 @@ pub struct Broker {
     pub proc: Proc,
     pub port: u16,
     dir: tempfile::TempDir,
+    /// The SCRAM user every client must log in as, once `require_scram` ran.
+    scram: Option<(String, String)>,
     // Last: released only after the process has been stopped.
     _held: HeldPort,
 }
@@ -63,11 +65,12 @@ impl Broker {
             .unwrap_or_else(|e| panic!("tempdir: {e}"));
         let held = HeldPort::new();
         let port = held.port;
-        let proc = Self::spawn(dir.path().to_path_buf(), port);
+        let proc = Self::spawn(dir.path().to_path_buf(), port, false);
         let broker = Broker {
             proc,
             port,
             dir,
+            scram: None,
             _held: held,
         };
         broker.wait_ready().await;
@@ -75,7 +78,7 @@ impl Broker {
         broker
     }
 
-    fn spawn(dir: PathBuf, port: u16) -> Proc {
+    fn spawn(dir: PathBuf, port: u16, authentication: bool) -> Proc {
         let url = format!("tcp://127.0.0.1:{port}");
         Proc::spawn(
             "broker",
@@ -90,14 +93,39 @@ impl Broker {
                     "--storage-engine",
                     "sqlite://tansu.db",
                 ])
+                .args(authentication.then_some("--authentication"))
                 .current_dir(dir),
         )
     }
 
     /// Restarts the broker on the same port and data (after `proc.stop()` or `kill9()`).
     pub async fn restart(&mut self) {
-        self.proc = Self::spawn(self.dir.path().to_path_buf(), self.port);
+        self.proc = Self::spawn(
+            self.dir.path().to_path_buf(),
+            self.port,
+            self.scram.is_some(),
+        );
         self.wait_ready().await;
+    }
+
+    /// From now on every client must log in with SASL/SCRAM as `user`: Tansu creates users
+    /// only while authentication is off, then restarts with `--authentication` (all or
+    /// nothing). Create topics before this; the harness's own reads log in too.
+    pub async fn require_scram(&mut self, user: &str, password: &str) {
+        let url = format!("tcp://127.0.0.1:{}", self.port);
+        let out = Command::new(paths().tansu)
+            .args(["user", "create", "--broker", &url, user, password])
+            .current_dir(self.dir.path())
+            .output()
+            .unwrap_or_else(|e| panic!("tansu user create: {e}"));
+        assert!(
+            out.status.success(),
+            "tansu user create: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        self.proc.stop();
+        self.scram = Some((user.to_string(), password.to_string()));
+        self.restart().await;
     }
 
     async fn wait_ready(&self) {
@@ -170,13 +198,21 @@ impl Broker {
     }
 
     fn read(&self, topic: &str, want: usize, limit: Duration, quiet: Duration) -> Vec<Record> {
-        let consumer: BaseConsumer = ClientConfig::new()
+        let mut config = ClientConfig::new();
+        config
             .set("bootstrap.servers", self.bootstrap())
             // Tansu wants a group id even for assign-only consumers.
             .set("group.id", format!("eventwire-test-{}", std::process::id()))
-            .set("enable.auto.commit", "false")
-            .create()
-            .unwrap_or_else(|e| panic!("consumer: {e}"));
+            .set("enable.auto.commit", "false");
+        if let Some((user, password)) = &self.scram {
+            config
+                .set("security.protocol", "SASL_PLAINTEXT")
+                // `tansu user create` stores SCRAM-SHA-512 credentials.
+                .set("sasl.mechanism", "SCRAM-SHA-512")
+                .set("sasl.username", user)
+                .set("sasl.password", password);
+        }
+        let consumer: BaseConsumer = config.create().unwrap_or_else(|e| panic!("consumer: {e}"));
         let md = consumer
             .fetch_metadata(Some(topic), Duration::from_secs(10))
             .unwrap_or_else(|e| panic!("metadata {topic}: {e}"));
