@@ -41,6 +41,9 @@ async fn fanout_once(fetch_wait_ms: u64, subscribers: usize) -> Row {
         fw.as_str(),
         "--subscriber-queue",
         "8192",
+        // Every bench subscriber comes from this one process's address.
+        "--max-subscriptions-per-client",
+        "100000",
     ];
     let stack = Stack::start(&EnvoyConfig::shipped(), &[(TOPIC, 3)], &args).await;
     let envoy = &stack.envoy;

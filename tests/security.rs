@@ -703,3 +703,51 @@ async fn the_sidecar_logs_in_to_kafka_with_scram_for_producing_and_pushing() {
         tokio::time::sleep(Duration::from_millis(500)).await;
     }
 }
+
+#[tokio::test]
+async fn subscriptions_are_counted_per_client_address_as_envoy_saw_it() {
+    let s = Stack::start(
+        &EnvoyConfig::shipped(),
+        &[(ORDERS, 1)],
+        &["--max-subscriptions-per-client", "2"],
+    )
+    .await;
+    let path = subscribe_path(ORDERS, &[]);
+    let open = |spoofed: &'static str| {
+        let req = s
+            .http
+            .get(s.envoy.url(&path))
+            .header("accept", "text/event-stream")
+            .header("x-forwarded-for", spoofed);
+        async move {
+            req.send()
+                .await
+                .unwrap_or_else(|e| panic!("subscribe: {e}"))
+        }
+    };
+    // Envoy appends the address it saw, so what a client claims does not make it another one.
+    let first = open("198.51.100.1").await;
+    let second = open("198.51.100.2").await;
+    assert_eq!(
+        (first.status().as_u16(), second.status().as_u16()),
+        (200, 200)
+    );
+    let third = open("198.51.100.3").await;
+    assert_eq!(third.status().as_u16(), 429);
+    let problem: Value = third.json().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(problem["type"], "urn:eventwire:problem:subscription-quota");
+    assert!(
+        problem["detail"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("client address"),
+        "{problem}"
+    );
+    drop(first);
+    wait_until(
+        "the closed subscription's place to come free",
+        WAIT,
+        || async { open("198.51.100.4").await.status().as_u16() == 200 },
+    )
+    .await;
+}

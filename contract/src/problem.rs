@@ -69,7 +69,7 @@ kinds! {
     InvalidFrom = 400, "invalid-from", "Invalid start position";
     InvalidFilter = 400, "invalid-filter", "Invalid filter";
     TooManySubscribers = 503, "too-many-subscribers", "Too many subscribers";
-    SubscriptionQuota = 429, "subscription-quota", "Too many subscriptions for this token";
+    SubscriptionQuota = 429, "subscription-quota", "Too many subscriptions for this token or client";
     TooManyReplays = 503, "too-many-replays", "Too many replays";
     TransportRequired = 426, "transport-required", "Upgrade required";
     // Plain HTTP.

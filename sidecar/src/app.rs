@@ -84,7 +84,8 @@ pub async fn serve(args: ServeArgs) -> Result<(), AppError> {
     let schemas = schemas(&args)?;
     axum::serve(
         listener,
-        router(&args, sink, fanout.clone(), auth, readers, schemas),
+        router(&args, sink, fanout.clone(), auth, readers, schemas)
+            .into_make_service_with_connect_info::<std::net::SocketAddr>(),
     )
     .with_graceful_shutdown(async move {
         shutdown_signal().await;
@@ -194,6 +195,8 @@ fn router(
         auth: readers,
         tickets: Arc::default(),
         quota: subscribe::Quota::new(args.subscribers.max_subscriptions_per_token as usize),
+        per_client: subscribe::Quota::new(args.subscribers.max_subscriptions_per_client as usize),
+        trusted_proxies: args.subscribers.trusted_proxies.clone().into(),
     }))
 }
 

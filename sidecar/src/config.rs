@@ -207,6 +207,19 @@ pub struct SubscriberArgs {
     /// get 429 `subscription-quota`.
     #[arg(long, env = "EVENTWIRE_MAX_SUBSCRIPTIONS_PER_TOKEN", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_subscriptions_per_token: u32,
+    /// Subscriptions one client address may have open at once; more get 429
+    /// `subscription-quota`. The address is the connection's, or the right-most
+    /// `X-Forwarded-For` entry when the connection comes from a trusted proxy.
+    #[arg(long, env = "EVENTWIRE_MAX_SUBSCRIPTIONS_PER_CLIENT", default_value_t = 100, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_subscriptions_per_client: u32,
+    /// Proxies (IP addresses, comma-separated) whose `X-Forwarded-For` names the client.
+    #[arg(
+        long,
+        env = "EVENTWIRE_TRUSTED_PROXIES",
+        value_delimiter = ',',
+        default_value = "127.0.0.1,::1"
+    )]
+    pub trusted_proxies: Vec<std::net::IpAddr>,
 }
 
 impl SubscriberArgs {

@@ -43,9 +43,13 @@ pub enum SubscribeError {
     #[error("{0}")]
     Ticket(#[from] TicketError),
     #[error(
-        "this token has {0} subscriptions open, the most it may (--max-subscriptions-per-token)"
+        "this {what} has {limit} subscriptions open, the most it may (--max-subscriptions-per-{flag})"
     )]
-    Quota(usize),
+    Quota {
+        limit: usize,
+        what: &'static str,
+        flag: &'static str,
+    },
 }
 
 impl ProblemSource for SubscribeError {
@@ -65,7 +69,7 @@ impl ProblemSource for SubscribeError {
             SubscribeError::ForbiddenTopic(_) => Kind::ForbiddenTopic,
             SubscribeError::Ticket(TicketError::TooMany) => Kind::TooManySubscribers,
             SubscribeError::Ticket(TicketError::Random(_)) => Kind::NotReady,
-            SubscribeError::Quota(_) => Kind::SubscriptionQuota,
+            SubscribeError::Quota { .. } => Kind::SubscriptionQuota,
         }
     }
 

@@ -28,6 +28,7 @@ mod request;
 mod sse;
 mod websocket;
 
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -36,7 +37,8 @@ use axum::Router;
 use axum::extract::rejection::QueryRejection;
 use axum::extract::ws::WebSocketUpgrade;
 use axum::extract::ws::rejection::WebSocketUpgradeRejection;
-use axum::extract::{Query, State};
+use axum::extract::{ConnectInfo, Query, State};
+use axum::http::Extensions;
 use axum::http::HeaderMap;
 use axum::http::StatusCode;
 use axum::response::{Html, IntoResponse, Response};
@@ -55,6 +57,7 @@ use crate::subscription_filter::Filter;
 use request::Request;
 
 pub use quota::Quota;
+use quota::client_address;
 
 /// Largest message a subscriber may send (it only needs pings and a close).
 const MAX_CLIENT_MESSAGE: usize = 64 * 1024;
@@ -68,6 +71,9 @@ pub struct PushState {
     pub auth: Arc<SubscriberAuth>,
     pub tickets: Arc<Tickets>,
     pub quota: Arc<Quota>,
+    pub per_client: Arc<Quota>,
+    /// Proxies whose `X-Forwarded-For` names the client (`--trusted-proxies`).
+    pub trusted_proxies: Arc<[IpAddr]>,
 }
 
 pub fn router(state: PushState) -> Router {
@@ -86,6 +92,7 @@ async fn subscribe(
     State(state): State<PushState>,
     query: Result<Query<Vec<(String, String)>>, QueryRejection>,
     headers: HeaderMap,
+    extensions: Extensions,
     upgrade: Result<WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Result<Response, SubscribeError> {
     let Query(query) = query.map_err(|e| SubscribeError::InvalidQuery(e.body_text()))?;
@@ -99,17 +106,27 @@ async fn subscribe(
     if !access.allows(&request.topic) {
         return Err(SubscribeError::ForbiddenTopic(request.topic));
     }
+    let quota = |what, flag| move |limit| SubscribeError::Quota { limit, what, flag };
     let place = state
         .quota
         .take(access.principal.as_deref())
-        .map_err(SubscribeError::Quota)?;
+        .map_err(quota("token", "token"))?;
+    let peer = extensions
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.ip());
+    let forwarded = headers.get("x-forwarded-for").and_then(|v| v.to_str().ok());
+    let client = client_address(peer, forwarded, &state.trusted_proxies);
+    let client_place = state
+        .per_client
+        .take(client.as_deref())
+        .map_err(quota("client address", "client"))?;
     let sub = start(&state.fanout, request, access.filter).await?;
     tracing::debug!(topic = sub.topic(), cursor = %sub.cursor(), sse, principal = access.principal, "subscriber joined");
     let (tx, rx) = mpsc::channel(1);
     let shutdown = state.fanout.shutdown_signal();
     tokio::spawn(async move {
         pump::pump(sub, tx, shutdown, access.expires).await;
-        drop(place);
+        drop((place, client_place));
     });
     Ok(match upgrade {
         Ok(ws) => ws
@@ -197,6 +214,8 @@ mod tests {
             auth: Arc::new(SubscriberAuth::open()),
             tickets: Arc::default(),
             quota: Quota::new(1),
+            per_client: Quota::new(1),
+            trusted_proxies: Arc::new([]),
         });
         let get = |uri: &str| axum::http::Request::get(uri).body(Body::empty()).unwrap();
         let resp = app.clone().oneshot(get("/ui")).await.unwrap();

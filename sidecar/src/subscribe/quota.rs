@@ -1,6 +1,8 @@
-//! Subscriptions per token: a leaked or shared token cannot take the whole push side. Counted
-//! by the token's principal (a JWT's `sub`, a static token's line); a place is held for as long
-//! as its subscription runs.
+//! Subscriptions per token and per client address: a leaked or shared token, or one busy
+//! client, cannot take the whole push side. Counted by a key (a JWT's `sub`, a static token's
+//! line; the client's address); a place is held for as long as its subscription runs.
+
+use std::net::IpAddr;
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -43,6 +45,25 @@ impl Quota {
     }
 }
 
+/// The client's address: the right-most `X-Forwarded-For` entry when the connection comes
+/// from a trusted proxy (which appended it), else the connection's own peer.
+pub fn client_address(
+    peer: Option<IpAddr>,
+    forwarded_for: Option<&str>,
+    trusted: &[IpAddr],
+) -> Option<String> {
+    let peer = peer?;
+    if trusted.contains(&peer)
+        && let Some(last) = forwarded_for
+            .and_then(|f| f.rsplit(',').next())
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+    {
+        return Some(last.to_string());
+    }
+    Some(peer.to_string())
+}
+
 impl Drop for Held {
     fn drop(&mut self) {
         let mut open = self
@@ -76,5 +97,27 @@ mod tests {
         assert!(q.take(None).unwrap().is_none(), "nothing to count");
         drop(a1);
         assert!(q.take(Some("a")).is_ok(), "a place came free");
+    }
+
+    #[test]
+    fn the_client_is_the_peer_or_what_a_trusted_proxy_appended() {
+        let local: IpAddr = "127.0.0.1".parse().unwrap();
+        let other: IpAddr = "192.0.2.7".parse().unwrap();
+        let trusted = [local];
+        let xff = Some("198.51.100.1, 203.0.113.9");
+        assert_eq!(
+            client_address(Some(local), xff, &trusted).as_deref(),
+            Some("203.0.113.9")
+        );
+        assert_eq!(
+            client_address(Some(other), xff, &trusted).as_deref(),
+            Some("192.0.2.7"),
+            "untrusted peer"
+        );
+        assert_eq!(
+            client_address(Some(local), None, &trusted).as_deref(),
+            Some("127.0.0.1")
+        );
+        assert_eq!(client_address(None, xff, &trusted), None);
     }
 }
