@@ -6,7 +6,7 @@
 //! already is a CloudEvent (binary, structured, or a batch) goes on as it came.
 
 use crate::cloudevent::{self, Incoming};
-use crate::config::{JwtPayload, Rule, Sidecar, ValueSource};
+use crate::config::{JwtPayload, Rule, Sidecar, ValueSource, json_kind};
 use crate::problem::FilterError;
 use crate::redact;
 use crate::route::strip_query;
@@ -693,17 +693,6 @@ fn resolve<'a>(
                 ))),
             }
         }
-    }
-}
-
-fn json_kind(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
     }
 }
 

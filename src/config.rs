@@ -267,7 +267,10 @@ impl Fields {
                 members,
                 at: at.to_string(),
             }),
-            other => Err(err(at, format!("must be an object, not {}", kind(&other)))),
+            other => Err(err(
+                at,
+                format!("must be an object, not {}", json_kind(&other)),
+            )),
         }
     }
 
@@ -290,7 +293,7 @@ impl Fields {
             Some(Value::String(s)) => Ok(Some(s)),
             Some(other) => Err(err(
                 self.path(name),
-                format!("must be a string, not {}", kind(&other)),
+                format!("must be a string, not {}", json_kind(&other)),
             )),
         }
     }
@@ -306,7 +309,7 @@ impl Fields {
             Some(v) => v.as_u64().map(Some).ok_or_else(|| {
                 err(
                     self.path(name),
-                    format!("must be a non-negative integer, not {}", kind(&v)),
+                    format!("must be a non-negative integer, not {}", json_kind(&v)),
                 )
             }),
         }
@@ -338,7 +341,8 @@ impl Fields {
     }
 }
 
-fn kind(v: &Value) -> &'static str {
+/// What a JSON value is, for messages.
+pub(crate) fn json_kind(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -384,7 +388,7 @@ pub fn parse(bytes: &[u8]) -> Result<Config, ConfigError> {
         Some(other) => {
             return Err(err(
                 "rules",
-                format!("must be an array, not {}", kind(&other)),
+                format!("must be an array, not {}", json_kind(&other)),
             ));
         }
     };
@@ -762,7 +766,10 @@ fn parse_jwt_payload(
 /// `[{"pointer": "/card/number", "action": "mask"}, ...]`.
 fn parse_redact(v: Value, field: &str) -> Result<Vec<Redaction>, ConfigError> {
     let Value::Array(items) = v else {
-        return Err(err(field, format!("must be an array, not {}", kind(&v))));
+        return Err(err(
+            field,
+            format!("must be an array, not {}", json_kind(&v)),
+        ));
     };
     items
         .into_iter()

@@ -81,7 +81,15 @@ async fn secured_stack() -> (Stack, tempfile::NamedTempFile) {
         "--max-subscriptions-per-token",
         "3",
     ];
-    let s = Stack::start(&EnvoyConfig::shipped(), &[(ORDERS, 1)], &args).await;
+    // The shipped orders rule, with the customer (x-customer) as the events' subject.
+    let cfg = EnvoyConfig::shipped().map_yaml(|y| {
+        y.replacen(
+            r#""key": { "json_pointer": "/id" },"#,
+            r#""key": { "json_pointer": "/id" }, "subject": { "header": "x-customer" },"#,
+            1,
+        )
+    });
+    let s = Stack::start(&cfg, &[(ORDERS, 1)], &args).await;
     (s, tokens)
 }
 
@@ -116,13 +124,27 @@ async fn refused(s: &Stack, path: &str, token: Option<&str>) -> (u16, String, St
     (status, ty, challenge)
 }
 
-/// `POST /orders` through Envoy for `tenant`; the 202's event id and Location.
-async fn order(s: &Stack, id: &str, tenant: &str) -> (String, String) {
+/// `POST /orders` through Envoy with `body` as `content_type`: the status and the answer.
+async fn post_orders(s: &Stack, body: &Value, content_type: &str) -> (u16, String) {
+    let resp = s
+        .http
+        .post(s.envoy.url("/orders"))
+        .header("content-type", content_type)
+        .body(body.to_string())
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("POST /orders: {e}"));
+    let status = resp.status().as_u16();
+    (status, resp.text().await.unwrap_or_default())
+}
+
+/// `POST /orders` through Envoy for `customer`; the 202's event id and Location.
+async fn order(s: &Stack, id: &str, customer: &str) -> (String, String) {
     let resp = s
         .http
         .post(s.envoy.url("/orders"))
         .header("content-type", "application/json")
-        .header("x-tenant-id", tenant)
+        .header("x-customer", customer)
         .body(json!({"id": id}).to_string())
         .send()
         .await
@@ -212,10 +234,10 @@ async fn subscribers_need_a_valid_token_for_the_topic_and_get_only_what_it_allow
         ),
     }
 
-    // A browser's WebSocket: the token as a subprotocol, with a forced filter (one tenant).
+    // A browser's WebSocket: the token as a subprotocol, forced to one customer's events.
     let acme_only = jwt(
         Algorithm::RS256,
-        &claims(json!({"filter": {"exact": {"tenant": "acme"}}})),
+        &claims(json!({"filter": {"exact": {"subject": "acme"}}})),
     );
     let (mut ws, selected) = WsClient::connect_offering(
         &ws_url(&s, &path),
@@ -370,21 +392,6 @@ async fn redacted_fields_never_reach_kafka_and_hashes_stay_joinable() {
 }"#;
     let cfg = EnvoyConfig::shipped().with_filter_config(filter);
     let s = Stack::start(&cfg, &[(ORDERS, 1)], &[]).await;
-    let post = |body: Value, content_type: &'static str| {
-        let req = s
-            .http
-            .post(s.envoy.url("/orders"))
-            .header("content-type", content_type)
-            .body(body.to_string());
-        async move {
-            let resp = req
-                .send()
-                .await
-                .unwrap_or_else(|e| panic!("POST /orders: {e}"));
-            let status = resp.status().as_u16();
-            (status, resp.text().await.unwrap_or_default())
-        }
-    };
     let order = |id: &str, email: &str| {
         json!({"id": id, "card": {"number": "4111111111111111", "cvc": "737"},
                "customer": {"email": email, "phone": "+49 30 1234567"},
@@ -395,11 +402,11 @@ async fn redacted_fields_never_reach_kafka_and_hashes_stay_joinable() {
         ("r-2", "ada@example.com"),
         ("r-3", "bob@example.com"),
     ] {
-        let (status, text) = post(order(id, email), "application/json").await;
+        let (status, text) = post_orders(&s, &order(id, email), "application/json").await;
         assert_eq!(status, 202, "{id}: {text}");
     }
     // A body the rule cannot look into is refused, not published whole.
-    let (status, text) = post(json!("card 4111111111111111"), "text/plain").await;
+    let (status, text) = post_orders(&s, &json!("card 4111111111111111"), "text/plain").await;
     assert_eq!(status, 400, "{text}");
     assert!(
         text.contains("urn:eventwire:problem:invalid-json"),
@@ -469,28 +476,9 @@ async fn event_data_is_checked_against_its_schema_before_anything_is_durable() {
         .to_string();
     let cfg = EnvoyConfig::shipped().with_filter_config(filter);
     let s = Stack::start(&cfg, &[(ORDERS, 1)], &["--schema-dir", &dir]).await;
-    let post = |body: Value| {
-        let req = s
-            .http
-            .post(s.envoy.url("/orders"))
-            .header("content-type", "application/json")
-            .body(body.to_string());
-        async move {
-            let resp = req
-                .send()
-                .await
-                .unwrap_or_else(|e| panic!("POST /orders: {e}"));
-            let status = resp.status().as_u16();
-            let text = resp.text().await.unwrap_or_default();
-            (
-                status,
-                serde_json::from_str::<Value>(&text).unwrap_or(Value::Null),
-                text,
-            )
-        }
-    };
-    let (status, _, text) =
-        post(json!({"id": "s-1", "total": 12.5, "items": [{"sku": "a", "qty": 2}]})).await;
+    let json = "application/json";
+    let valid = json!({"id": "s-1", "total": 12.5, "items": [{"sku": "a", "qty": 2}]});
+    let (status, text) = post_orders(&s, &valid, json).await;
     assert_eq!(status, 202, "{text}");
 
     // Each invalid body: 400 invalid-data naming every failing pointer with its keyword.
@@ -506,7 +494,8 @@ async fn event_data_is_checked_against_its_schema_before_anything_is_durable() {
         ),
     ];
     for (body, want) in cases {
-        let (status, problem, text) = post(body.clone()).await;
+        let (status, text) = post_orders(&s, &body, json).await;
+        let problem: Value = serde_json::from_str(&text).unwrap_or(Value::Null);
         assert_eq!(status, 400, "{body}: {text}");
         assert_eq!(
             problem["type"], "urn:eventwire:problem:invalid-data",
