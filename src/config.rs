@@ -185,7 +185,7 @@ pub struct Extension {
 
 /// Claims of a JWT payload the proxy verified and forwards (Envoy `jwt_authn`
 /// `forward_payload_header`: base64url JSON) copied into extension attributes.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct JwtPayload {
     /// Lowercased request header name that carries the payload.
     pub header: String,
@@ -316,17 +316,21 @@ impl Fields {
     }
 
     /// One of `names` (a string enum), e.g. `"bridge"`.
-    fn choice(&mut self, name: &str, names: &[&'static str]) -> Result<Option<usize>, ConfigError> {
+    fn choice<T: Copy>(
+        &mut self,
+        name: &str,
+        options: &[(&str, T)],
+    ) -> Result<Option<T>, ConfigError> {
         let Some(given) = self.string(name)? else {
             return Ok(None);
         };
-        match names.iter().position(|n| *n == given) {
-            Some(i) => Ok(Some(i)),
+        match options.iter().find(|(n, _)| *n == given) {
+            Some((_, v)) => Ok(Some(*v)),
             None => Err(err(
                 self.path(name),
                 format!(
-                    "unknown variant `{given}`, expected one of `{}`",
-                    names.join("`, `")
+                    "unknown variant `{given}`, expected one of {}",
+                    names(options)
                 ),
             )),
         }
@@ -339,6 +343,12 @@ impl Fields {
             Some(k) => Err(err(&self.at, format!("unknown field `{k}`"))),
         }
     }
+}
+
+/// `` `a`, `b` `` for a message listing the accepted names.
+fn names<T>(options: &[(&str, T)]) -> String {
+    let names: Vec<String> = options.iter().map(|(n, _)| format!("`{n}`")).collect();
+    names.join(", ")
 }
 
 /// What a JSON value is, for messages.
@@ -531,8 +541,14 @@ fn parse_rule(v: Value, i: usize) -> Result<Rule, ConfigError> {
     let mut raw = Fields::of(v, &format!("rules[{i}]"))?;
     let name = raw.string("name")?;
     let matcher = raw.value("match");
-    let mode = raw.choice("mode", &["bridge", "tap"])?;
-    let on_failure = raw.choice("on_failure", &["reject", "passthrough"])?;
+    let mode = raw.choice("mode", &[("bridge", Mode::Bridge), ("tap", Mode::Tap)])?;
+    let on_failure = raw.choice(
+        "on_failure",
+        &[
+            ("reject", OnFailure::Reject),
+            ("passthrough", OnFailure::Passthrough),
+        ],
+    )?;
     let topic = raw.required_string("topic")?;
     let ce_type = raw.required_string("type")?;
     let source = raw.string("source")?;
@@ -554,9 +570,9 @@ fn parse_rule(v: Value, i: usize) -> Result<Rule, ConfigError> {
         None => Matcher::default(),
         Some(v) => parse_match(v, &at("match"))?,
     };
-    let mode = [Mode::Bridge, Mode::Tap][mode.unwrap_or(0)];
+    let mode = mode.unwrap_or(Mode::Bridge);
     let on_failure = match on_failure {
-        Some(i) => [OnFailure::Reject, OnFailure::Passthrough][i],
+        Some(on_failure) => on_failure,
         None => match mode {
             Mode::Bridge => OnFailure::Reject,
             // Tap must never turn a good upstream answer into an error by default.
@@ -596,12 +612,17 @@ fn parse_rule(v: Value, i: usize) -> Result<Rule, ConfigError> {
         .transpose()?;
     let mut extensions = Vec::new();
     if let Some(v) = raw_extensions {
-        let mut headers = Fields::of(v, &at("extensions"))?;
-        let names: Vec<String> = headers.members.keys().cloned().collect();
-        for header in names {
+        let Value::Object(headers) = v else {
+            let why = format!("must be an object, not {}", json_kind(&v));
+            return Err(err(at("extensions"), why));
+        };
+        for (header, attr) in headers {
             let field = format!("rules[{i}].extensions.{header}");
-            let Some(attr) = headers.string(&header)? else {
-                continue;
+            let Value::String(attr) = attr else {
+                return Err(err(
+                    &field,
+                    "must be an extension attribute name (a string)",
+                ));
             };
             let header = validate_header_name(&header).map_err(|e| err(&field, e))?;
             add_extension(&mut extensions, header, &attr, &field)?;
@@ -778,46 +799,42 @@ fn parse_redact(v: Value, field: &str) -> Result<Vec<Redaction>, ConfigError> {
             let at = format!("{field}[{i}]");
             let mut f = Fields::of(item, &at)?;
             let pointer = f.required_string("pointer")?;
-            let action = f.choice("action", &Action::NAMES)?;
+            let action = f.choice("action", &Action::BY_NAME)?;
             f.done()?;
             let action = action.ok_or_else(|| err(&at, "missing field `action`"))?;
-            Redaction::parse(&pointer, Action::ALL[action])
-                .map_err(|e| err(format!("{at}.pointer"), e))
+            Redaction::parse(&pointer, action).map_err(|e| err(format!("{at}.pointer"), e))
         })
         .collect()
 }
 
 /// `{"header": NAME}`, `{"json_pointer": POINTER}` or `{"path_param": NAME}`: exactly one.
 fn value_source(v: Value, field: &str) -> Result<ValueSource, ConfigError> {
-    const KINDS: [&str; 3] = ["header", "json_pointer", "path_param"];
+    type Make = fn(String) -> ValueSource;
+    const KINDS: [(&str, Make); 3] = [
+        ("header", ValueSource::Header),
+        ("json_pointer", ValueSource::JsonPointer),
+        ("path_param", ValueSource::PathParam),
+    ];
     let mut f = Fields::of(v, field)?;
     let mut found = None;
-    for (i, kind) in KINDS.iter().enumerate() {
+    for (kind, make) in KINDS {
         if let Some(s) = f.string(kind)? {
             if found.is_some() {
                 return Err(err(field, "must have exactly one member"));
             }
-            found = Some((i, s));
+            found = Some(make(s));
         }
     }
     if let Some(other) = f.members.keys().next() {
         return Err(err(
             field,
             format!(
-                "unknown variant `{other}`, expected one of `{}`",
-                KINDS.join("`, `")
+                "unknown variant `{other}`, expected one of {}",
+                names(&KINDS)
             ),
         ));
     }
-    match found {
-        Some((0, s)) => Ok(ValueSource::Header(s)),
-        Some((1, s)) => Ok(ValueSource::JsonPointer(s)),
-        Some((_, s)) => Ok(ValueSource::PathParam(s)),
-        None => Err(err(
-            field,
-            "must be one of {\"header\": ...}, {\"json_pointer\": ...}, {\"path_param\": ...}",
-        )),
-    }
+    found.ok_or_else(|| err(field, format!("must name one of {}", names(&KINDS))))
 }
 
 /// Lowercases a header name and refuses the ones that carry credentials.

@@ -23,8 +23,12 @@ pub enum Action {
 }
 
 impl Action {
-    pub const NAMES: [&'static str; 3] = ["drop", "mask", "hash"];
-    pub const ALL: [Action; 3] = [Action::Drop, Action::Mask, Action::Hash];
+    /// The config's names for them.
+    pub const BY_NAME: [(&'static str, Action); 3] = [
+        ("drop", Action::Drop),
+        ("mask", Action::Mask),
+        ("hash", Action::Hash),
+    ];
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -115,7 +115,6 @@ pub struct SubscriberAuth {
     tokens: Option<Watched<Vec<Secret>>>,
     keys: Option<Watched<Vec<Key>>>,
     validation: Validation,
-    leeway: Duration,
 }
 
 impl SubscriberAuth {
@@ -136,7 +135,6 @@ impl SubscriberAuth {
             tokens,
             keys,
             validation: validation(config),
-            leeway: config.leeway,
         })
     }
 
@@ -147,7 +145,6 @@ impl SubscriberAuth {
             tokens: None,
             keys: None,
             validation: validation(&SubscriberAuthConfig::default()),
-            leeway: Duration::ZERO,
         }
     }
 
@@ -236,7 +233,10 @@ impl SubscriberAuth {
         Ok(Access {
             topics: Some(topics),
             filter,
-            expires: Some(UNIX_EPOCH + Duration::from_secs(claims.exp) + self.leeway),
+            // Checked: a signed `exp` beyond what the clock can hold means no expiry, not a panic.
+            expires: UNIX_EPOCH.checked_add(Duration::from_secs(
+                claims.exp.saturating_add(self.validation.leeway),
+            )),
             principal: claims.sub,
         })
     }

@@ -135,13 +135,11 @@ async fn publish_batch(
     topic: &str,
 ) -> Response {
     let mut records = Vec::with_capacity(events.len());
-    for (index, event) in events.iter().enumerate() {
-        if let Err(e) = check_data(state, event) {
+    for (index, event) in events.into_iter().enumerate() {
+        if let Err(e) = check_data(state, &event) {
             let error = Box::new(e);
             return reject(IngestError::InBatch { index, error }, None);
         }
-    }
-    for event in events {
         match request::out_record(headers, &event, topic) {
             Ok(record) => records.push(EventRecord {
                 id: event.id,
