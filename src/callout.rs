@@ -10,6 +10,7 @@ use crate::config::{JwtPayload, Rule, Sidecar, ValueSource, json_kind};
 use crate::problem::FilterError;
 use crate::redact;
 use crate::route::strip_query;
+use crate::trace::{self, TraceParent};
 use eventwire_contract::header_value::{
     decode as decode_header_value, encode as encode_header_value,
 };
@@ -55,6 +56,8 @@ pub fn header<'h>(headers: &'h [(String, Vec<u8>)], name: &str) -> Option<&'h [u
 pub struct Stamp {
     pub now_nanos: u64,
     pub random: [u8; 16],
+    /// Ids for a trace the filter starts (a request without a valid `traceparent`).
+    pub trace: [u8; 24],
 }
 
 /// The ingest callout, ready for `dispatch_http_call`.
@@ -64,6 +67,8 @@ pub struct Callout<'a> {
     pub body: Cow<'a, [u8]>,
     /// The event id, when the filter knows it before the sidecar answers (for logs).
     pub id: Option<Cow<'a, str>>,
+    /// The event's trace context (a batch: the request's), echoed in the 202 and logged.
+    pub trace: Option<TraceParent>,
 }
 
 impl Callout<'_> {
@@ -92,14 +97,24 @@ pub fn build<'a>(
     if let Some(a) = &sidecar.authorization {
         h.push(("authorization".into(), a.as_str().into()));
     }
+    let ctx = TraceContext::of(req, stamp);
+    // On the callout itself too: the sidecar gives it to a client's event that has none.
+    ctx.push(&mut h, "");
     if mode == Incoming::Batch {
-        return batch(rule, req, h);
+        return batch(rule, req, h, ctx.parent);
     }
-    let (body, data) = if rule.redact.is_empty() {
-        let data = EventData::of(mode, content_type, req.body, rule.needs_json_body())?;
+    let mut own = OwnTrace::Absent;
+    let (mut body, data) = if rule.redact.is_empty() {
+        let data = EventData::of(
+            mode,
+            content_type,
+            req.body,
+            rule.needs_json_body(),
+            &mut own,
+        )?;
         (Cow::Borrowed(req.body), data)
     } else {
-        let (body, data) = redacted(rule, mode, content_type, req.body)?;
+        let (body, data) = redacted(rule, mode, content_type, req.body, &ctx, &mut own)?;
         (Cow::Owned(body), data)
     };
     if let Some(src) = &rule.key {
@@ -112,13 +127,20 @@ pub fn build<'a>(
     let id = match mode {
         Incoming::Structured => {
             h.push(("content-type".into(), cloudevent::STRUCTURED.into()));
+            if let OwnTrace::Absent = own {
+                body = Cow::Owned(with_trace(&body, &ctx));
+            }
             None
         }
         Incoming::Binary => {
-            forward_binary(req, &mut h)?;
+            own = forward_binary(req, &mut h)?;
+            if let OwnTrace::Absent = own {
+                ctx.push(&mut h, "ce-");
+            }
             None
         }
         Incoming::Plain | Incoming::Batch => {
+            ctx.push(&mut h, "ce-");
             Some(wrap(rule, req, stamp, content_type, &data, &mut h)?)
         }
     };
@@ -126,7 +148,98 @@ pub fn build<'a>(
         headers: h,
         body,
         id,
+        trace: match own {
+            OwnTrace::Absent => Some(ctx.parent),
+            OwnTrace::Present(t) => t,
+        },
     })
+}
+
+/// The trace an event joins: the request's when it carries a valid `traceparent` (with its
+/// `tracestate`), else a new one.
+struct TraceContext<'a> {
+    parent: TraceParent,
+    text: Cow<'a, str>,
+    state: Option<&'a str>,
+}
+
+impl<'a> TraceContext<'a> {
+    fn of(req: &Request<'a>, stamp: &Stamp) -> TraceContext<'a> {
+        let incoming = req.header("traceparent");
+        match incoming.and_then(TraceParent::parse) {
+            Some(parent) => TraceContext {
+                parent,
+                // Sent on byte for byte when it already is the version-00 form.
+                text: match incoming.and_then(|v| std::str::from_utf8(v).ok()) {
+                    Some(t) if t == parent.as_str() => Cow::Borrowed(t),
+                    _ => Cow::Owned(parent.as_str().to_owned()),
+                },
+                state: req.header("tracestate").and_then(trace::tracestate),
+            },
+            None => {
+                let parent = TraceParent::start(&stamp.trace);
+                TraceContext {
+                    parent,
+                    text: Cow::Owned(parent.as_str().to_owned()),
+                    state: None,
+                }
+            }
+        }
+    }
+
+    /// As HTTP headers (`prefix` "") or as the event's extension headers ("ce-").
+    fn push(&self, h: &mut Vec<(Cow<'a, str>, Cow<'a, str>)>, prefix: &'static str) {
+        let (parent, state) = match prefix {
+            "" => ("traceparent", "tracestate"),
+            _ => ("ce-traceparent", "ce-tracestate"),
+        };
+        h.push((parent.into(), self.text.clone()));
+        if let Some(s) = self.state {
+            h.push((state.into(), s.into()));
+        }
+    }
+
+    /// As JSON members, each followed by a comma.
+    fn members(&self) -> String {
+        let mut out = format!("\"traceparent\":\"{}\",", self.parent.as_str());
+        if let Some(s) = self.state {
+            let mut quoted = Vec::with_capacity(s.len() + 2);
+            json_string(&mut quoted, s);
+            out.push_str("\"tracestate\":");
+            out.push_str(&String::from_utf8_lossy(&quoted));
+            out.push(',');
+        }
+        out
+    }
+}
+
+/// Whether the client's own CloudEvent carries trace context (kept as it is when it does).
+#[derive(Clone, Copy)]
+enum OwnTrace {
+    Absent,
+    /// Present; `None` when not a valid `traceparent` (sent on as the client made it).
+    Present(Option<TraceParent>),
+}
+
+impl OwnTrace {
+    fn of_event(event: &Value) -> OwnTrace {
+        match event.get("traceparent") {
+            None => OwnTrace::Absent,
+            Some(v) => OwnTrace::Present(v.as_str().and_then(|s| TraceParent::parse(s.as_bytes()))),
+        }
+    }
+}
+
+/// A structured event (checked to be a JSON object) with the trace members put first, so
+/// the client's bytes after them are sent on untouched.
+fn with_trace(event: &[u8], ctx: &TraceContext<'_>) -> Vec<u8> {
+    let members = ctx.members();
+    let open = event.iter().position(|&b| b == b'{').map_or(0, |i| i + 1);
+    let mut out = Vec::with_capacity(event.len() + members.len());
+    out.extend_from_slice(&event[..open]);
+    out.extend_from_slice(members.as_bytes());
+    out.extend_from_slice(&event[open..]);
+    out
 }
 
 /// A redacting rule's body with its fields taken out, and the data keys are read from (so a
@@ -137,12 +250,22 @@ fn redacted(
     mode: Incoming,
     content_type: Option<&str>,
     body: &[u8],
+    ctx: &TraceContext<'_>,
+    own: &mut OwnTrace,
 ) -> Result<(Vec<u8>, EventData), FilterError> {
     match mode {
         Incoming::Structured => {
             let mut event = parse_json(body)?;
             check_structured(&event)?;
             redact_event(rule, &mut event)?;
+            *own = OwnTrace::of_event(&event);
+            if let (OwnTrace::Absent, Some(obj)) = (*own, event.as_object_mut()) {
+                obj.insert("traceparent".into(), ctx.parent.as_str().into());
+                if let Some(s) = ctx.state {
+                    obj.insert("tracestate".into(), s.into());
+                }
+                *own = OwnTrace::Present(Some(ctx.parent));
+            }
             let bytes = to_json(&event)?;
             let data = match event.get_mut("data").map(Value::take) {
                 Some(d) => EventData::Json(d),
@@ -195,6 +318,7 @@ fn batch<'a>(
     rule: &'a Rule,
     req: &Request<'a>,
     mut h: Vec<(Cow<'a, str>, Cow<'a, str>)>,
+    trace: TraceParent,
 ) -> Result<Callout<'a>, FilterError> {
     h.push(("content-type".into(), cloudevent::BATCH.into()));
     let from_body = rule.key.as_ref().filter(|k| k.uses_body());
@@ -203,6 +327,7 @@ fn batch<'a>(
             headers: h,
             body: Cow::Owned(rewritten_batch(from_body, rule, req)?),
             id: None,
+            trace: Some(trace),
         });
     }
     let body = match &rule.key {
@@ -226,6 +351,7 @@ fn batch<'a>(
         headers: h,
         body,
         id: None,
+        trace: Some(trace),
     })
 }
 
@@ -461,11 +587,13 @@ impl EventData {
         content_type: Option<&str>,
         body: &[u8],
         need_tree: bool,
+        own: &mut OwnTrace,
     ) -> Result<Self, FilterError> {
         match mode {
             Incoming::Structured => {
                 let mut event: Value = parse_json(body)?;
                 check_structured(&event)?;
+                *own = OwnTrace::of_event(&event);
                 match event.get_mut("data").map(Value::take) {
                     Some(data) if event.get("data_base64").is_none() => Ok(EventData::Json(data)),
                     _ => Ok(EventData::NotJson("the event has no JSON data")),
@@ -530,10 +658,11 @@ fn check_structured(event: &Value) -> Result<(), FilterError> {
     Ok(())
 }
 
+/// The client's binary-mode event goes on as it came; returns the trace context it carries.
 fn forward_binary<'a>(
     req: &Request<'a>,
     h: &mut Vec<(Cow<'a, str>, Cow<'a, str>)>,
-) -> Result<(), FilterError> {
+) -> Result<OwnTrace, FilterError> {
     if req.header("ce-specversion") != Some(cloudevent::SPECVERSION.as_bytes()) {
         return Err(FilterError::InvalidCloudEvent {
             attribute: "specversion",
@@ -562,7 +691,10 @@ fn forward_binary<'a>(
             h.push((Cow::Owned(name.to_ascii_lowercase()), Cow::Borrowed(v)));
         }
     }
-    Ok(())
+    Ok(match req.header("ce-traceparent") {
+        None => OwnTrace::Absent,
+        Some(v) => OwnTrace::Present(TraceParent::parse(v)),
+    })
 }
 
 /// Builds a new event around a plain request; returns its id.
@@ -720,6 +852,7 @@ mod tests {
     const STAMP: Stamp = Stamp {
         now_nanos: 1_522_949_460_000_000_000,
         random: [7; 16],
+        trace: [9; 24],
     };
 
     fn get<'c>(c: &'c Callout<'_>, name: &str) -> Option<&'c str> {
@@ -893,6 +1026,95 @@ mod tests {
         assert!(matches!(e, Some(FilterError::InvalidCloudEvent { .. })));
     }
 
+    /// The trace `STAMP` starts.
+    const STARTED: &str = "00-09090909090909090909090909090909-0909090909090909-01";
+    const BODY_AFTER_BRACE: &str =
+        r#""specversion":"1.0","id":"e1","source":"/s","type":"t","data":{"order":{"id":"o-9"}}}"#;
+    const INCOMING: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    fn built<'a>(c: &'a config::Config, req: &Request<'a>) -> Callout<'a> {
+        match build(&c.rules[0], &c.sidecar, req, &STAMP) {
+            Ok(o) => o,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn a_request_trace_becomes_the_events_and_goes_on_the_callout() {
+        let c = cfg(r#"{"topic":"t","type":"x"}"#);
+        let traced = hdrs(&[
+            ("traceparent", INCOMING),
+            ("tracestate", "rojo=00f067aa0ba902b7"),
+        ]);
+        let out = built(&c, &request(&traced, b""));
+        for name in ["traceparent", "ce-traceparent"] {
+            assert_eq!(get(&out, name), Some(INCOMING), "{name}");
+        }
+        for name in ["tracestate", "ce-tracestate"] {
+            assert_eq!(get(&out, name), Some("rojo=00f067aa0ba902b7"), "{name}");
+        }
+        assert_eq!(
+            out.trace.map(|t| t.as_str().to_owned()).as_deref(),
+            Some(INCOMING)
+        );
+        // Invalid or absent: a new trace, and a tracestate without its parent is dropped.
+        for headers in [
+            hdrs(&[("traceparent", "00-zz"), ("tracestate", "a=b")]),
+            hdrs(&[]),
+        ] {
+            let out = built(&c, &request(&headers, b""));
+            assert_eq!(get(&out, "ce-traceparent"), Some(STARTED));
+            assert_eq!(get(&out, "traceparent"), Some(STARTED));
+            assert_eq!(get(&out, "ce-tracestate"), None);
+            assert_eq!(
+                out.trace.map(|t| t.as_str().to_owned()).as_deref(),
+                Some(STARTED)
+            );
+        }
+    }
+
+    #[test]
+    fn a_client_cloudevent_keeps_its_own_trace() {
+        let c = cfg(r#"{"topic":"t","type":"x"}"#);
+        let own = "00-11111111111111111111111111111111-2222222222222222-00";
+        let binary = [
+            ("ce-specversion", "1.0"),
+            ("ce-id", "e"),
+            ("ce-source", "/s"),
+            ("ce-type", "t"),
+        ];
+        let mut with_own = binary.to_vec();
+        with_own.extend([("ce-traceparent", own), ("traceparent", INCOMING)]);
+        let headers = hdrs(&with_own);
+        let out = built(&c, &request(&headers, b""));
+        let traceparents: Vec<_> = out
+            .headers
+            .iter()
+            .filter(|(n, _)| n == "ce-traceparent")
+            .collect();
+        assert_eq!(traceparents.len(), 1);
+        assert_eq!(get(&out, "ce-traceparent"), Some(own));
+        assert_eq!(get(&out, "traceparent"), Some(INCOMING));
+        assert_eq!(
+            out.trace.map(|t| t.as_str().to_owned()).as_deref(),
+            Some(own)
+        );
+        // Without one it joins the request's trace.
+        let headers = hdrs(&binary);
+        let out = built(&c, &request(&headers, b""));
+        assert_eq!(get(&out, "ce-traceparent"), Some(STARTED));
+        // A batch's events keep theirs; the callout carries the request's for the rest.
+        let headers = hdrs(&[
+            ("content-type", "application/cloudevents-batch+json"),
+            ("traceparent", INCOMING),
+        ]);
+        let body = br#"[{"specversion":"1.0","id":"e","source":"/s","type":"t"}]"#;
+        let out = built(&c, &request(&headers, body));
+        assert_eq!(&out.body[..], &body[..]);
+        assert_eq!(get(&out, "traceparent"), Some(INCOMING));
+        assert_eq!(get(&out, "ce-traceparent"), None);
+    }
+
     #[test]
     fn structured_cloudevents_pass_through_with_key_from_data() {
         let c = cfg(r#"{"topic":"t","type":"x","key":{"json_pointer":"/order/id"}}"#);
@@ -908,7 +1130,19 @@ mod tests {
         );
         assert_eq!(get(&out, "eventwire-key"), Some("o-9"));
         assert_eq!(get(&out, "ce-id"), None);
-        assert_eq!(&out.body[..], &body[..]);
+        // The event gains the trace the filter started; the client's bytes follow untouched.
+        let traced = format!(r#"{{"traceparent":"{STARTED}",{}"#, &BODY_AFTER_BRACE);
+        assert_eq!(String::from_utf8_lossy(&out.body), traced);
+        let own = br#"{"traceparent":"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01","specversion":"1.0","id":"e1","source":"/s","type":"t","data":{"order":{"id":"o-9"}}}"#;
+        let out = match build(&c.rules[0], &c.sidecar, &request(&headers, own), &STAMP) {
+            Ok(o) => o,
+            Err(e) => panic!("{e}"),
+        };
+        assert_eq!(&out.body[..], &own[..]);
+        assert_eq!(
+            out.trace.map(|t| t.trace_id().to_owned()).as_deref(),
+            Some("4bf92f3577b34da6a3ce929d0e0e4736")
+        );
         for (bad, why) in [
             (
                 &br#"{"specversion":"0.3","id":"e","source":"/s","type":"t"}"#[..],

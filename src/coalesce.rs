@@ -30,6 +30,8 @@ pub struct Waiting {
 pub struct Batch {
     pub rule: usize,
     pub waiting: Vec<Waiting>,
+    /// When its callout went (host clock), for the round-trip histogram.
+    pub sent_nanos: u64,
 }
 
 impl Batch {
@@ -150,7 +152,11 @@ impl Coalescer {
             waiting.extend(lane.queue.pop_front());
         }
         lane.in_flight += 1;
-        Some(Batch { rule, waiting })
+        Some(Batch {
+            rule,
+            waiting,
+            sent_nanos: 0,
+        })
     }
 
     pub fn sent(&mut self, token: u32, batch: Batch) {

@@ -19,6 +19,8 @@ pub use eventwire_contract::{
 /// proxy's own buffering limits and memory make a bridge the wrong tool.
 pub const MAX_MAX_BODY_BYTES: u64 = 16 * 1_048_576;
 pub const MAX_TIMEOUT_MS: u64 = 300_000;
+/// Rule names end up in metric names, which Kong caps at 256 bytes.
+pub const MAX_RULE_NAME: usize = 64;
 
 /// Headers that carry credentials: never copied into an event, whatever the config says.
 pub const SENSITIVE_HEADERS: [&str; 3] = ["authorization", "cookie", "proxy-authorization"];
@@ -560,10 +562,12 @@ fn parse_rule(v: Value, i: usize) -> Result<Rule, ConfigError> {
     let jwt_payload = raw.value("jwt_payload");
     raw.done()?;
     let name = name.unwrap_or_else(|| format!("rule-{i}"));
-    if name.is_empty() || !name.bytes().all(|b| b.is_ascii_graphic()) {
+    // The name is the `rule` label of the rule's metrics (`host::rule_metric`).
+    let label = |b: u8| b.is_ascii_alphanumeric() || b == b'_' || b == b'-';
+    if name.is_empty() || name.len() > MAX_RULE_NAME || !name.bytes().all(label) {
         return Err(err(
             at("name"),
-            "must be non-empty, printable ASCII, no spaces",
+            format!("must be 1 to {MAX_RULE_NAME} letters, digits, '_' or '-'"),
         ));
     }
     let matcher = match matcher {
@@ -1035,6 +1039,7 @@ mod tests {
             (rule(r#","match":{"method":"post"}"#), "rules[0].match.method", "upper-case"),
             (rule(r#","match":{"path":"orders"}"#), "rules[0].match.path", "start with '/'"),
             (rule(r#","match":{"route_name":""}"#), "rules[0].match.route_name", "empty"),
+            (rule(r#","name":"orders v1""#), "rules[0].name", "letters, digits"),
             (rule(r#","match":{"host":"x"}"#), "rules[0].match", "unknown field `host`"),
             (rule(r#","key":{"json_pointer":"id"}"#), "rules[0].key.json_pointer", "start with '/'"),
             (rule(r#","key":{"json_pointer":"/a~2"}"#), "rules[0].key.json_pointer", "'~'"),

@@ -20,7 +20,10 @@ impl fmt::Display for HostError {
 }
 
 /// The filter's counters in the proxy's stats (Envoy: `wasmcustom.<name>` in /stats and
-/// `<name>` in /stats/prometheus; Kong: `pw.<filter>.<name>`).
+/// `<name>` in /stats/prometheus; Kong: `pw.<filter>.<name>`). `Requests` is one counter;
+/// the others are one per rule, named `<name>.rule.<rule name>` (`rule_metric`), which the
+/// shipped Envoy config (`stats_tags`) and Kong's meta.json (`label_patterns`) turn into a
+/// `rule` label.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Counter {
     /// Requests the filter saw (with per-route enablement in Envoy: only on enabled routes).
@@ -42,10 +45,12 @@ pub enum Counter {
     Batches,
     /// Events sent in those batches (the rest went alone).
     BatchedEvents,
+    /// Bytes of the callouts' bodies sent to the sidecar (the events' data, or batches).
+    PublishedBytes,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 9] = [
+    pub const ALL: [Counter; 10] = [
         Counter::Requests,
         Counter::Accepted,
         Counter::Rejected,
@@ -55,6 +60,7 @@ impl Counter {
         Counter::ProxyFailed,
         Counter::Batches,
         Counter::BatchedEvents,
+        Counter::PublishedBytes,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -68,13 +74,32 @@ impl Counter {
             Counter::ProxyFailed => "eventwire_proxy_failures_total",
             Counter::Batches => "eventwire_batches_total",
             Counter::BatchedEvents => "eventwire_batched_events_total",
+            Counter::PublishedBytes => "eventwire_published_bytes_total",
         }
+    }
+
+    /// Counted per rule, or once for the filter.
+    pub const fn per_rule(self) -> bool {
+        !matches!(self, Counter::Requests)
     }
 
     pub const fn index(self) -> usize {
         self as usize
     }
 }
+
+/// The histogram of callout round trips, one per rule, in milliseconds (the unit Envoy's
+/// default buckets are made for).
+pub const CALLOUT_HISTOGRAM: &str = "eventwire_callout_duration_ms";
+
+/// A per-rule metric's name: `eventwire_events_accepted_total.rule.orders`. Rule names are
+/// `[A-Za-z0-9_-]` (checked at configuration), so the name splits back unambiguously.
+pub fn rule_metric(metric: &str, rule: &str) -> String {
+    format!("{metric}.rule.{rule}")
+}
+
+/// The rule argument of a counter that is not per rule (`Counter::Requests`).
+pub const NO_RULE: usize = usize::MAX;
 
 /// Which proxy runs the filter: their phases differ (see `stream::body_expected`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -117,15 +142,19 @@ pub trait Host {
     fn reply(&self, status: u16, headers: HeaderList<'_>, body: &[u8]);
     /// Lets a paused request continue upstream.
     fn resume(&self);
-    fn bump(&self, counter: Counter) {
-        self.bump_by(counter, 1);
+    /// Adds to a counter: the filter's (`Counter::Requests`) or rule `rule`'s (an index
+    /// into the configured rules).
+    fn bump(&self, counter: Counter, rule: usize) {
+        self.bump_by(counter, rule, 1);
     }
-    fn bump_by(&self, counter: Counter, by: u64);
+    fn bump_by(&self, counter: Counter, rule: usize, by: u64);
+    /// Records one callout round trip of rule `rule` in its histogram.
+    fn record_callout_ms(&self, rule: usize, ms: u64);
     fn now_nanos(&self) -> u64;
     /// A variable of the VM's environment (WASI `environ_get`; Envoy passes what
     /// `vm_config.environment_variables` names). Only at configuration.
     fn env(&self, name: &str) -> Option<String>;
-    /// 16 random bytes, `None` when the host's generator failed.
-    fn random16(&self) -> Option<[u8; 16]>;
+    /// Fills `buf` with random bytes; false when the host's generator failed.
+    fn fill_random(&self, buf: &mut [u8]) -> bool;
     fn log(&self, level: Level, message: fmt::Arguments<'_>);
 }

@@ -16,6 +16,7 @@ pub mod problem;
 pub mod redact;
 pub mod route;
 pub mod stream;
+pub mod trace;
 
 // The shell exists only in the .wasm; `make lint` checks it for wasm32-wasip1.
 #[cfg(all(feature = "proxy", target_arch = "wasm32"))]

@@ -6,7 +6,8 @@
 //! a phase where the host answers Ok or NotFound.
 
 use crate::answer::Answer;
-use crate::host::{Counter, HeaderList, Host, HostError, Level};
+use crate::config::Config;
+use crate::host::{CALLOUT_HISTOGRAM, Counter, HeaderList, Host, HostError, Level, rule_metric};
 use crate::stream::{self, Flow, Stream, Vm};
 use proxy_wasm::hostcalls;
 use proxy_wasm::traits::{Context, HttpContext, RootContext};
@@ -30,12 +31,24 @@ proxy_wasm::main! {{
     });
 }}
 
-/// The host as the filter sees it, plus the ids of the counters it defined.
+/// The host as the filter sees it, plus the ids of the metrics it defined.
 #[derive(Clone, Default)]
 struct ProxyHost {
-    /// `None` where the host refused to define one.
-    metrics: [Option<u32>; Counter::ALL.len()],
+    metrics: Rc<MetricIds>,
     wake: Rc<WakeQueue>,
+}
+
+/// Host metric ids; `None` where the host refused to define one.
+#[derive(Default)]
+struct MetricIds {
+    requests: Option<u32>,
+    /// By rule index.
+    rules: Vec<RuleMetrics>,
+}
+
+struct RuleMetrics {
+    counters: [Option<u32>; Counter::ALL.len()],
+    callout_ms: Option<u32>,
 }
 
 /// Envoy's shared queue that wakes this VM's root context (`on_queue_ready`), registered
@@ -49,18 +62,31 @@ struct WakeQueue {
 }
 
 impl ProxyHost {
-    fn define_metrics(&mut self) {
-        for c in Counter::ALL {
-            self.metrics[c.index()] = match hostcalls::define_metric(MetricType::Counter, c.name())
-            {
-                Ok(id) => Some(id),
-                Err(e) => {
-                    log::warn!("cannot define metric {}: {e:?}", c.name());
-                    None
-                }
-            };
-        }
+    /// Defined once per configuration: a host call per metric, none per request.
+    fn define_metrics(&mut self, config: &Config) {
+        let rules = config.rules.iter().map(|rule| {
+            let mut counters = [None; Counter::ALL.len()];
+            for c in Counter::ALL.into_iter().filter(|c| c.per_rule()) {
+                counters[c.index()] =
+                    define(MetricType::Counter, &rule_metric(c.name(), &rule.name));
+            }
+            let histogram = rule_metric(CALLOUT_HISTOGRAM, &rule.name);
+            RuleMetrics {
+                counters,
+                callout_ms: define(MetricType::Histogram, &histogram),
+            }
+        });
+        self.metrics = Rc::new(MetricIds {
+            requests: define(MetricType::Counter, Counter::Requests.name()),
+            rules: rules.collect(),
+        });
     }
+}
+
+fn define(kind: MetricType, name: &str) -> Option<u32> {
+    hostcalls::define_metric(kind, name)
+        .map_err(|e| log::warn!("cannot define metric {name}: {e:?}"))
+        .ok()
 }
 
 fn host_error(s: proxy_wasm::types::Status) -> HostError {
@@ -135,10 +161,22 @@ impl Host for ProxyHost {
         }
     }
 
-    fn bump_by(&self, counter: Counter, by: u64) {
+    fn bump_by(&self, counter: Counter, rule: usize, by: u64) {
+        let id = if counter.per_rule() {
+            let rule = self.metrics.rules.get(rule);
+            rule.and_then(|r| r.counters[counter.index()])
+        } else {
+            self.metrics.requests
+        };
         // Envoy refuses an increment of 0 (BadArgument).
-        if let (Some(id), Ok(by @ 1..)) = (self.metrics[counter.index()], i64::try_from(by)) {
+        if let (Some(id), Ok(by @ 1..)) = (id, i64::try_from(by)) {
             let _ = hostcalls::increment_metric(id, by);
+        }
+    }
+
+    fn record_callout_ms(&self, rule: usize, ms: u64) {
+        if let Some(id) = self.metrics.rules.get(rule).and_then(|r| r.callout_ms) {
+            let _ = hostcalls::record_metric(id, ms);
         }
     }
 
@@ -154,10 +192,9 @@ impl Host for ProxyHost {
         std::env::var(name).ok()
     }
 
-    fn random16(&self) -> Option<[u8; 16]> {
-        let mut b = [0u8; 16];
-        // SAFETY: the buffer is valid for 16 writable bytes for the whole call.
-        (unsafe { wasi_random_get(b.as_mut_ptr(), b.len()) } == 0).then_some(b)
+    fn fill_random(&self, buf: &mut [u8]) -> bool {
+        // SAFETY: the buffer is valid for buf.len() writable bytes for the whole call.
+        unsafe { wasi_random_get(buf.as_mut_ptr(), buf.len()) == 0 }
     }
 
     fn log(&self, level: Level, message: fmt::Arguments<'_>) {
@@ -244,9 +281,10 @@ impl RootContext for Root {
         let Some(config) = stream::configure(&self.host, bytes.as_deref()) else {
             return false;
         };
+        self.host.define_metrics(&config);
         self.vm = Some(Vm::new(config));
-        self.host.define_metrics();
-        let salt = self.host.random16().unwrap_or_default();
+        let mut salt = [0u8; 16];
+        self.host.fill_random(&mut salt);
         let mut name = String::from("eventwire-wake-");
         for b in salt {
             name.push(char::from(b"0123456789abcdef"[usize::from(b >> 4)]));

@@ -16,8 +16,9 @@ use crate::answer::{Answer, Verdict};
 use crate::callout::{self, Callout, Request, Stamp};
 use crate::coalesce::{self, Coalescer, Split, Waiting};
 use crate::config::{self, Config, Mode, OnFailure, Rule};
-use crate::host::{Counter, Flavor, Host, Level};
+use crate::host::{Counter, Flavor, Host, Level, NO_RULE};
 use crate::problem::{Cause, FilterError};
+use crate::trace::TraceParent;
 use eventwire_contract::problem;
 use std::borrow::Cow;
 use std::cell::{Cell, RefCell};
@@ -157,6 +158,10 @@ enum State {
         rule: usize,
         id: Option<String>,
         slot: bool,
+        /// The event's trace context, for the 202 and the logs.
+        trace: Option<TraceParent>,
+        /// When its own callout went (host clock); 0 while it waits for a batch.
+        sent_nanos: u64,
     },
     /// A local reply was sent; nothing more may go upstream.
     Replied,
@@ -190,7 +195,7 @@ impl Stream {
         let Some(vm) = self.vm.clone() else {
             return Flow::Continue;
         };
-        host.bump(Counter::Requests);
+        host.bump(Counter::Requests, NO_RULE);
         let cfg = &vm.config;
         let Some(idx) = matching_rule(cfg, host) else {
             return Flow::Continue;
@@ -204,6 +209,7 @@ impl Stream {
                 let detail = format!("cannot read the request headers: {e}");
                 return self.fail(
                     host,
+                    idx,
                     rule,
                     FilterError::ProxyFailure { detail },
                     Phase::Request,
@@ -216,7 +222,7 @@ impl Stream {
             let e = FilterError::BodyTooLarge {
                 limit: cfg.max_body_bytes,
             };
-            return self.fail(host, rule, e, Phase::Request);
+            return self.fail(host, idx, rule, e, Phase::Request);
         }
         let chunked = callout::header(&headers, "transfer-encoding").is_some();
         let flavor = vm.flavor(host);
@@ -254,7 +260,7 @@ impl Stream {
                 limit: vm.config.max_body_bytes,
             };
             return match vm.config.rules.get(rule) {
-                Some(rule) => self.fail(host, rule, e, Phase::Request),
+                Some(r) => self.fail(host, rule, r, e, Phase::Request),
                 None => Flow::Continue,
             };
         }
@@ -280,12 +286,19 @@ impl Stream {
     /// The sidecar's answer to this request's own callout (or the host's word that there
     /// is none).
     pub fn on_callout_response(&mut self, host: &impl Host, num_headers: usize, body_size: usize) {
-        let State::Ack { rule, slot, .. } = self.state else {
+        let State::Ack {
+            rule,
+            slot,
+            sent_nanos,
+            ..
+        } = self.state
+        else {
             return;
         };
         let Some(vm) = self.vm.clone() else {
             return;
         };
+        record_round_trip(host, rule, sent_nanos);
         let answer = read_answer(host, vm.flavor(host), num_headers, body_size);
         self.on_answer(host, &answer);
         if slot && vm.coalescer.borrow_mut().done(rule) {
@@ -312,8 +325,10 @@ impl Stream {
     /// The sidecar's answer for this request's event: from its own callout, or its share of
     /// a batch (`coalesce`), delivered by the root context.
     pub fn on_answer(&mut self, host: &impl Host, answer: &Answer<'_>) {
-        let (idx, id) = match std::mem::replace(&mut self.state, State::Idle) {
-            State::Ack { rule, id, .. } => (rule, id),
+        let (idx, id, trace) = match std::mem::replace(&mut self.state, State::Idle) {
+            State::Ack {
+                rule, id, trace, ..
+            } => (rule, id, trace),
             other => {
                 self.state = other;
                 return;
@@ -327,31 +342,32 @@ impl Stream {
             return;
         };
         let id = id.as_deref().unwrap_or("-");
+        let trace_id = trace.as_ref().map_or("-", TraceParent::trace_id);
         match answer.verdict(cfg.sidecar.timeout_ms) {
             Verdict::Accepted { status } => {
-                host.bump(Counter::Accepted);
+                host.bump(Counter::Accepted, idx);
                 host.log(
                     Level::Debug,
-                    format_args!("rule {} event {id} accepted", rule.name),
+                    format_args!("rule {} event {id} trace {trace_id} accepted", rule.name),
                 );
-                self.accepted(host, rule, status, answer);
+                self.accepted(host, rule, status, answer, trace);
             }
             Verdict::Refused { status } => {
                 host.log(
                     Level::Warn,
                     format_args!(
-                        "rule {} event {id} refused by the sidecar with {status}",
+                        "rule {} event {id} trace {trace_id} refused by the sidecar with {status}",
                         rule.name
                     ),
                 );
-                host.bump(Counter::Refused);
+                host.bump(Counter::Refused, idx);
                 let cause = if status >= 500 {
                     Cause::Infrastructure
                 } else {
                     Cause::Request
                 };
                 if passes_through(rule, cause) {
-                    host.bump(Counter::Passthrough);
+                    host.bump(Counter::Passthrough, idx);
                     host.resume();
                 } else {
                     // The sidecar's problem, relayed as it is.
@@ -368,16 +384,23 @@ impl Stream {
             Verdict::Unavailable { detail } => {
                 host.log(
                     Level::Warn,
-                    format_args!("rule {} event {id}: {detail}", rule.name),
+                    format_args!("rule {} event {id} trace {trace_id}: {detail}", rule.name),
                 );
                 let e = FilterError::SidecarUnavailable { detail };
-                self.fail(host, rule, e, Phase::Callout);
+                self.fail(host, idx, rule, e, Phase::Callout);
             }
         }
     }
 
     /// Tap: the request goes on upstream. Bridge: the client gets the sidecar's 202 answer.
-    fn accepted(&mut self, host: &impl Host, rule: &Rule, status: u16, answer: &Answer<'_>) {
+    fn accepted(
+        &mut self,
+        host: &impl Host,
+        rule: &Rule,
+        status: u16,
+        answer: &Answer<'_>,
+        trace: Option<TraceParent>,
+    ) {
         match rule.mode {
             Mode::Tap => host.resume(),
             Mode::Bridge => {
@@ -388,6 +411,9 @@ impl Stream {
                 let mut headers = vec![("content-type", "application/json")];
                 if let Some(l) = location {
                     headers.push(("location", l));
+                }
+                if let Some(t) = &trace {
+                    headers.push(("traceparent", t.as_str()));
                 }
                 // 202, or a batch's 207 when only some of its events were accepted.
                 host.reply(status, headers, &answer.body);
@@ -456,7 +482,7 @@ impl Stream {
                     Level::Info,
                     format_args!("rule {} request refused: {e}", rule.name),
                 );
-                return self.fail(host, rule, e, Phase::Request);
+                return self.fail(host, idx, rule, e, Phase::Request);
             }
         };
         let slot = match self.coalesce(host, idx, &out) {
@@ -465,11 +491,14 @@ impl Stream {
                     rule: idx,
                     id: out.id.map(Cow::into_owned),
                     slot: false,
+                    trace: out.trace,
+                    sent_nanos: 0,
                 };
                 return Flow::Pause;
             }
             Coalesced::Direct { slot } => slot,
         };
+        let sent_nanos = host.now_nanos();
         let dispatched = host.dispatch(
             &cfg.sidecar.upstream,
             out.header_refs(),
@@ -478,10 +507,13 @@ impl Stream {
         );
         match dispatched {
             Ok(_token) => {
+                host.bump_by(Counter::PublishedBytes, idx, out.body.len() as u64);
                 self.state = State::Ack {
                     rule: idx,
                     id: out.id.map(Cow::into_owned),
                     slot,
+                    trace: out.trace,
+                    sent_nanos,
                 };
                 Flow::Pause
             }
@@ -498,7 +530,7 @@ impl Stream {
                 );
                 host.log(Level::Error, format_args!("rule {}: {detail}", rule.name));
                 let e = FilterError::SidecarUnavailable { detail };
-                self.fail(host, rule, e, Phase::Request)
+                self.fail(host, idx, rule, e, Phase::Request)
             }
         }
     }
@@ -539,33 +571,51 @@ impl Stream {
     /// time and context id are mixed instead: a counter alone would repeat across VMs.
     fn stamp(&self, host: &impl Host) -> Stamp {
         let now_nanos = host.now_nanos();
-        let random = host.random16().unwrap_or_else(|| {
+        // One host call for the event id and the ids of a trace the filter may start.
+        let mut bytes = [0u8; 40];
+        if !host.fill_random(&mut bytes) {
             host.log(
                 Level::Error,
                 format_args!("random_get failed; mixing time and context id instead"),
             );
-            fallback_random(now_nanos, self.context_id)
-        });
-        Stamp { now_nanos, random }
+            fallback_random(now_nanos, self.context_id, &mut bytes);
+        }
+        let mut random = [0u8; 16];
+        let mut trace = [0u8; 24];
+        random.copy_from_slice(&bytes[..16]);
+        trace.copy_from_slice(&bytes[16..]);
+        Stamp {
+            now_nanos,
+            random,
+            trace,
+        }
     }
 
     fn fail_rule(&mut self, host: &impl Host, cfg: &Config, idx: usize, e: FilterError) -> Flow {
         match cfg.rules.get(idx) {
-            Some(rule) => self.fail(host, rule, e, Phase::Request),
+            Some(rule) => self.fail(host, idx, rule, e, Phase::Request),
             None => Flow::Continue,
         }
     }
 
     /// Ends a request that could not be published: an error reply, or on with no event.
-    fn fail(&mut self, host: &impl Host, rule: &Rule, e: FilterError, phase: Phase) -> Flow {
+    fn fail(
+        &mut self,
+        host: &impl Host,
+        idx: usize,
+        rule: &Rule,
+        e: FilterError,
+        phase: Phase,
+    ) -> Flow {
         self.state = State::Idle;
-        host.bump(match &e {
+        let counter = match &e {
             FilterError::SidecarUnavailable { .. } => Counter::Unavailable,
             FilterError::ProxyFailure { .. } => Counter::ProxyFailed,
             _ => Counter::Rejected,
-        });
+        };
+        host.bump(counter, idx);
         if passes_through(rule, e.cause()) {
-            host.bump(Counter::Passthrough);
+            host.bump(Counter::Passthrough, idx);
             host.log(
                 Level::Warn,
                 format_args!(
@@ -619,23 +669,32 @@ pub fn flush(host: &impl Host, vm: &Vm) -> Vec<(u32, Answer<'static>)> {
     let mut failed = Vec::new();
     vm.coalescer.borrow_mut().woken();
     loop {
-        let Some(batch) = vm.coalescer.borrow_mut().next_batch() else {
+        let Some(mut batch) = vm.coalescer.borrow_mut().next_batch() else {
             return failed;
         };
         let Some(rule) = cfg.rules.get(batch.rule) else {
             vm.coalescer.borrow_mut().unsent(&batch);
             continue;
         };
-        host.bump(Counter::Batches);
-        host.bump_by(Counter::BatchedEvents, batch.waiting.len() as u64);
+        host.bump(Counter::Batches, batch.rule);
+        host.bump_by(
+            Counter::BatchedEvents,
+            batch.rule,
+            batch.waiting.len() as u64,
+        );
         let headers = callout::batch_headers(rule, &cfg.sidecar);
+        let body = batch.body();
+        batch.sent_nanos = host.now_nanos();
         match host.dispatch(
             &cfg.sidecar.upstream,
             headers,
-            &batch.body(),
+            &body,
             cfg.sidecar.timeout_ms,
         ) {
-            Ok(token) => vm.coalescer.borrow_mut().sent(token, batch),
+            Ok(token) => {
+                host.bump_by(Counter::PublishedBytes, batch.rule, body.len() as u64);
+                vm.coalescer.borrow_mut().sent(token, batch);
+            }
             Err(e) => {
                 host.log(
                     Level::Error,
@@ -664,6 +723,7 @@ pub fn batch_answered(
     let Some(batch) = vm.coalescer.borrow_mut().answered(token) else {
         return Vec::new();
     };
+    record_round_trip(host, batch.rule, batch.sent_nanos);
     let answer = read_answer(host, vm.flavor(host), num_headers, body_size);
     let mut waiting = batch.waiting;
     match coalesce::split(&answer, waiting.len()) {
@@ -810,14 +870,21 @@ pub fn body_expected(
     }
 }
 
-fn fallback_random(now_nanos: u64, context_id: u32) -> [u8; 16] {
-    let mut b = [0u8; 16];
+fn fallback_random(now_nanos: u64, context_id: u32, out: &mut [u8]) {
     let mut x = now_nanos ^ (u64::from(context_id) << 32);
-    for chunk in b.chunks_mut(8) {
+    for chunk in out.chunks_mut(8) {
         x = splitmix64(x);
-        chunk.copy_from_slice(&x.to_le_bytes());
+        let bytes = x.to_le_bytes();
+        chunk.copy_from_slice(&bytes[..chunk.len()]);
     }
-    b
+}
+
+/// A callout's round trip into its rule's histogram (host clock; 0 = not sent by us).
+fn record_round_trip(host: &impl Host, rule: usize, sent_nanos: u64) {
+    if sent_nanos > 0 {
+        let ms = host.now_nanos().saturating_sub(sent_nanos) / 1_000_000;
+        host.record_callout_ms(rule, ms);
+    }
 }
 
 fn splitmix64(mut x: u64) -> u64 {

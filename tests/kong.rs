@@ -147,6 +147,10 @@ async fn bridge_tap_and_untouched_routes_through_kong() {
     assert_eq!(r.header("ce_tenant"), Some("acme"));
     assert_eq!(r.header("content-type"), Some("application/json"));
     assert_eq!(r.value.as_deref(), Some(&order[..]));
+    // The trace the filter started is the event's, and the 202 names it.
+    let trace = header(&resp.1, "traceparent");
+    assert!(trace.is_some_and(|t| t.len() == 55), "{:?}", resp.1);
+    assert_eq!(r.header("ce_traceparent"), trace);
     assert_eq!(ack["partition"], r.partition);
     assert_eq!(ack["offset"], r.offset);
     assert!(
@@ -222,6 +226,11 @@ async fn bridge_tap_and_untouched_routes_through_kong() {
     assert_eq!(s.broker.all_records(PAYMENTS).len(), 1);
     assert_eq!(s.kong.counter("eventwire_events_accepted_total").await, 2);
     assert_eq!(s.kong.counter("eventwire_passthrough_total").await, 0);
+    // Counted per rule, in the names meta.json's label_patterns turn into a `rule` label.
+    for rule in ["orders", "payments"] {
+        let accepted = s.kong.rule_counter("eventwire_events_accepted_total", rule);
+        assert_eq!(accepted.await, Some(1), "{rule}");
+    }
 }
 
 #[tokio::test(flavor = "multi_thread")]

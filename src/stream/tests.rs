@@ -44,6 +44,9 @@ struct Mock {
     wake_fails: bool,
     random_fails: bool,
     effects: RefCell<Vec<Effect>>,
+    /// Every counter change with its rule and amount, and every histogram record.
+    counted: RefCell<Vec<(Counter, usize, u64)>>,
+    round_trips: RefCell<Vec<(usize, u64)>>,
     /// Every property and single header read, to check what untouched routes cost.
     reads: RefCell<Vec<String>>,
     /// Calls of `request_headers` (Envoy's SDK panics on one after the headers phase).
@@ -153,10 +156,18 @@ impl Host for Mock {
         self.effects.borrow_mut().push(Effect::Resume);
     }
 
-    fn bump_by(&self, counter: Counter, by: u64) {
-        for _ in 0..by {
-            self.effects.borrow_mut().push(Effect::Bump(counter));
+    fn bump_by(&self, counter: Counter, rule: usize, by: u64) {
+        self.counted.borrow_mut().push((counter, rule, by));
+        // Bytes are checked in `counted`; as effects they would be one per byte.
+        if counter != Counter::PublishedBytes {
+            for _ in 0..by {
+                self.effects.borrow_mut().push(Effect::Bump(counter));
+            }
         }
+    }
+
+    fn record_callout_ms(&self, rule: usize, ms: u64) {
+        self.round_trips.borrow_mut().push((rule, ms));
     }
 
     fn now_nanos(&self) -> u64 {
@@ -167,8 +178,9 @@ impl Host for Mock {
         (name == "EVENTWIRE_INGEST_SECRET").then(|| "0123456789abcdef-env".to_string())
     }
 
-    fn random16(&self) -> Option<[u8; 16]> {
-        (!self.random_fails).then_some([7; 16])
+    fn fill_random(&self, buf: &mut [u8]) -> bool {
+        buf.fill(7);
+        !self.random_fails
     }
 
     fn log(&self, level: Level, message: fmt::Arguments<'_>) {
@@ -411,6 +423,21 @@ fn bridge_publishes_then_answers_202_with_the_sidecars_answer() {
     assert_eq!(json["status"], "published");
     assert_eq!(m.counters(), [Counter::Accepted]);
     assert!(!m.actions().contains(&Effect::Resume));
+    // The trace the filter started (no traceparent came) is the event's and is echoed.
+    let started = "00-07070707070707070707070707070707-0707070707070707-01";
+    let callout = m.dispatched().map(|(h, _)| h).unwrap_or_default();
+    assert_eq!(header(&callout, "ce-traceparent"), Some(started));
+    assert_eq!(header(&headers, "traceparent"), Some(started));
+    // Counted for its rule (index 0): the body's bytes, the acceptance, one round trip.
+    assert_eq!(
+        *m.counted.borrow(),
+        [
+            (Counter::Requests, NO_RULE, 1),
+            (Counter::PublishedBytes, 0, 10),
+            (Counter::Accepted, 0, 1)
+        ]
+    );
+    assert_eq!(*m.round_trips.borrow(), [(0, 0)]);
     // After our own reply nothing more goes upstream, and a second answer changes nothing.
     assert_eq!(s.on_request_body(&m, 10, true), Flow::Pause);
     s.on_callout_response(&m, 3, ACCEPTED_BODY.len());
@@ -432,6 +459,34 @@ fn tap_resumes_after_the_ack() {
         m.effects()
     );
     assert_eq!(m.counters(), [Counter::Accepted]);
+    let accepted = m
+        .counted
+        .borrow()
+        .iter()
+        .find(|c| c.0 == Counter::Accepted)
+        .copied();
+    assert_eq!(
+        accepted,
+        Some((Counter::Accepted, 1, 1)),
+        "the payments rule's"
+    );
+}
+
+#[test]
+fn an_incoming_trace_is_the_events_and_is_echoed_in_the_202() {
+    let incoming = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let mut m = post("/orders", r#"{"id": 42}"#);
+    m.headers
+        .push(("traceparent".into(), incoming.as_bytes().to_vec()));
+    let mut s = Stream::new(Some(vm(ORDERS)), 1);
+    through_body(&m, &mut s);
+    let callout = m.dispatched().map(|(h, _)| h).unwrap_or_default();
+    assert_eq!(header(&callout, "ce-traceparent"), Some(incoming));
+    answer(&mut m, ACCEPTED, ACCEPTED_BODY);
+    s.on_callout_response(&m, 3, ACCEPTED_BODY.len());
+    let (status, headers, _) = m.reply();
+    assert_eq!(status, 202);
+    assert_eq!(header(&headers, "traceparent"), Some(incoming));
 }
 
 #[test]
@@ -1022,6 +1077,13 @@ fn waiting_events_go_as_one_batch_and_each_request_gets_its_answer() {
     assert_eq!(events[0]["partitionkey"], "2");
     assert_eq!(events[1]["id"], "order-3");
     assert_eq!(events[1]["data"]["id"], 3);
+    let started = "00-07070707070707070707070707070707-0707070707070707-01";
+    assert_eq!(
+        events[0]["traceparent"], started,
+        "each event keeps its trace"
+    );
+    let bytes = (Counter::PublishedBytes, 0, body.len() as u64);
+    assert!(host.counted.borrow().contains(&bytes));
 
     // The sidecar's 207: event 2 accepted, event 3 refused; each request gets its share.
     let mut root = Mock::default();
@@ -1041,6 +1103,12 @@ fn waiting_events_go_as_one_batch_and_each_request_gets_its_answer() {
     let (status, headers, json) = streams[1].0.reply();
     assert_eq!((status, json["offset"].as_u64()), (202, Some(7)));
     assert_eq!(header(&headers, "location"), Some("/v1/events/order-2"));
+    assert_eq!(header(&headers, "traceparent"), Some(started));
+    assert_eq!(
+        *root.round_trips.borrow(),
+        [(0, 0)],
+        "one round trip: the batch's"
+    );
     let (status, headers, json) = streams[2].0.reply();
     assert_eq!((status, json["status"].as_u64()), (409, Some(409)));
     assert_eq!(

@@ -238,19 +238,38 @@ impl Envoy {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
 
-    /// A counter the filter defined (`wasmcustom.<name>` in Envoy's /stats). The filter
-    /// defines all of them at configure time, so an absent one is a failure, not a 0.
+    /// A counter the filter defined (`wasmcustom.<name>` in Envoy's /stats), summed over
+    /// its rules (`wasmcustom.<name>.rule.<rule>`). The filter defines all of them at
+    /// configure time, so an absent one is a failure, not a 0.
     pub async fn counter(&self, name: &str) -> u64 {
-        let url = format!("http://127.0.0.1:{}/stats", self.admin_port);
-        let text = match reqwest::get(&url).await {
+        let text = self.admin_text("/stats").await;
+        let whole = format!("wasmcustom.{name}: ");
+        let per_rule = format!("wasmcustom.{name}.rule.");
+        let values: Vec<u64> = text
+            .lines()
+            .filter_map(|l| match l.strip_prefix(whole.as_str()) {
+                Some(v) => Some(v),
+                None => l
+                    .strip_prefix(per_rule.as_str())?
+                    .split_once(": ")
+                    .map(|(_, v)| v),
+            })
+            .filter_map(|v| v.trim().parse().ok())
+            .collect();
+        assert!(
+            !values.is_empty(),
+            "no counter wasmcustom.{name} in Envoy's /stats"
+        );
+        values.iter().sum()
+    }
+
+    /// A page of Envoy's admin (`/stats/prometheus`, `/stats`), as text.
+    pub async fn admin_text(&self, path: &str) -> String {
+        let url = format!("http://127.0.0.1:{}{path}", self.admin_port);
+        match reqwest::get(&url).await {
             Ok(r) => r.text().await.unwrap_or_default(),
             Err(e) => panic!("envoy admin: {e}"),
-        };
-        let want = format!("wasmcustom.{name}: ");
-        text.lines()
-            .find_map(|l| l.strip_prefix(want.as_str()))
-            .and_then(|v| v.trim().parse().ok())
-            .unwrap_or_else(|| panic!("no counter wasmcustom.{name} in Envoy's /stats"))
+        }
     }
 
     /// `envoy --mode validate` on a config: (accepted, everything Envoy printed).

@@ -210,11 +210,21 @@ impl KongHost {
         }
     }
 
-    /// One of the eventwire filter's counters (`pw.eventwire.<name>`), 0 if undefined.
+    /// One of the eventwire filter's counters (`pw.eventwire.<name>`, or the sum of its
+    /// per-rule `pw.eventwire.<name>.rule.<rule>`), 0 if undefined.
     pub async fn counter(&self, name: &str) -> u64 {
-        self.metrics().await[format!("pw.eventwire.{name}")]
-            .as_u64()
-            .unwrap_or(0)
+        let whole = format!("pw.eventwire.{name}");
+        let per_rule = format!("{whole}.rule.");
+        let metrics = self.metrics().await;
+        let all = metrics.as_object().into_iter().flatten();
+        all.filter(|(k, _)| **k == whole || k.starts_with(&per_rule))
+            .filter_map(|(_, v)| v.as_u64())
+            .sum()
+    }
+
+    /// One rule's counter (`pw.eventwire.<name>.rule.<rule>`), `None` if undefined.
+    pub async fn rule_counter(&self, name: &str, rule: &str) -> Option<u64> {
+        self.metrics().await[format!("pw.eventwire.{name}.rule.{rule}")].as_u64()
     }
 
     /// The host's log (nginx error.log style) so far.
