@@ -707,7 +707,20 @@ async fn viewer_page_in_headless_chromium_shows_an_order_posted_through_envoy() 
         &[("x", "other-1", "org.other.thing", "s")],
     )
     .await;
-    let ack = s.order(json!({"id": "ord-ui-1", "total": 12.5})).await;
+    // With the client's trace, which the viewer must show.
+    let trace_id = "0af7651916cd43dd8448eb211c80319c";
+    let resp = s
+        .http
+        .post(s.envoy.url("/orders"))
+        .header("content-type", "application/json")
+        .header("x-tenant-id", "acme")
+        .header("traceparent", format!("00-{trace_id}-b7ad6b7169203331-01"))
+        .body(json!({"id": "ord-ui-1", "total": 12.5}).to_string())
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("POST /orders: {e}"));
+    assert_eq!(resp.status().as_u16(), 202);
+    let ack: Value = resp.json().await.unwrap_or_default();
     let id = ack["id"].as_str().unwrap_or_default().to_string();
     stdin
         .write_all(format!("{id}\n").as_bytes())
@@ -723,6 +736,13 @@ async fn viewer_page_in_headless_chromium_shows_an_order_posted_through_envoy() 
     )
     .unwrap_or_else(|e| panic!("FOUND json: {e}"));
     assert_eq!(found["id"], id.as_str());
+    assert_eq!(found["trace"], trace_id);
+    assert!(
+        found["summary"]
+            .as_str()
+            .is_some_and(|s| s.contains(trace_id)),
+        "{found}"
+    );
     assert_eq!(found["type"], "com.example.order.placed");
     assert_eq!(
         (&found["partition"], &found["offset"]),

@@ -51,6 +51,7 @@ try {
   await item.locator("summary").click();
   const found = await item.evaluate((li) => ({
     id: li.dataset.eventId,
+    trace: li.dataset.traceId,
     type: li.dataset.type,
     partition: Number(li.dataset.partition),
     offset: Number(li.dataset.offset),
