@@ -295,7 +295,7 @@ impl Metrics {
         );
         r.register(
             "push_replays_running",
-            "Subscriptions replaying with their own consumer",
+            "Places among --max-replays in use: subscriptions replaying with their own consumer or resolving a start that may replay",
             self.replays.clone(),
         );
         r.register(
