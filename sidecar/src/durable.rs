@@ -86,8 +86,8 @@ impl DurableSink {
         }
     }
 
-    /// The status store's bookkeeping, counted once an event was made durable by this
-    /// request (a repeated id was counted by its first).
+    /// Accepts through the status store; the event is counted only when this request made
+    /// it durable (a repeated id was counted by its first).
     async fn accept_counted(&self, event: EventRecord) -> Result<Accepted, PublishError> {
         let bytes = event.record.value.as_ref().map_or(0, Vec::len);
         let accepted = self.status.once(event, |e| self.make_durable(e)).await;
