@@ -11,6 +11,7 @@ use crate::auth::{IngestAuth, SubscriberAuth};
 use crate::config::{Cli, Command, DurabilityArgs, LogFormat, ServeArgs, TopicCommand};
 use crate::durable::DurableSink;
 use crate::error::AppError;
+use crate::metrics::Metrics;
 use crate::producer::{KafkaProducer, KafkaSettings};
 use crate::schema::Schemas;
 use crate::spool::Spool;
@@ -63,9 +64,17 @@ pub fn init_tracing(format: LogFormat) {
 /// stays in the spool for the next start.
 pub async fn serve(args: ServeArgs) -> Result<(), AppError> {
     warn_on_ack_timeout(args.durability.ack_timeout_ms);
-    let producer = Arc::new(KafkaProducer::new(&kafka_settings(&args)?)?);
+    let metrics = Arc::new(Metrics::new());
+    let producer = Arc::new(KafkaProducer::new(
+        &kafka_settings(&args)?,
+        metrics.clone(),
+    )?);
     let probe = producer.spawn_health_probe();
-    let sink = Arc::new(durable_sink(&args.durability, producer.clone())?);
+    let sink = Arc::new(durable_sink(
+        &args.durability,
+        producer.clone(),
+        metrics.clone(),
+    )?);
     let (stop, stopped) = tokio::sync::watch::channel(false);
     let forwarder = sink.spawn_forwarder(stopped);
     let listener = tokio::net::TcpListener::bind(args.listen).await?;
@@ -82,10 +91,10 @@ pub async fn serve(args: ServeArgs) -> Result<(), AppError> {
         ])
     };
     let schemas = schemas(&args)?;
+    let app = router(&args, sink, fanout.clone(), auth, readers, schemas, metrics);
     axum::serve(
         listener,
-        router(&args, sink, fanout.clone(), auth, readers, schemas)
-            .into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        app.into_make_service_with_connect_info::<std::net::SocketAddr>(),
     )
     .with_graceful_shutdown(async move {
         shutdown_signal().await;
@@ -152,7 +161,11 @@ fn kafka_settings(args: &ServeArgs) -> Result<KafkaSettings, AppError> {
 }
 
 /// The spool and the status store under `--data-dir`, owned by the sink.
-fn durable_sink(d: &DurabilityArgs, producer: Arc<KafkaProducer>) -> Result<DurableSink, AppError> {
+fn durable_sink(
+    d: &DurabilityArgs,
+    producer: Arc<KafkaProducer>,
+    metrics: Arc<Metrics>,
+) -> Result<DurableSink, AppError> {
     std::fs::create_dir_all(&d.data_dir)?;
     let spool = Spool::open(&d.data_dir.join("spool"), d.spool_max_bytes)?;
     let status = StatusStore::open(
@@ -167,10 +180,11 @@ fn durable_sink(d: &DurabilityArgs, producer: Arc<KafkaProducer>) -> Result<Dura
         status,
         d.ack,
         ack_timeout,
+        metrics,
     ))
 }
 
-/// The ingest API and the push side on one listener.
+/// The ingest API, the push side and `/metrics` on one listener.
 fn router(
     args: &ServeArgs,
     sink: Arc<DurableSink>,
@@ -178,9 +192,12 @@ fn router(
     auth: Arc<IngestAuth>,
     readers: Arc<SubscriberAuth>,
     schemas: Arc<Schemas>,
+    metrics: Arc<Metrics>,
 ) -> axum::Router {
+    let observed: Vec<Arc<dyn crate::metrics::Observed>> = vec![sink.clone(), fanout.clone()];
     ingest::router(ingest::AppState {
         sink,
+        metrics: metrics.clone(),
         auth,
         readers: readers.clone(),
         schemas,
@@ -197,7 +214,9 @@ fn router(
         quota: subscribe::Quota::new(args.subscribers.max_subscriptions_per_token as usize),
         per_client: subscribe::Quota::new(args.subscribers.max_subscriptions_per_client as usize),
         trusted_proxies: args.subscribers.trusted_proxies.clone().into(),
+        metrics: metrics.clone(),
     }))
+    .merge(crate::metrics::router(metrics, observed))
 }
 
 fn push_fanout(args: &ServeArgs) -> Result<Arc<fanout::Fanout>, AppError> {

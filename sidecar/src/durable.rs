@@ -8,10 +8,12 @@
 //! `--ack spool`: every event is spooled first; the answer never waits for the broker.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use tokio::sync::watch;
 
+use crate::metrics::{ForwarderCell, ForwarderState, Metrics, Observed, Snapshot as Gauges};
 use crate::producer::{KafkaProducer, Pending};
 use crate::sink::{BoxFuture, Delivered, EventRecord, EventSink, Outcome, PublishError};
 use crate::spool::{Entry, Refused, Spool, SpoolError};
@@ -41,6 +43,26 @@ pub struct DurableSink {
     status: Arc<StatusStore>,
     mode: AckMode,
     ack_timeout: Duration,
+    metrics: Arc<Metrics>,
+    /// Events handed to the producer directly whose request still waits for the broker.
+    direct: AtomicI64,
+    forwarder: ForwarderCell,
+}
+
+/// Counts a direct publish as in flight while its request waits for the broker.
+struct Direct<'a>(&'a AtomicI64);
+
+impl<'a> Direct<'a> {
+    fn enter(count: &'a AtomicI64) -> Self {
+        count.fetch_add(1, Ordering::Relaxed);
+        Direct(count)
+    }
+}
+
+impl Drop for Direct<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl DurableSink {
@@ -50,6 +72,7 @@ impl DurableSink {
         status: StatusStore,
         mode: AckMode,
         ack_timeout: Duration,
+        metrics: Arc<Metrics>,
     ) -> Self {
         DurableSink {
             kafka,
@@ -57,7 +80,21 @@ impl DurableSink {
             status: Arc::new(status),
             mode,
             ack_timeout,
+            metrics,
+            direct: AtomicI64::new(0),
+            forwarder: ForwarderCell::default(),
         }
+    }
+
+    /// Accepts through the status store; the event is counted only when this request made
+    /// it durable (a repeated id was counted by its first).
+    async fn accept_counted(&self, event: EventRecord) -> Result<Accepted, PublishError> {
+        let bytes = event.record.value.as_ref().map_or(0, Vec::len);
+        let accepted = self.status.once(event, |e| self.make_durable(e)).await;
+        if let Ok(Accepted::New(snapshot)) = &accepted {
+            self.metrics.event_accepted(&snapshot.topic, bytes);
+        }
+        accepted
     }
 
     async fn make_durable(&self, event: EventRecord) -> Result<Outcome, PublishError> {
@@ -85,7 +122,11 @@ impl DurableSink {
             // Queue full or producer trouble: the spool absorbs it.
             Err(_) => return self.spool(event, None).await,
         };
-        match tokio::time::timeout(self.ack_timeout, pending.wait()).await {
+        let waited = {
+            let _direct = Direct::enter(&self.direct);
+            tokio::time::timeout(self.ack_timeout, pending.wait()).await
+        };
+        match waited {
             Ok(Ok(d)) => Ok(Outcome::Published(d)),
             Ok(Err(e)) if e.is_permanent() => Err(e),
             Ok(Err(_)) => {
@@ -170,14 +211,16 @@ impl DurableSink {
                 let oldest = match window.entries.pop_front() {
                     Some(entry) => entry,
                     None => {
+                        this.forwarder.set(ForwarderState::Idle);
                         window.blocked = false;
                         tokio::select! {
                             e = this.spool.next() => this.hand_over(e, &mut window),
-                            _ = stop.wait_for(|s| *s) => return,
+                            _ = stop.wait_for(|s| *s) => break,
                         }
                         continue;
                     }
                 };
+                this.forwarder.set(ForwarderState::Forwarding);
                 let forward = this.forward(oldest);
                 tokio::pin!(forward);
                 let stopping = loop {
@@ -195,9 +238,10 @@ impl DurableSink {
                         }
                     };
                     let _ = tokio::time::timeout(SHUTDOWN_DRAIN, rest).await;
-                    return;
+                    break;
                 }
             }
+            this.forwarder.set(ForwarderState::Stopped);
         })
     }
 
@@ -224,6 +268,7 @@ impl DurableSink {
                 Some(Ok(d)) => return self.forwarded(&entry, Ok(d)).await,
                 Some(Err(e)) if e.is_permanent() => return self.forwarded(&entry, Err(e)).await,
                 Some(Err(e)) => {
+                    self.forwarder.set(ForwarderState::WaitingForBroker);
                     tracing::warn!(event_id = %entry.event.id, error = %e, retry_in_ms = backoff.as_millis() as u64, "spool: forwarding failed; retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).clamp(RETRY_FIRST, RETRY_MAX);
@@ -286,7 +331,7 @@ fn spool_error(e: SpoolError) -> PublishError {
 
 impl EventSink for DurableSink {
     fn accept(&self, event: EventRecord) -> BoxFuture<'_, Result<Accepted, PublishError>> {
-        Box::pin(self.status.once(event, |e| self.make_durable(e)))
+        Box::pin(self.accept_counted(event))
     }
 
     fn accept_batch(
@@ -312,5 +357,26 @@ impl EventSink for DurableSink {
 
     fn is_ready(&self) -> bool {
         self.kafka.is_ready()
+    }
+}
+
+impl Observed for DurableSink {
+    fn observe(&self, metrics: &Metrics) {
+        let spooled = i64::try_from(self.spool.backlog()).unwrap_or(i64::MAX);
+        let broker_up = self.kafka.is_ready();
+        // A record with the producer while the broker is unreachable waits for it: the
+        // producer only reports the failure after its delivery timeout.
+        let forwarder = match self.forwarder.get() {
+            ForwarderState::Forwarding if !broker_up => ForwarderState::WaitingForBroker,
+            state => state,
+        };
+        metrics.set_durable(&Gauges {
+            in_flight: self.direct.load(Ordering::Relaxed) + spooled,
+            spool_records: spooled,
+            spool_bytes: i64::try_from(self.spool.bytes()).unwrap_or(i64::MAX),
+            idempotency_entries: i64::try_from(self.status.entry_count()).unwrap_or(i64::MAX),
+            broker_up,
+            forwarder,
+        });
     }
 }

@@ -27,6 +27,8 @@ mod ingest;
 #[cfg(feature = "server")]
 mod kafka_config;
 #[cfg(feature = "server")]
+mod metrics;
+#[cfg(feature = "server")]
 mod problem;
 #[cfg(feature = "server")]
 mod producer;

@@ -14,15 +14,20 @@ use rdkafka::producer::future_producer::DeliveryFuture;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
 use crate::kafka_config;
+use crate::metrics::Metrics;
 use crate::sink::{Delivered, OutRecord, PublishError};
 
 /// A delivery still in flight in the producer.
-pub struct Pending(Pin<Box<DeliveryFuture>>);
+pub struct Pending {
+    delivery: Pin<Box<DeliveryFuture>>,
+    handed_over: Instant,
+    metrics: Arc<Metrics>,
+}
 
 impl Pending {
     /// Resolves when the broker acknowledged the record or the producer gave up on it.
     pub async fn wait(&mut self) -> Result<Delivered, PublishError> {
-        match (&mut self.0).await {
+        let result = match (&mut self.delivery).await {
             Ok(Ok(d)) => Ok(Delivered {
                 partition: d.partition,
                 offset: d.offset,
@@ -31,7 +36,12 @@ impl Pending {
             Err(_) => Err(PublishError::Unavailable(
                 "the producer shut down before delivery".into(),
             )),
+        };
+        match &result {
+            Ok(_) => self.metrics.produced(self.handed_over.elapsed()),
+            Err(_) => self.metrics.produce_failed(),
         }
+        result
     }
 }
 
@@ -58,10 +68,11 @@ pub struct KafkaProducer {
     config: ClientConfig,
     topics: Mutex<HashMap<String, (bool, Instant)>>,
     last_metadata_ok: Mutex<Option<Instant>>,
+    metrics: Arc<Metrics>,
 }
 
 impl KafkaProducer {
-    pub fn new(settings: &KafkaSettings) -> KafkaResult<Self> {
+    pub fn new(settings: &KafkaSettings, metrics: Arc<Metrics>) -> KafkaResult<Self> {
         let mut config = kafka_config::client(&settings.brokers);
         // The delivery timeout is long on purpose: requests stop waiting after the ack
         // timeout and spool the event, while the producer keeps retrying idempotently. (Tansu
@@ -84,6 +95,7 @@ impl KafkaProducer {
             config,
             topics: Mutex::new(HashMap::new()),
             last_metadata_ok: Mutex::new(None),
+            metrics,
         })
     }
 
@@ -180,8 +192,15 @@ impl KafkaProducer {
         let delivery = self
             .producer()
             .send_result(future_record)
-            .map_err(|(e, _)| classify(&record.topic, e))?;
-        Ok(Pending(Box::pin(delivery)))
+            .map_err(|(e, _)| {
+                self.metrics.produce_failed();
+                classify(&record.topic, e)
+            })?;
+        Ok(Pending {
+            delivery: Box::pin(delivery),
+            handed_over: Instant::now(),
+            metrics: self.metrics.clone(),
+        })
     }
 
     fn producer(&self) -> FutureProducer {

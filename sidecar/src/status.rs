@@ -405,6 +405,11 @@ impl StatusStore {
         }
     }
 
+    /// Events the store holds (settled or in progress).
+    pub fn entry_count(&self) -> usize {
+        self.lock().entries.len()
+    }
+
     /// The status of an event by id (and source, when ids repeat across sources).
     pub fn get(&self, id: &str, source: Option<&str>) -> Option<Snapshot> {
         let mut inner = self.lock();

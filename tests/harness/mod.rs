@@ -9,6 +9,7 @@ pub mod broker;
 pub mod envoy;
 pub mod kong;
 pub mod proc;
+pub mod prom;
 pub mod push;
 pub mod raw_http;
 pub mod upstream;

@@ -7,11 +7,11 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::future::{BoxFuture, Shared};
-use rdkafka::consumer::{Consumer, StreamConsumer};
+use rdkafka::consumer::Consumer;
 use rdkafka::message::BorrowedMessage;
 use tokio::sync::broadcast;
 
-use super::kafka::assignment;
+use super::kafka::{HighWatermarks, HubConsumer, assignment};
 use super::{Fanout, FanoutError, lock, stopped};
 use crate::cursor::Cursor;
 use crate::subscription_filter::{Attributes, attributes_of};
@@ -87,6 +87,8 @@ pub struct Hub {
     partitions: Vec<i32>,
     /// Advanced under the `position` lock too.
     published: Arc<AtomicU64>,
+    /// What the consumer's fetches last saw of each partition's end.
+    marks: Arc<HighWatermarks>,
 }
 
 impl Hub {
@@ -99,6 +101,17 @@ impl Hub {
             published: self.published.clone(),
             bytes: self.published.load(Ordering::Relaxed),
         }
+    }
+
+    /// Records between each partition's high watermark and the hub's position, for the
+    /// partitions whose watermark the consumer has reported.
+    pub fn lag(&self) -> Vec<(i32, i64)> {
+        let marks = self.marks.get();
+        let position = lock(&self.position);
+        marks
+            .into_iter()
+            .filter_map(|(p, high)| Some((p, (high - position.get(p)?).max(0))))
+            .collect()
     }
 
     fn publish(&self, mut delivery: Delivery) {
@@ -128,11 +141,12 @@ impl Fanout {
         Ok(hub)
     }
 
-    async fn new_hub(&self, topic: &str) -> Result<(Hub, StreamConsumer), FanoutError> {
+    async fn new_hub(&self, topic: &str) -> Result<(Hub, HubConsumer), FanoutError> {
         let partitions = self.kafka.partitions(topic).await?;
         let start = self.kafka.watermarks(topic, &partitions).await?;
+        let marks = Arc::new(HighWatermarks::default());
         let start = Cursor::new(start.iter().map(|(p, (_, high))| (*p, *high)));
-        let consumer = self.kafka.consumer("hub")?;
+        let consumer = self.kafka.hub_consumer(topic, marks.clone())?;
         consumer.assign(&assignment(topic, &start)?)?;
         // Twice the queue: a subscriber is closed when it stays over the queue for a moment
         // (see `subscribe`), so the ring must hold more than the queue meanwhile.
@@ -142,12 +156,13 @@ impl Fanout {
             position: Mutex::new(start),
             partitions,
             published: Arc::new(AtomicU64::new(0)),
+            marks,
         };
         tracing::info!(topic, "fan-out hub started");
         Ok((hub, consumer))
     }
 
-    async fn run_hub(self: Arc<Self>, topic: String, hub: Arc<Hub>, consumer: StreamConsumer) {
+    async fn run_hub(self: Arc<Self>, topic: String, hub: Arc<Hub>, consumer: HubConsumer) {
         let mut shutdown = self.shutdown_signal();
         let mut tick = tokio::time::interval(IDLE_CHECK);
         let mut idle_since: Option<Instant> = None;

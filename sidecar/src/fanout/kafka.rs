@@ -2,14 +2,16 @@
 //! the blocking queries a subscription start needs (partitions, watermarks, offsets for a
 //! time), bounded so a crowd of subscribers cannot fill the blocking pool ingest also uses.
 
-use std::sync::Arc;
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rdkafka::consumer::{BaseConsumer, Consumer, StreamConsumer};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext, StreamConsumer};
 use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaErrorCode;
-use rdkafka::{ClientConfig, Message, Offset, TopicPartitionList};
+use rdkafka::{ClientConfig, ClientContext, Message, Offset, TopicPartitionList};
+use serde::Deserialize;
 use tokio::sync::Semaphore;
 
 use super::{FanoutConfig, FanoutError};
@@ -24,6 +26,72 @@ const MAX_QUERIES: usize = 4;
 /// 64 MiB); `fetch.max.bytes` follows it (librdkafka caps it at this, but never below
 /// `message.max.bytes`). One consumer then costs a few MiB, not 64.
 const CONSUMER_QUEUE_KBYTES: &str = "2048";
+/// How often a hub consumer reports the high watermarks its fetches saw (librdkafka
+/// statistics), for `eventwire_push_consumer_lag`.
+const HUB_STATS_INTERVAL_MS: &str = "5000";
+
+/// The high watermark of each partition as the hub consumer's fetches last reported it: the
+/// lag then costs no broker request of its own.
+#[derive(Debug, Default)]
+pub struct HighWatermarks(Mutex<HashMap<i32, i64>>);
+
+impl HighWatermarks {
+    pub fn get(&self) -> Vec<(i32, i64)> {
+        super::lock(&self.0).iter().map(|(p, h)| (*p, *h)).collect()
+    }
+
+    /// Takes the partitions' `hi_offset` from a statistics report; unknown ones (-1) are
+    /// left out.
+    fn update(&self, topic: &str, report: &[u8]) {
+        let Ok(stats) = serde_json::from_slice::<Stats>(report) else {
+            return;
+        };
+        let Some(t) = stats.topics.get(topic) else {
+            return;
+        };
+        let mut marks = super::lock(&self.0);
+        for p in t.partitions.values().filter(|p| p.partition >= 0) {
+            if p.hi_offset >= 0 {
+                marks.insert(p.partition, p.hi_offset);
+            }
+        }
+    }
+}
+
+/// The few fields of librdkafka's statistics JSON the lag needs.
+#[derive(Deserialize)]
+struct Stats {
+    #[serde(default)]
+    topics: HashMap<String, TopicStats>,
+}
+
+#[derive(Deserialize)]
+struct TopicStats {
+    #[serde(default)]
+    partitions: HashMap<String, PartitionStats>,
+}
+
+#[derive(Deserialize)]
+struct PartitionStats {
+    partition: i32,
+    hi_offset: i64,
+}
+
+/// The hub consumer's context: records the high watermarks its statistics report.
+pub struct HubContext {
+    topic: String,
+    marks: Arc<HighWatermarks>,
+}
+
+impl ClientContext for HubContext {
+    fn stats_raw(&self, report: &[u8]) {
+        self.marks.update(&self.topic, report);
+    }
+}
+
+impl ConsumerContext for HubContext {}
+
+pub type HubConsumer = StreamConsumer<HubContext>;
 
 pub struct KafkaQueries {
     config: FanoutConfig,
@@ -47,6 +115,20 @@ impl KafkaQueries {
     /// A consumer for assign-only reading: no group membership, no commits.
     pub fn consumer(&self, role: &str) -> Result<StreamConsumer, KafkaError> {
         client_config(&self.config, role, self.next_client()).create()
+    }
+
+    /// A hub's consumer, reporting the high watermarks it sees into `marks`.
+    pub fn hub_consumer(
+        &self,
+        topic: &str,
+        marks: Arc<HighWatermarks>,
+    ) -> Result<HubConsumer, KafkaError> {
+        let mut config = client_config(&self.config, "hub", self.next_client());
+        if config.get("statistics.interval.ms").is_none() {
+            config.set("statistics.interval.ms", HUB_STATS_INTERVAL_MS);
+        }
+        let topic = topic.to_owned();
+        config.create_with_context(HubContext { topic, marks })
     }
 
     fn next_client(&self) -> u64 {
@@ -224,6 +306,21 @@ fn client_config(config: &FanoutConfig, role: &str, n: u64) -> ClientConfig {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn high_watermarks_come_from_statistics() {
+        let marks = HighWatermarks::default();
+        let report = br#"{"name":"c","brokers":{"b":{"x":1}},"topics":{
+            "t":{"topic":"t","partitions":{
+                "0":{"partition":0,"hi_offset":12,"app_offset":3},
+                "1":{"partition":1,"hi_offset":-1},
+                "-1":{"partition":-1,"hi_offset":-1}}},
+            "u":{"topic":"u","partitions":{"0":{"partition":0,"hi_offset":99}}}}}"#;
+        marks.update("t", report);
+        assert_eq!(marks.get(), vec![(0, 12)]);
+        marks.update("t", b"not json");
+        assert_eq!(marks.get(), vec![(0, 12)]);
+    }
 
     #[test]
     fn consumers_prefetch_little() {

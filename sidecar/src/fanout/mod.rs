@@ -19,6 +19,8 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore, watch};
 pub use hub::{Delivery, Joined};
 pub use kafka::{KafkaQueries, assignment};
 
+use crate::metrics::{Metrics, Observed};
+
 use hub::HubSlot;
 
 /// Admission and resource limits of the push side (see `PushArgs`).
@@ -232,6 +234,29 @@ impl Fanout {
                 }
             }
         }
+    }
+}
+
+impl Observed for Fanout {
+    fn observe(&self, metrics: &Metrics) {
+        let free = self.replays.available_permits();
+        metrics.set_replays(self.limits.max_replays.saturating_sub(free));
+        let hubs: Vec<(String, Arc<hub::Hub>)> = lock(&self.hubs)
+            .iter()
+            .filter_map(|(topic, slot)| match slot.peek() {
+                Some(Ok(hub)) => Some((topic.clone(), hub.clone())),
+                _ => None,
+            })
+            .collect();
+        let lags: Vec<(&str, i32, i64)> = hubs
+            .iter()
+            .flat_map(|(topic, hub)| {
+                hub.lag()
+                    .into_iter()
+                    .map(move |(p, lag)| (topic.as_str(), p, lag))
+            })
+            .collect();
+        metrics.set_consumer_lag(&lags);
     }
 }
 

@@ -13,6 +13,7 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use eventwire_contract::INGEST_PATH;
+use eventwire_contract::problem::Kind;
 use serde_json::json;
 
 pub use error::IngestError;
@@ -35,6 +36,7 @@ pub struct AppState {
     pub readers: Arc<crate::auth::SubscriberAuth>,
     /// The schemas event data is checked against (`--schema-dir`).
     pub schemas: Arc<crate::schema::Schemas>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 pub fn router(state: AppState) -> Router {
@@ -67,6 +69,22 @@ async fn readyz(State(state): State<AppState>) -> Response {
 }
 
 async fn post_event(State(state): State<AppState>, request: Request) -> Response {
+    let response = publish(&state, request).await;
+    state.metrics.ingest_answered(refusal(&response));
+    response
+}
+
+/// The slug of a refusal's problem type, `None` for a 2xx (a 207 included).
+fn refusal(response: &Response) -> Option<&'static str> {
+    if response.status().is_success() {
+        return None;
+    }
+    // Every refusal is rendered by `reject`, which keeps its kind in the response.
+    let kind = response.extensions().get::<Kind>();
+    Some(kind.map_or("unknown", |k| k.slug()))
+}
+
+async fn publish(state: &AppState, request: Request) -> Response {
     let (parts, body) = request.into_parts();
     // Before anything is read: a caller without the secret learns nothing else.
     let grant = match state.auth.check(&parts.headers) {
@@ -81,8 +99,8 @@ async fn post_event(State(state): State<AppState>, request: Request) -> Response
         return reject(IngestError::ForbiddenTopic(topic), None);
     }
     match request::read_events(&parts.headers, body, state.limits).await {
-        Ok(Events::One(event)) => publish_one(&state, &parts.headers, event, &topic).await,
-        Ok(Events::Batch(events)) => publish_batch(&state, &parts.headers, events, &topic).await,
+        Ok(Events::One(event)) => publish_one(state, &parts.headers, event, &topic).await,
+        Ok(Events::Batch(events)) => publish_batch(state, &parts.headers, events, &topic).await,
         // Binary mode names the id in a header even when the event is invalid.
         Err(e) => reject(e, parts.headers.get("ce-id").and_then(|v| v.to_str().ok())),
     }
@@ -273,7 +291,8 @@ fn accepted_answer(snapshot: &Snapshot) -> Response {
         .into_response()
 }
 
-/// Logs a rejection (client faults at info, server-side trouble at warn) and renders it.
+/// Logs a rejection (client faults at info, server-side trouble at warn) and renders it,
+/// its kind kept in the response for `eventwire_ingest_requests_total`.
 fn reject(error: IngestError, event_id: Option<&str>) -> Response {
     let kind = error.kind();
     let (status, slug) = (kind.status(), kind.slug());
@@ -282,7 +301,9 @@ fn reject(error: IngestError, event_id: Option<&str>) -> Response {
     } else {
         tracing::info!(event_id, status, slug, detail = %error, "event rejected");
     }
-    error.into_response()
+    let mut response = error.into_response();
+    response.extensions_mut().insert(kind);
+    response
 }
 
 #[cfg(test)]
@@ -358,6 +379,7 @@ mod tests {
             auth: Arc::new(auth),
             readers: Arc::new(crate::auth::SubscriberAuth::open()),
             schemas: Arc::default(),
+            metrics: Arc::default(),
         })
     }
 
@@ -371,6 +393,7 @@ mod tests {
             auth: Arc::new(IngestAuth::load(None).unwrap()),
             readers: Arc::new(crate::auth::SubscriberAuth::open()),
             schemas: Arc::default(),
+            metrics: Arc::default(),
         })
     }
 
@@ -566,6 +589,7 @@ mod tests {
             auth: Arc::new(IngestAuth::load(None).unwrap()),
             readers: Arc::new(crate::auth::SubscriberAuth::open()),
             schemas: Arc::new(schemas),
+            metrics: Arc::default(),
         });
         let event = |id: &str, data: &str| {
             format!(

@@ -164,6 +164,11 @@ impl Spool {
         self.shared.backlog.load(Ordering::Acquire)
     }
 
+    /// Bytes of the records not yet forwarded (what `--spool-max-bytes` bounds).
+    pub fn bytes(&self) -> u64 {
+        lock(&self.shared.queue).bytes
+    }
+
     /// Waits for the oldest unforwarded record and takes it out of the queue.
     pub async fn next(&self) -> Entry {
         loop {

@@ -74,6 +74,7 @@ pub struct PushState {
     pub per_client: Arc<Quota>,
     /// Proxies whose `X-Forwarded-For` names the client (`--trusted-proxies`).
     pub trusted_proxies: Arc<[IpAddr]>,
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 pub fn router(state: PushState) -> Router {
@@ -124,18 +125,21 @@ async fn subscribe(
     tracing::debug!(topic = sub.topic(), cursor = %sub.cursor(), sse, principal = access.principal, "subscriber joined");
     let (tx, rx) = mpsc::channel(1);
     let shutdown = state.fanout.shutdown_signal();
+    let counted = state.metrics.subscription(sub.topic(), upgrade.is_err());
+    let frames = counted.frames.clone();
     tokio::spawn(async move {
-        pump::pump(sub, tx, shutdown, access.expires).await;
-        drop((place, client_place));
+        pump::pump(sub, tx, shutdown, access.expires, &counted.slow_closed).await;
+        drop((place, client_place, counted));
     });
+    let ping = state.ping_interval;
     Ok(match upgrade {
         Ok(ws) => ws
             .protocols([WS_PROTOCOL])
             .max_message_size(MAX_CLIENT_MESSAGE)
             .max_frame_size(MAX_CLIENT_MESSAGE)
-            .on_upgrade(move |socket| websocket::serve_websocket(socket, rx, state.ping_interval))
+            .on_upgrade(move |socket| websocket::serve_websocket(socket, rx, ping, frames))
             .into_response(),
-        Err(_) => sse::serve_sse(rx, state.ping_interval).into_response(),
+        Err(_) => sse::serve_sse(rx, ping, frames).into_response(),
     })
 }
 
@@ -216,6 +220,7 @@ mod tests {
             quota: Quota::new(1),
             per_client: Quota::new(1),
             trusted_proxies: Arc::new([]),
+            metrics: Arc::default(),
         });
         let get = |uri: &str| axum::http::Request::get(uri).body(Body::empty()).unwrap();
         let resp = app.clone().oneshot(get("/ui")).await.unwrap();

@@ -6,6 +6,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::{mpsc, watch};
 
 use crate::fanout::stopped;
+use crate::metrics::PushCounter;
 use crate::subscription::{Behind, End, Event, Lag, Subscription, cursor_before};
 
 /// A write that cannot complete in this time means the client is gone or stuck (WebSocket:
@@ -32,6 +33,7 @@ pub async fn pump(
     tx: mpsc::Sender<Outgoing>,
     mut shutdown: watch::Receiver<bool>,
     expires: Option<SystemTime>,
+    slow_closed: &PushCounter,
 ) {
     let mut lag = LagWatch::default();
     let expiry = until(expires);
@@ -46,6 +48,9 @@ pub async fn pump(
         let event = match next {
             Ok(event) => event,
             Err(end) => {
+                if matches!(end, End::SlowConsumer { .. } | End::ReplayTooLong { .. }) {
+                    slow_closed.inc();
+                }
                 let _ = tx.send(Outgoing::End(end)).await;
                 return;
             }
@@ -67,6 +72,7 @@ pub async fn pump(
             }
         };
         if let Some((behind, resume)) = overflow {
+            slow_closed.inc();
             let end = sub.slow_consumer(behind, resume);
             // Free the hub's slot before waiting for the writer to take the notice.
             drop(sub);

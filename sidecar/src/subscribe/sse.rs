@@ -9,20 +9,24 @@ use futures_util::Stream;
 use tokio::sync::mpsc;
 
 use super::pump::{Outgoing, end_message};
+use crate::metrics::PushCounter;
 
 pub fn serve_sse(
     rx: mpsc::Receiver<Outgoing>,
     ping_every: Duration,
+    frames: PushCounter,
 ) -> Sse<impl Stream<Item = Result<SseEvent, Infallible>>> {
-    let stream = futures_util::stream::unfold(Some(rx), |rx| async move {
-        let mut rx = rx?;
+    let stream = futures_util::stream::unfold(Some((rx, frames)), |state| async move {
+        let (mut rx, frames) = state?;
         let event = match rx.recv().await? {
             Outgoing::Event(e) => {
+                // Counted when handed to the connection: an SSE body has no per-frame result.
+                frames.inc();
                 let event = SseEvent::default()
                     .id(e.cursor)
                     .event("cloudevent")
                     .data(e.frame);
-                (event, Some(rx))
+                (event, Some((rx, frames)))
             }
             Outgoing::End(end) => {
                 tracing::info!(reason = end_message(&end), "ending SSE subscriber");

@@ -7,6 +7,7 @@ use axum::extract::ws::{CloseFrame, Message, WebSocket};
 use tokio::sync::mpsc;
 
 use super::pump::{Outgoing, WRITE_TIMEOUT, end_message};
+use crate::metrics::PushCounter;
 use crate::subscription::End;
 
 /// WebSocket close code for a subscriber that fell too far behind (4000-4999 are private
@@ -52,6 +53,7 @@ pub async fn serve_websocket(
     mut socket: WebSocket,
     mut rx: mpsc::Receiver<Outgoing>,
     ping_every: Duration,
+    frames: PushCounter,
 ) {
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + ping_every, ping_every);
     let mut last_heard = Instant::now();
@@ -62,6 +64,7 @@ pub async fn serve_websocket(
                     if !send(&mut socket, Message::Text(event.frame.into())).await {
                         return;
                     }
+                    frames.inc();
                 }
                 Some(Outgoing::End(end)) => {
                     tracing::info!(reason = end_message(&end), "closing subscriber");
