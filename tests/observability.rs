@@ -1,12 +1,15 @@
-//! `GET /metrics` of a real sidecar against a real broker (issue 16): after a known mix of
-//! accepted events, duplicates and refusals sent straight to the sidecar, and one SSE
-//! subscriber, every counter holds exactly what was sent, the durable path is empty again
-//! and the push side reports its subscriber, frames and consumer lag. The scrape is parsed
-//! as exposition format (`harness::prom`), never searched as text.
+//! Observability against real processes (issue 16). Metrics: `GET /metrics` of a real
+//! sidecar after a known mix of accepted events, duplicates and refusals sent straight to it,
+//! with one SSE subscriber (every counter holds exactly what was sent, the durable path is
+//! empty again, the push side reports its subscriber, frames and consumer lag); and Envoy's
+//! `/stats/prometheus` with the sidecar's `/metrics` after requests through the proxy. Scrapes
+//! are parsed as exposition format (`harness::prom`), never searched as text. Traces: one
+//! trace context from the HTTP request through Kafka to a WebSocket subscriber.
 
 use eventwire_e2e::prom::{self, Samples};
-use eventwire_e2e::push::{SseClient, subscribe_path};
+use eventwire_e2e::push::{SseClient, WsClient, subscribe_path};
 use eventwire_e2e::*;
+use serde_json::Value;
 use std::time::Duration;
 
 const WAIT: Duration = Duration::from_secs(20);
@@ -233,4 +236,230 @@ async fn metrics_count_exactly_what_was_sent() {
         c.scrape().await.get("eventwire_subscribers", &sse_labels) == Some(0.0)
     })
     .await;
+}
+
+const ORDERS: &str = "order-placed-events";
+const PAYMENTS: &str = "payment-requested-events";
+const INCOMING: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+/// `POST path` through Envoy: status, the answer's `traceparent`, the body as JSON.
+async fn post_through(
+    s: &Stack,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &str,
+) -> (u16, Option<String>, Value) {
+    let mut req = s.http.post(s.envoy.url(path)).body(body.to_owned());
+    for (n, v) in headers {
+        req = req.header(*n, *v);
+    }
+    let resp = req
+        .send()
+        .await
+        .unwrap_or_else(|e| panic!("POST {path}: {e}"));
+    let status = resp.status().as_u16();
+    let trace = resp
+        .headers()
+        .get("traceparent")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_owned);
+    let text = resp.text().await.unwrap_or_default();
+    (
+        status,
+        trace,
+        serde_json::from_str(&text).unwrap_or(Value::Null),
+    )
+}
+
+/// A valid W3C traceparent: version 00, lower-case hex ids that are not all zero.
+fn is_traceparent(t: &str) -> bool {
+    let parts: Vec<&str> = t.split('-').collect();
+    let hex = |s: &str, n: usize| {
+        s.len() == n
+            && s.bytes()
+                .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+    };
+    parts.len() == 4
+        && parts[0] == "00"
+        && hex(parts[1], 32)
+        && parts[1].bytes().any(|b| b != b'0')
+        && hex(parts[2], 16)
+        && parts[2].bytes().any(|b| b != b'0')
+        && hex(parts[3], 2)
+}
+
+#[tokio::test]
+async fn one_trace_from_the_request_through_kafka_to_the_subscriber() {
+    let s = Stack::start(&EnvoyConfig::shipped(), &[(ORDERS, 1), (PAYMENTS, 1)], &[]).await;
+    let mut ws = WsClient::connect(&format!(
+        "ws://127.0.0.1:{}{}",
+        s.envoy.port,
+        subscribe_path(ORDERS, &[])
+    ))
+    .await;
+    let json = ("content-type", "application/json");
+
+    // The client's trace: the event joins it, and the 202 says so.
+    let headers = [
+        json,
+        ("traceparent", INCOMING),
+        ("tracestate", "rojo=00f067aa0ba902b7"),
+    ];
+    let (status, echoed, ack) = post_through(&s, "/orders", &headers, r#"{"id":"ord-t1"}"#).await;
+    assert_eq!(status, 202, "{ack}");
+    assert_eq!(echoed.as_deref(), Some(INCOMING));
+    // None: the filter starts one, valid and echoed.
+    let (status, started, ack2) = post_through(&s, "/orders", &[json], r#"{"id":"ord-t2"}"#).await;
+    assert_eq!(status, 202, "{ack2}");
+    let started = started.unwrap_or_default();
+    assert!(is_traceparent(&started), "{started:?}");
+    assert_ne!(started, INCOMING);
+
+    let records = s.broker.records(ORDERS, 2, WAIT);
+    assert_eq!(records.len(), 2);
+    let record = |id: &Value| {
+        records
+            .iter()
+            .find(|r| Some(r.header("ce_id")) == Some(id.as_str()))
+            .unwrap_or_else(|| panic!("no record for {id}"))
+    };
+    let (r1, r2) = (record(&ack["id"]), record(&ack2["id"]));
+    assert_eq!(r1.header("ce_traceparent"), Some(INCOMING));
+    assert_eq!(r1.header("ce_tracestate"), Some("rojo=00f067aa0ba902b7"));
+    assert_eq!(r2.header("ce_traceparent"), Some(started.as_str()));
+    assert_eq!(r2.header("ce_tracestate"), None);
+
+    let frames = ws.take(2, WAIT).await;
+    assert_eq!(frames.len(), 2);
+    let frame = |id: &Value| {
+        frames
+            .iter()
+            .find(|f| f["event"]["id"] == *id)
+            .unwrap_or_else(|| panic!("no frame for {id}"))
+    };
+    assert_eq!(frame(&ack["id"])["event"]["traceparent"], INCOMING);
+    assert_eq!(
+        frame(&ack["id"])["event"]["tracestate"],
+        "rojo=00f067aa0ba902b7"
+    );
+    assert_eq!(frame(&ack2["id"])["event"]["traceparent"], started.as_str());
+
+    // A tap's event joins the request's trace too; the upstream still gets the request.
+    let pay = [json, ("traceparent", INCOMING)];
+    let (status, _, _) = post_through(&s, "/payments", &pay, r#"{"order_id":"ord-t1"}"#).await;
+    assert_eq!(status, 200);
+    let pays = s.broker.records(PAYMENTS, 1, WAIT);
+    assert_eq!(
+        pays.first().and_then(|r| r.header("ce_traceparent")),
+        Some(INCOMING)
+    );
+    ws.close().await;
+}
+
+/// Exactly what happened, counted per rule in Envoy's Prometheus page and by outcome in the
+/// sidecar's `/metrics`: N orders accepted, each kind of refusal M times, then the sidecar gone.
+#[tokio::test]
+async fn envoy_and_sidecar_metrics_count_exactly_what_happened() {
+    let mut s = Stack::start(&EnvoyConfig::shipped(), &[(ORDERS, 1), (PAYMENTS, 1)], &[]).await;
+    let json = ("content-type", "application/json");
+    const N: usize = 5;
+    const M: usize = 2;
+    let mut published = 0;
+    for i in 0..N {
+        let body = format!(r#"{{"id":"ord-m{i}"}}"#);
+        published += body.len();
+        assert_eq!(post_through(&s, "/orders", &[json], &body).await.0, 202);
+    }
+    for _ in 0..M {
+        // The filter's own 400 (not JSON) and 413 (over max_body_bytes by Content-Length).
+        assert_eq!(
+            post_through(&s, "/orders", &[json], "{not json").await.0,
+            400
+        );
+        let big = "x".repeat(2 * 1024 * 1024);
+        assert_eq!(
+            post_through(&s, "/orders", &[("content-type", "text/plain")], &big)
+                .await
+                .0,
+            413
+        );
+        // The sidecar's 400: a CloudEvent the filter passes on and the sidecar refuses.
+        let bad = r#"{"specversion":"1.0","id":"e","source":"/s","type":"t","time":"lunchtime","data":{"id":"ord-bad"},"traceparent":"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01"}"#;
+        published += bad.len();
+        let ce = ("content-type", "application/cloudevents+json");
+        let r = post_through(&s, "/orders", &[ce], bad).await;
+        assert_eq!(r.0, 400, "{}", r.2);
+    }
+    let scrape = reqwest_text(&s.sidecar.url("/metrics")).await;
+    let sidecar = prom::parse(&scrape);
+    let outcome = |o: &str| sidecar.get("eventwire_ingest_requests_total", &[("outcome", o)]);
+    assert_eq!(outcome("accepted"), Some(N as f64));
+    assert_eq!(outcome("invalid-cloudevent"), Some(M as f64));
+    let events = sidecar.get("eventwire_ingest_events_total", &[("topic", ORDERS)]);
+    assert_eq!(events, Some(N as f64));
+
+    // The sidecar gone: the bridge answers 503, the tap passes on without its event.
+    s.sidecar.proc.stop();
+    assert_eq!(
+        post_through(&s, "/orders", &[json], r#"{"id":"ord-x"}"#)
+            .await
+            .0,
+        503
+    );
+    assert_eq!(
+        post_through(&s, "/payments", &[json], r#"{"order_id":"ord-x"}"#)
+            .await
+            .0,
+        200
+    );
+
+    // Envoy merges histograms into its stats on its flush interval (5 s by default).
+    let round_trips = N + M + 1;
+    let admin = &s.envoy;
+    wait_until("Envoy's histogram merge", WAIT, || async {
+        let page = prom::parse(&admin.admin_text("/stats/prometheus").await);
+        let count = page.get("eventwire_callout_duration_ms_count", &[("rule", "orders")]);
+        count == Some(round_trips as f64)
+    })
+    .await;
+    let envoy = prom::parse(&s.envoy.admin_text("/stats/prometheus").await);
+    let rule = |metric: &str, rule: &str| envoy.get(metric, &[("rule", rule)]);
+    let orders = |metric: &str| rule(metric, "orders");
+    assert_eq!(
+        envoy.get("eventwire_requests_total", &[]),
+        Some((N + 3 * M + 2) as f64)
+    );
+    assert_eq!(orders("eventwire_events_accepted_total"), Some(N as f64));
+    assert_eq!(
+        orders("eventwire_requests_rejected_total"),
+        Some((2 * M) as f64)
+    );
+    assert_eq!(orders("eventwire_sidecar_refused_total"), Some(M as f64));
+    assert_eq!(orders("eventwire_sidecar_unavailable_total"), Some(1.0));
+    assert_eq!(orders("eventwire_passthrough_total"), Some(0.0));
+    assert_eq!(
+        orders("eventwire_published_bytes_total"),
+        Some((published + 14) as f64)
+    );
+    let le = [("rule", "orders"), ("le", "+Inf")];
+    assert_eq!(
+        envoy.get("eventwire_callout_duration_ms_bucket", &le),
+        Some(round_trips as f64)
+    );
+    assert_eq!(rule("eventwire_passthrough_total", "payments"), Some(1.0));
+    assert_eq!(
+        rule("eventwire_sidecar_unavailable_total", "payments"),
+        Some(1.0)
+    );
+    assert_eq!(
+        rule("eventwire_events_accepted_total", "payments"),
+        Some(0.0)
+    );
+}
+
+async fn reqwest_text(url: &str) -> String {
+    match reqwest::get(url).await {
+        Ok(r) => r.text().await.unwrap_or_default(),
+        Err(e) => panic!("GET {url}: {e}"),
+    }
 }
