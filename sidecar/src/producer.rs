@@ -13,16 +13,17 @@ use rdkafka::metadata::Metadata;
 use rdkafka::producer::future_producer::DeliveryFuture;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
-use crate::kafka_config;
 use crate::sink::{Delivered, OutRecord, PublishError};
+use crate::{kafka_config, telemetry};
 
-/// A delivery still in flight in the producer.
-pub struct Pending(Pin<Box<DeliveryFuture>>);
+/// A delivery still in flight in the producer, with its `eventwire.produce` span (which
+/// ends when this is dropped: once answered, or given up on).
+pub struct Pending(Pin<Box<DeliveryFuture>>, tracing::Span);
 
 impl Pending {
     /// Resolves when the broker acknowledged the record or the producer gave up on it.
     pub async fn wait(&mut self) -> Result<Delivered, PublishError> {
-        match (&mut self.0).await {
+        let result = match (&mut self.0).await {
             Ok(Ok(d)) => Ok(Delivered {
                 partition: d.partition,
                 offset: d.offset,
@@ -31,7 +32,9 @@ impl Pending {
             Err(_) => Err(PublishError::Unavailable(
                 "the producer shut down before delivery".into(),
             )),
-        }
+        };
+        telemetry::produced(&self.1, &result);
+        result
     }
 }
 
@@ -176,12 +179,17 @@ impl KafkaProducer {
         if let Some(value) = &record.value {
             future_record = future_record.payload(value);
         }
+        let span = telemetry::produce_span(record);
         // send_result enqueues at once (send() would wait and serialize the callers).
         let delivery = self
             .producer()
             .send_result(future_record)
-            .map_err(|(e, _)| classify(&record.topic, e))?;
-        Ok(Pending(Box::pin(delivery)))
+            .map_err(|(e, _)| {
+                let error = classify(&record.topic, e);
+                telemetry::failed(&span, &error);
+                error
+            })?;
+        Ok(Pending(Box::pin(delivery), span))
     }
 
     fn producer(&self) -> FutureProducer {
