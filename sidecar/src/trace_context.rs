@@ -9,7 +9,6 @@ use thiserror::Error;
 /// The extension attribute, and its Kafka record header (CloudEvents Kafka binding).
 pub const TRACEPARENT: &str = "traceparent";
 pub const TRACEPARENT_HEADER: &str = "ce_traceparent";
-pub const TRACESTATE: &str = "tracestate";
 pub const TRACESTATE_HEADER: &str = "ce_tracestate";
 
 /// Version 00 is `vv-<32 hex>-<16 hex>-ff`; later versions may append `-...` fields.
