@@ -353,6 +353,31 @@ async fn one_trace_from_the_request_through_kafka_to_the_subscriber() {
         pays.first().and_then(|r| r.header("ce_traceparent")),
         Some(INCOMING)
     );
+
+    // A client's batch: an event with its own trace keeps it, one without joins the request's.
+    let own = "00-11111111111111111111111111111111-2222222222222222-01";
+    let batch = format!(
+        r#"[{{"specversion":"1.0","id":"b-own","source":"/c","type":"t","traceparent":"{own}","data":{{"id":"ord-b1"}}}},
+            {{"specversion":"1.0","id":"b-none","source":"/c","type":"t","data":{{"id":"ord-b2"}}}}]"#
+    );
+    let headers = [
+        ("content-type", "application/cloudevents-batch+json"),
+        ("traceparent", INCOMING),
+    ];
+    let (status, echoed, answer) = post_through(&s, "/orders", &headers, &batch).await;
+    assert_eq!(status, 202, "{answer}");
+    assert_eq!(
+        echoed.as_deref(),
+        Some(INCOMING),
+        "a batch's 202: the request's"
+    );
+    let records = s.broker.records(ORDERS, 4, WAIT);
+    let trace_of = |id: &str| {
+        let r = records.iter().find(|r| r.header("ce_id") == Some(id));
+        r.and_then(|r| r.header("ce_traceparent"))
+    };
+    assert_eq!(trace_of("b-own"), Some(own));
+    assert_eq!(trace_of("b-none"), Some(INCOMING));
     ws.close().await;
 }
 

@@ -5,7 +5,9 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use eventwire_contract::DEFAULT_CALLOUT_TIMEOUT_MS;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
+use tracing_subscriber::{EnvFilter, Layer};
 
 use crate::auth::{IngestAuth, SubscriberAuth};
 use crate::config::{Cli, Command, DurabilityArgs, LogFormat, ServeArgs, TopicCommand};
@@ -16,7 +18,7 @@ use crate::producer::{KafkaProducer, KafkaSettings};
 use crate::schema::Schemas;
 use crate::spool::Spool;
 use crate::status::StatusStore;
-use crate::{fanout, ingest, subscribe, tail, topic};
+use crate::{fanout, ingest, subscribe, tail, telemetry, topic};
 
 /// Everything the broker has not acknowledged is already in the spool, so the flush on
 /// shutdown only saves the next start some re-sends; keep it short.
@@ -41,7 +43,7 @@ pub async fn run(cli: Cli) -> Result<(), AppError> {
 }
 
 /// `EVENTWIRE_LOG` wins over `RUST_LOG` so the sidecar can be tuned apart from other Rust
-/// processes sharing an environment.
+/// processes sharing an environment. The exported spans (`telemetry`) are never log lines.
 pub fn init_tracing(format: LogFormat) {
     let directives = std::env::var("EVENTWIRE_LOG")
         .or_else(|_| std::env::var("RUST_LOG"))
@@ -50,12 +52,19 @@ pub fn init_tracing(format: LogFormat) {
         eprintln!("warning: invalid log filter {directives:?} ({e}); using info");
         EnvFilter::new("info")
     });
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let filter = match format!("{}=off", telemetry::TARGET).parse() {
+        Ok(off) => filter.add_directive(off),
+        Err(_) => filter,
+    };
+    let otel = telemetry::layer().unwrap_or_else(|e| {
+        eprintln!("warning: {e}; spans are not exported");
+        None
+    });
+    let log = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(otel);
     match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => registry.with(log.with_filter(filter)).init(),
+        LogFormat::Json => registry.with(log.json().with_filter(filter)).init(),
     }
 }
 
@@ -109,6 +118,8 @@ pub async fn serve(args: ServeArgs) -> Result<(), AppError> {
     let _ = forwarder.await;
     probe.abort();
     reloader.abort();
+    // After the forwarder: the spans of the last sends are queued by now.
+    telemetry::shutdown().await;
     tracing::info!("stopped");
     Ok(())
 }

@@ -163,7 +163,7 @@ impl DurableSink {
                 let status = self.status.clone();
                 tokio::spawn(async move {
                     if let Ok(d) = pending.wait().await {
-                        tracing::warn!(event_id = %keep.id, "an event answered 503 was published after all; a retry with its id gets this answer");
+                        tracing::warn!(event_id = %keep.id, trace_id = keep.trace_id().map(display), "an event answered 503 was published after all; a retry with its id gets this answer");
                         let state = State::Published {
                             partition: d.partition,
                             offset: d.offset,
@@ -181,10 +181,14 @@ impl DurableSink {
         event: EventRecord,
         pending: Option<Pending>,
     ) -> Result<Outcome, PublishError> {
-        let id = event.id.clone();
+        // Only for the debug line: the event moves into the spool.
+        let about =
+            tracing::enabled!(tracing::Level::DEBUG).then(|| (event.id.clone(), event.trace_id()));
         match self.spool.append(event, pending).await {
             Ok(seq) => {
-                tracing::debug!(event_id = %id, seq, "event spooled");
+                if let Some((id, trace_id)) = about {
+                    tracing::debug!(event_id = %id, trace_id = trace_id.map(display), seq, "event spooled");
+                }
                 Ok(Outcome::Spooled)
             }
             Err(refused) => Err(spool_error(refused.error)),
@@ -269,7 +273,7 @@ impl DurableSink {
                 Some(Err(e)) if e.is_permanent() => return self.forwarded(&entry, Err(e)).await,
                 Some(Err(e)) => {
                     self.forwarder.set(ForwarderState::WaitingForBroker);
-                    tracing::warn!(event_id = %entry.event.id, error = %e, retry_in_ms = backoff.as_millis() as u64, "spool: forwarding failed; retrying");
+                    tracing::warn!(event_id = %entry.event.id, trace_id = entry.event.trace_id().map(display), error = %e, retry_in_ms = backoff.as_millis() as u64, "spool: forwarding failed; retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).clamp(RETRY_FIRST, RETRY_MAX);
                 }
@@ -283,7 +287,7 @@ impl DurableSink {
         let ev = &entry.event;
         let state = match result {
             Ok(d) => {
-                tracing::debug!(event_id = %ev.id, partition = d.partition, offset = d.offset, "spooled event published");
+                tracing::debug!(event_id = %ev.id, trace_id = ev.trace_id().map(display), partition = d.partition, offset = d.offset, "spooled event published");
                 State::Published {
                     partition: d.partition,
                     offset: d.offset,
@@ -291,9 +295,9 @@ impl DurableSink {
             }
             Err(e) => {
                 // Never dropped silently: kept in the dead-letter file and reported.
-                tracing::error!(event_id = %ev.id, topic = %ev.record.topic, error = %e, "spooled event cannot be published; moved to the dead-letter file");
+                tracing::error!(event_id = %ev.id, trace_id = ev.trace_id().map(display), topic = %ev.record.topic, error = %e, "spooled event cannot be published; moved to the dead-letter file");
                 while let Err(io) = self.spool.dead_letter(ev) {
-                    tracing::error!(event_id = %ev.id, error = %io, "dead-letter write failed; retrying");
+                    tracing::error!(event_id = %ev.id, trace_id = ev.trace_id().map(display), error = %io, "dead-letter write failed; retrying");
                     tokio::time::sleep(RETRY_MAX).await;
                 }
                 State::Failed {

@@ -7,6 +7,7 @@
 pub mod cloudevent;
 pub mod cursor;
 pub mod subscription_filter;
+pub mod trace_context;
 
 #[cfg(feature = "server")]
 pub mod app;
@@ -46,5 +47,7 @@ mod subscribe;
 mod subscription;
 #[cfg(feature = "server")]
 pub mod tail;
+#[cfg(feature = "server")]
+mod telemetry;
 #[cfg(feature = "server")]
 pub mod topic;

@@ -13,15 +13,17 @@ use rdkafka::metadata::Metadata;
 use rdkafka::producer::future_producer::DeliveryFuture;
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 
-use crate::kafka_config;
 use crate::metrics::Metrics;
 use crate::sink::{Delivered, OutRecord, PublishError};
+use crate::{kafka_config, telemetry};
 
-/// A delivery still in flight in the producer.
+/// A delivery still in flight in the producer, with its `eventwire.produce` span (which
+/// ends when this is dropped: once answered, or given up on).
 pub struct Pending {
     delivery: Pin<Box<DeliveryFuture>>,
     handed_over: Instant,
     metrics: Arc<Metrics>,
+    span: tracing::Span,
 }
 
 impl Pending {
@@ -41,6 +43,7 @@ impl Pending {
             Ok(_) => self.metrics.produced(self.handed_over.elapsed()),
             Err(_) => self.metrics.produce_failed(),
         }
+        telemetry::produced(&self.span, &result);
         result
     }
 }
@@ -188,18 +191,22 @@ impl KafkaProducer {
         if let Some(value) = &record.value {
             future_record = future_record.payload(value);
         }
+        let span = telemetry::produce_span(record);
         // send_result enqueues at once (send() would wait and serialize the callers).
         let delivery = self
             .producer()
             .send_result(future_record)
             .map_err(|(e, _)| {
                 self.metrics.produce_failed();
-                classify(&record.topic, e)
+                let error = classify(&record.topic, e);
+                telemetry::failed(&span, &error);
+                error
             })?;
         Ok(Pending {
             delivery: Box::pin(delivery),
             handed_over: Instant::now(),
             metrics: self.metrics.clone(),
+            span,
         })
     }
 

@@ -7,6 +7,7 @@ use std::pin::Pin;
 use thiserror::Error;
 
 use crate::status::{Accepted, Snapshot};
+use crate::trace_context::{TraceId, TraceParent};
 
 /// A record ready to produce (the Kafka binary-mode form of an event plus its topic).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -23,6 +24,15 @@ pub struct EventRecord {
     pub id: String,
     pub source: String,
     pub record: OutRecord,
+}
+
+impl EventRecord {
+    /// The trace its valid `ce_traceparent` names, for log lines about it.
+    pub fn trace_id(&self) -> Option<TraceId> {
+        let headers = self.record.headers.iter();
+        TraceParent::from_headers(headers.map(|(k, v)| (k.as_str(), v.as_str())))
+            .map(|t| t.trace_id)
+    }
 }
 
 /// Where the broker stored the record.

@@ -78,6 +78,7 @@ pub struct Sidecar {
     pub port: u16,
     brokers: String,
     args: Vec<String>,
+    env: Vec<(String, String)>,
     data: tempfile::TempDir,
     // Last: released only after the process has been stopped.
     _held: HeldPort,
@@ -90,15 +91,25 @@ impl Sidecar {
 
     /// Starts with extra `serve` flags, e.g. `["--ack-timeout-ms", "300"]`; ingest open.
     pub async fn start_with(brokers: &str, args: &[&str]) -> Sidecar {
-        Self::start_in(brokers, args, false).await
+        Self::start_in(brokers, args, &[], false).await
+    }
+
+    /// Like `start_with`, with extra environment variables (e.g. `OTEL_*`).
+    pub async fn start_with_env(brokers: &str, args: &[&str], env: &[(&str, &str)]) -> Sidecar {
+        Self::start_in(brokers, args, env, false).await
     }
 
     /// Like `start_with`, ingest needing [`INGEST_SECRET`] (from `secret_file()`).
     pub async fn start_secured(brokers: &str, args: &[&str]) -> Sidecar {
-        Self::start_in(brokers, args, true).await
+        Self::start_in(brokers, args, &[], true).await
     }
 
-    async fn start_in(brokers: &str, args: &[&str], secured: bool) -> Sidecar {
+    async fn start_in(
+        brokers: &str,
+        args: &[&str],
+        env: &[(&str, &str)],
+        secured: bool,
+    ) -> Sidecar {
         let data = tempfile::Builder::new()
             .prefix("eventwire-sidecar-data-")
             .tempdir()
@@ -113,12 +124,17 @@ impl Sidecar {
             args.push("--ingest-secret-file".into());
             args.push(file.display().to_string());
         }
-        let proc = Self::spawn(brokers, port, &args, data.path());
+        let env: Vec<(String, String)> = env
+            .iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        let proc = Self::spawn(brokers, port, &args, &env, data.path());
         let sidecar = Sidecar {
             proc,
             port,
             brokers: brokers.to_string(),
             args,
+            env,
             data,
             _held: held,
         };
@@ -126,7 +142,13 @@ impl Sidecar {
         sidecar
     }
 
-    fn spawn(brokers: &str, port: u16, args: &[String], data: &std::path::Path) -> Proc {
+    fn spawn(
+        brokers: &str,
+        port: u16,
+        args: &[String],
+        env: &[(String, String)],
+        data: &std::path::Path,
+    ) -> Proc {
         let listen = format!("127.0.0.1:{port}");
         Proc::spawn(
             "sidecar",
@@ -140,13 +162,20 @@ impl Sidecar {
                     "--data-dir",
                 ])
                 .arg(data)
-                .args(args),
+                .args(args)
+                .envs(env.iter().map(|(k, v)| (k, v))),
         )
     }
 
     /// Starts it again on the same port and data (after `proc.stop()` or `proc.kill9()`).
     pub async fn restart(&mut self) {
-        self.proc = Self::spawn(&self.brokers, self.port, &self.args, self.data.path());
+        self.proc = Self::spawn(
+            &self.brokers,
+            self.port,
+            &self.args,
+            &self.env,
+            self.data.path(),
+        );
         self.wait_healthy().await;
     }
 
@@ -195,11 +224,22 @@ pub struct Stack {
 
 impl Stack {
     pub async fn start(cfg: &EnvoyConfig, topics: &[(&str, i32)], sidecar_args: &[&str]) -> Stack {
+        Self::start_with_env(cfg, topics, sidecar_args, &[]).await
+    }
+
+    /// Like `start`, the sidecar also getting `sidecar_env` (e.g. `OTEL_*`).
+    pub async fn start_with_env(
+        cfg: &EnvoyConfig,
+        topics: &[(&str, i32)],
+        sidecar_args: &[&str],
+        sidecar_env: &[(&str, &str)],
+    ) -> Stack {
         let broker = Broker::start().await;
         for (t, partitions) in topics {
             broker.create_topic(t, *partitions).await;
         }
-        let sidecar = Sidecar::start_secured(&broker.bootstrap(), sidecar_args).await;
+        let brokers = broker.bootstrap();
+        let sidecar = Sidecar::start_in(&brokers, sidecar_args, sidecar_env, true).await;
         sidecar.wait_ready().await;
         let upstream = Upstream::start().await;
         let envoy = Envoy::start(cfg, sidecar.port, upstream.port).await;

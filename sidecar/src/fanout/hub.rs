@@ -15,6 +15,8 @@ use super::kafka::{HighWatermarks, HubConsumer, assignment};
 use super::{Fanout, FanoutError, lock, stopped};
 use crate::cursor::Cursor;
 use crate::subscription_filter::{Attributes, attributes_of};
+use crate::telemetry;
+use crate::trace_context::{TRACEPARENT_HEADER, TRACESTATE_HEADER};
 
 /// How often a hub checks whether it still has subscribers.
 const IDLE_CHECK: Duration = Duration::from_millis(500);
@@ -66,6 +68,27 @@ impl Delivery {
         let sep = if self.head.len() > 1 { "," } else { "" };
         format!("{}{sep}\"cursor\":\"{cursor}\"}}", self.head)
     }
+}
+
+/// `eventwire.deliver` for a record about to be broadcast, when spans are exported.
+fn deliver_span(message: &BorrowedMessage<'_>, subscribers: usize) -> tracing::Span {
+    if !telemetry::enabled() {
+        return tracing::Span::none();
+    }
+    let record = crate::consumed::record(message);
+    let header = |name: &str| {
+        let (_, value) = record.headers.iter().find(|(k, _)| *k == name)?;
+        std::str::from_utf8((*value)?).ok()
+    };
+    telemetry::deliver_span(&telemetry::Consumed {
+        topic: record.topic,
+        partition: record.partition,
+        offset: record.offset,
+        event_id: header("ce_id"),
+        traceparent: header(TRACEPARENT_HEADER),
+        tracestate: header(TRACESTATE_HEADER),
+        subscribers,
+    })
 }
 
 /// A subscriber's handle on a hub: everything broadcast after `position`.
@@ -170,7 +193,9 @@ impl Fanout {
             tokio::select! {
                 received = consumer.recv() => match received {
                     Ok(message) => {
+                        let span = deliver_span(&message, hub.tx.receiver_count());
                         hub.publish(Delivery::from_message(&message));
+                        drop(span);
                         // A ready consumer never yields on its own, and the subscribers just
                         // woken wait in this worker's unstealable LIFO slot: let them run.
                         tokio::task::yield_now().await;

@@ -26,6 +26,9 @@ use crate::problem::{ProblemSource, RouteError, allow};
 use crate::sink::{EventRecord, EventSink, PublishError};
 use crate::status::{Accepted, Snapshot};
 use crate::subscribe::SubscribeError;
+use crate::telemetry;
+use crate::trace_context::{TraceId, TraceParent};
+use tracing::field::display;
 
 #[derive(Clone)]
 pub struct AppState {
@@ -99,10 +102,44 @@ async fn publish(state: &AppState, request: Request) -> Response {
         return reject(IngestError::ForbiddenTopic(topic), None);
     }
     match request::read_events(&parts.headers, body, state.limits).await {
-        Ok(Events::One(event)) => publish_one(state, &parts.headers, event, &topic).await,
-        Ok(Events::Batch(events)) => publish_batch(state, &parts.headers, events, &topic).await,
+        Ok(Events::One(mut event)) => {
+            request::adopt_trace(&parts.headers, &mut event);
+            publish_one(state, &parts.headers, event, &topic).await
+        }
+        Ok(Events::Batch(mut events)) => {
+            for event in &mut events {
+                request::adopt_trace(&parts.headers, event);
+            }
+            publish_batch(state, &parts.headers, events, &topic).await
+        }
         // Binary mode names the id in a header even when the event is invalid.
-        Err(e) => reject(e, parts.headers.get("ce-id").and_then(|v| v.to_str().ok())),
+        Err(e) => reject(e, About::binary(&parts.headers)),
+    }
+}
+
+/// Whom a log line is about: an event's id and, when it carries a valid one, its trace.
+#[derive(Clone, Copy)]
+struct About<'a> {
+    id: &'a str,
+    trace_id: Option<TraceId>,
+}
+
+impl<'a> About<'a> {
+    fn event(event: &'a CloudEvent, trace: Option<&TraceParent>) -> Self {
+        About {
+            id: &event.id,
+            trace_id: trace.map(|t| t.trace_id),
+        }
+    }
+
+    fn binary(headers: &'a HeaderMap) -> Option<Self> {
+        let text = |name| headers.get(name).and_then(|v| v.to_str().ok());
+        Some(About {
+            id: text("ce-id")?,
+            trace_id: text("ce-traceparent")
+                .and_then(|v| TraceParent::parse(v).ok())
+                .map(|t| t.trace_id),
+        })
     }
 }
 
@@ -112,27 +149,34 @@ async fn publish_one(
     event: CloudEvent,
     topic: &str,
 ) -> Response {
+    let trace = telemetry::event_trace(&event);
     if let Err(e) = check_data(state, &event) {
-        return reject(e, Some(&event.id));
+        return reject(e, Some(About::event(&event, trace.as_ref())));
     }
     let record = match request::out_record(headers, &event, topic) {
         Ok(r) => r,
-        Err(e) => return reject(e, Some(&event.id)),
+        Err(e) => return reject(e, Some(About::event(&event, trace.as_ref()))),
     };
     let event = EventRecord {
         id: event.id,
         source: event.source,
         record,
     };
+    let span = telemetry::ingest_span(&event);
     // A task of its own: a client that hangs up must not cut an accepted event's bookkeeping
     // short (the duplicates waiting on it would wait forever).
     let (sink, id) = (state.sink.clone(), event.id.clone());
+    let about = About {
+        id: &id,
+        trace_id: trace.map(|t| t.trace_id),
+    };
     match tokio::spawn(async move { sink.accept(event).await }).await {
-        Ok(accepted) => answer(accepted, &id),
-        Err(e) => reject(
-            IngestError::BrokerUnavailable(format!("publish task failed: {e}")),
-            None,
-        ),
+        Ok(accepted) => answer(accepted, about, &span),
+        Err(e) => {
+            let error = IngestError::BrokerUnavailable(format!("publish task failed: {e}"));
+            telemetry::failed(&span, &error);
+            reject(error, Some(about))
+        }
     }
 }
 
@@ -172,9 +216,21 @@ async fn publish_batch(
         .iter()
         .map(|e| (e.id.clone(), e.source.clone()))
         .collect();
+    let spans: Vec<tracing::Span> = if telemetry::enabled() {
+        records.iter().map(telemetry::ingest_span).collect()
+    } else {
+        Vec::new()
+    };
     let sink = state.sink.clone();
     match tokio::spawn(async move { sink.accept_batch(records).await }).await {
-        Ok(results) => batch_answer(&ids, results),
+        Ok(results) => {
+            for (span, result) in spans.iter().zip(&results) {
+                if let Err(e) = result {
+                    telemetry::failed(span, e);
+                }
+            }
+            batch_answer(&ids, results)
+        }
         Err(e) => reject(
             IngestError::BrokerUnavailable(format!("publish task failed: {e}")),
             None,
@@ -243,10 +299,17 @@ fn outcome(accepted: Result<Accepted, PublishError>) -> Result<Snapshot, IngestE
 }
 
 /// The 202, or why the event was not accepted.
-fn answer(accepted: Result<Accepted, PublishError>, id: &str) -> Response {
+fn answer(
+    accepted: Result<Accepted, PublishError>,
+    about: About<'_>,
+    span: &tracing::Span,
+) -> Response {
     match outcome(accepted) {
-        Ok(snapshot) => accepted_answer(&snapshot),
-        Err(e) => reject(e, Some(id)),
+        Ok(snapshot) => accepted_answer(&snapshot, about.trace_id),
+        Err(e) => {
+            telemetry::failed(span, &e);
+            reject(e, Some(about))
+        }
     }
 }
 
@@ -276,8 +339,8 @@ async fn get_event(
 }
 
 /// The 202 the filter relays verbatim, with where to ask for the event's status later.
-fn accepted_answer(snapshot: &Snapshot) -> Response {
-    tracing::debug!(event_id = %snapshot.id, topic = %snapshot.topic, state = ?snapshot.state, "event accepted");
+fn accepted_answer(snapshot: &Snapshot, trace_id: Option<TraceId>) -> Response {
+    tracing::debug!(event_id = %snapshot.id, trace_id = trace_id.map(display), topic = %snapshot.topic, state = ?snapshot.state, "event accepted");
     let json = serde_json::to_vec(snapshot).unwrap_or_default();
     let location = eventwire_contract::event_location(&snapshot.id);
     (
@@ -293,13 +356,15 @@ fn accepted_answer(snapshot: &Snapshot) -> Response {
 
 /// Logs a rejection (client faults at info, server-side trouble at warn) and renders it,
 /// its kind kept in the response for `eventwire_ingest_requests_total`.
-fn reject(error: IngestError, event_id: Option<&str>) -> Response {
+fn reject(error: IngestError, about: Option<About<'_>>) -> Response {
     let kind = error.kind();
     let (status, slug) = (kind.status(), kind.slug());
+    let event_id = about.map(|a| a.id);
+    let trace_id = about.and_then(|a| a.trace_id).map(display);
     if status >= 500 {
-        tracing::warn!(event_id, status, slug, detail = %error, "event not published");
+        tracing::warn!(event_id, trace_id, status, slug, detail = %error, "event not published");
     } else {
-        tracing::info!(event_id, status, slug, detail = %error, "event rejected");
+        tracing::info!(event_id, trace_id, status, slug, detail = %error, "event rejected");
     }
     let mut response = error.into_response();
     response.extensions_mut().insert(kind);

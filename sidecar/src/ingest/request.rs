@@ -11,6 +11,32 @@ use crate::cloudevent::{
     self, BATCH_CONTENT_TYPE, CloudEvent, ParseError, STRUCTURED_CONTENT_TYPE, validate,
 };
 use crate::sink::OutRecord;
+use crate::trace_context::{TRACEPARENT, TraceParent};
+
+/// W3C caps `tracestate` at 512 characters.
+const MAX_TRACESTATE: usize = 512;
+
+/// An event without trace context joins the request's: the filter sends the trace of the
+/// HTTP request it turned into events (or one it started) as `traceparent` on its callout,
+/// so a client's CloudEvent without its own is still traceable. An event's own is kept.
+pub fn adopt_trace(headers: &HeaderMap, event: &mut CloudEvent) {
+    if event.extensions.contains_key(TRACEPARENT) {
+        return;
+    }
+    let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
+    let Some(parent) = text(TRACEPARENT).filter(|t| TraceParent::parse(t).is_ok()) else {
+        return;
+    };
+    let insert = |event: &mut CloudEvent, name: &str, value: &str| {
+        let value = cloudevent::ExtValue::String(value.to_owned());
+        event.extensions.insert(name.to_owned(), value);
+    };
+    insert(event, TRACEPARENT, parent);
+    let state = text("tracestate").filter(|s| !s.is_empty() && s.len() <= MAX_TRACESTATE);
+    if let Some(state) = state.filter(|_| !event.extensions.contains_key("tracestate")) {
+        insert(event, "tracestate", state);
+    }
+}
 
 enum Mode {
     Binary,
@@ -143,4 +169,51 @@ pub fn out_record(
         headers: record.headers,
         value: record.value,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cloudevent::{ExtValue, parse_structured};
+
+    const REQUEST_TRACE: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+
+    fn event(extra: &str) -> CloudEvent {
+        let json = format!(r#"{{"specversion":"1.0","id":"e","source":"/s","type":"t"{extra}}}"#);
+        match parse_structured(json.as_bytes()) {
+            Ok(e) => e,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    fn headers(list: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut h = HeaderMap::new();
+        for (n, v) in list {
+            h.insert(*n, header::HeaderValue::from_static(v));
+        }
+        h
+    }
+
+    fn ext(e: &CloudEvent, name: &str) -> Option<String> {
+        e.extensions.get(name).map(ExtValue::canonical)
+    }
+
+    #[test]
+    fn an_event_without_trace_context_joins_the_requests() {
+        let h = headers(&[("traceparent", REQUEST_TRACE), ("tracestate", "rojo=1")]);
+        let mut e = event("");
+        adopt_trace(&h, &mut e);
+        assert_eq!(ext(&e, "traceparent").as_deref(), Some(REQUEST_TRACE));
+        assert_eq!(ext(&e, "tracestate").as_deref(), Some("rojo=1"));
+        // Its own is kept, and so is its (missing) tracestate.
+        let own = "00-11111111111111111111111111111111-2222222222222222-00";
+        let mut e = event(&format!(r#","traceparent":"{own}""#));
+        adopt_trace(&h, &mut e);
+        assert_eq!(ext(&e, "traceparent").as_deref(), Some(own));
+        assert_eq!(ext(&e, "tracestate"), None);
+        // An invalid request trace is none.
+        let mut e = event("");
+        adopt_trace(&headers(&[("traceparent", "00-zz")]), &mut e);
+        assert_eq!(ext(&e, "traceparent"), None);
+    }
 }
