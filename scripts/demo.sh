@@ -116,6 +116,14 @@ Read the topics (one CloudEvent per line):
   $SIDECAR tail --topic order-placed-events --brokers $BROKERS
   $SIDECAR tail --topic payment-requested-events --brokers $BROKERS
 
+Metrics (per rule in Envoy's stats, the sidecar's own):
+  curl -s http://127.0.0.1:9901/stats/prometheus | grep '^eventwire_'
+  curl -s http://127.0.0.1:8090/metrics
+
+Every event's trace id is the 202's traceparent (second field), in the Kafka record
+(ce_traceparent), in the viewer and in the logs. Send spans to a local collector by
+starting the demo with OTEL_EXPORTER_OTLP_ENDPOINT=http://127.0.0.1:4318 make run.
+
 Logs: $RUN/{broker,sidecar,envoy,upstream}.log.  Ctrl-C stops everything.
 MSG
 
