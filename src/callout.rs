@@ -98,13 +98,14 @@ pub fn build<'a>(
         h.push(("authorization".into(), a.as_str().into()));
     }
     let ctx = TraceContext::of(req, stamp);
-    // On the callout itself too: the sidecar gives it to a client's event that has none.
-    ctx.push(&mut h, "");
     if mode == Incoming::Batch {
-        return batch(rule, req, h, ctx.parent);
+        let trace = ctx.parent;
+        ctx.into_headers(&mut h, Carried::Request);
+        return batch(rule, req, h, trace);
     }
-    let mut own = OwnTrace::Absent;
-    let (mut body, data) = if rule.redact.is_empty() {
+    // A client's event with a valid trace context of its own keeps it.
+    let mut own: Option<TraceParent> = None;
+    let (body, data) = if rule.redact.is_empty() {
         let data = EventData::of(
             mode,
             content_type,
@@ -114,7 +115,7 @@ pub fn build<'a>(
         )?;
         (Cow::Borrowed(req.body), data)
     } else {
-        let (body, data) = redacted(rule, mode, content_type, req.body, &ctx, &mut own)?;
+        let (body, data) = redacted(rule, mode, content_type, req.body, &mut own)?;
         (Cow::Owned(body), data)
     };
     if let Some(src) = &rule.key {
@@ -124,23 +125,20 @@ pub fn build<'a>(
             owned(encode_header_value(key.as_bytes())),
         ));
     }
+    let request_trace = ctx.parent;
     let id = match mode {
         Incoming::Structured => {
             h.push(("content-type".into(), cloudevent::STRUCTURED.into()));
-            if let OwnTrace::Absent = own {
-                body = Cow::Owned(with_trace(&body, &ctx));
-            }
+            ctx.onto_client_event(own, &mut h);
             None
         }
         Incoming::Binary => {
             own = forward_binary(req, &mut h)?;
-            if let OwnTrace::Absent = own {
-                ctx.push(&mut h, "ce-");
-            }
+            ctx.onto_client_event(own, &mut h);
             None
         }
         Incoming::Plain | Incoming::Batch => {
-            ctx.push(&mut h, "ce-");
+            ctx.into_headers(&mut h, Carried::Event);
             Some(wrap(rule, req, stamp, content_type, &data, &mut h)?)
         }
     };
@@ -148,10 +146,7 @@ pub fn build<'a>(
         headers: h,
         body,
         id,
-        trace: match own {
-            OwnTrace::Absent => Some(ctx.parent),
-            OwnTrace::Present(t) => t,
-        },
+        trace: Some(own.unwrap_or(request_trace)),
     })
 }
 
@@ -161,6 +156,17 @@ struct TraceContext<'a> {
     parent: TraceParent,
     text: Cow<'a, str>,
     state: Option<&'a str>,
+}
+
+/// Where a trace context goes on the callout.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Carried {
+    /// The event's extension (`ce-traceparent`): an event the filter builds.
+    Event,
+    /// The callout's own `traceparent`: the sidecar gives it to each event of a client's
+    /// CloudEvent or batch that has no valid one (a header per event would mean rewriting
+    /// the client's body).
+    Request,
 }
 
 impl<'a> TraceContext<'a> {
@@ -187,59 +193,40 @@ impl<'a> TraceContext<'a> {
         }
     }
 
-    /// As HTTP headers (`prefix` "") or as the event's extension headers ("ce-").
-    fn push(&self, h: &mut Vec<(Cow<'a, str>, Cow<'a, str>)>, prefix: &'static str) {
-        let (parent, state) = match prefix {
-            "" => ("traceparent", "tracestate"),
-            _ => ("ce-traceparent", "ce-tracestate"),
+    fn into_headers(self, h: &mut Vec<(Cow<'a, str>, Cow<'a, str>)>, carried: Carried) {
+        let (parent, state) = match carried {
+            Carried::Event => ("ce-traceparent", "ce-tracestate"),
+            Carried::Request => ("traceparent", "tracestate"),
         };
-        h.push((parent.into(), self.text.clone()));
+        h.push((parent.into(), self.text));
         if let Some(s) = self.state {
-            h.push((state.into(), s.into()));
+            // As an attribute it is percent-encoded like every `ce-` value (`%` and `"`
+            // are legal in tracestate values).
+            let value = match carried {
+                Carried::Event => encode_header_value(s.as_bytes()),
+                Carried::Request => Cow::Borrowed(s),
+            };
+            h.push((state.into(), value));
         }
     }
 
-    /// As JSON members, each followed by a comma.
-    fn members(&self) -> String {
-        let mut out = format!("\"traceparent\":\"{}\",", self.parent.as_str());
-        if let Some(s) = self.state {
-            let mut quoted = Vec::with_capacity(s.len() + 2);
-            json_string(&mut quoted, s);
-            out.push_str("\"tracestate\":");
-            out.push_str(&String::from_utf8_lossy(&quoted));
-            out.push(',');
-        }
-        out
-    }
-}
-
-/// Whether the client's own CloudEvent carries trace context (kept as it is when it does).
-#[derive(Clone, Copy)]
-enum OwnTrace {
-    Absent,
-    /// Present; `None` when not a valid `traceparent` (sent on as the client made it).
-    Present(Option<TraceParent>),
-}
-
-impl OwnTrace {
-    fn of_event(event: &Value) -> OwnTrace {
-        match event.get("traceparent") {
-            None => OwnTrace::Absent,
-            Some(v) => OwnTrace::Present(v.as_str().and_then(|s| TraceParent::parse(s.as_bytes()))),
+    /// A client's event without a valid trace context gets the request's through the
+    /// sidecar; one with its own needs nothing.
+    fn onto_client_event(
+        self,
+        own: Option<TraceParent>,
+        h: &mut Vec<(Cow<'a, str>, Cow<'a, str>)>,
+    ) {
+        if own.is_none() {
+            self.into_headers(h, Carried::Request);
         }
     }
 }
 
-/// A structured event (checked to be a JSON object) with the trace members put first, so
-/// the client's bytes after them are sent on untouched.
-fn with_trace(event: &[u8], ctx: &TraceContext<'_>) -> Vec<u8> {
-    let members = ctx.members();
-    let open = event.iter().position(|&b| b == b'{').map_or(0, |i| i + 1);
-    let mut out = Vec::with_capacity(event.len() + members.len());
-    out.extend_from_slice(&event[..open]);
-    out.extend_from_slice(members.as_bytes());
-    out.extend_from_slice(&event[open..]);
-    out
+/// A client's structured event's valid `traceparent`.
+fn own_trace(event: &Value) -> Option<TraceParent> {
+    let text = event.get("traceparent")?.as_str()?;
+    TraceParent::parse(text.as_bytes())
 }
 
 /// A redacting rule's body with its fields taken out, and the data keys are read from (so a
@@ -250,22 +237,14 @@ fn redacted(
     mode: Incoming,
     content_type: Option<&str>,
     body: &[u8],
-    ctx: &TraceContext<'_>,
-    own: &mut OwnTrace,
+    own: &mut Option<TraceParent>,
 ) -> Result<(Vec<u8>, EventData), FilterError> {
     match mode {
         Incoming::Structured => {
             let mut event = parse_json(body)?;
             check_structured(&event)?;
             redact_event(rule, &mut event)?;
-            *own = OwnTrace::of_event(&event);
-            if let (OwnTrace::Absent, Some(obj)) = (*own, event.as_object_mut()) {
-                obj.insert("traceparent".into(), ctx.parent.as_str().into());
-                if let Some(s) = ctx.state {
-                    obj.insert("tracestate".into(), s.into());
-                }
-                *own = OwnTrace::Present(Some(ctx.parent));
-            }
+            *own = own_trace(&event);
             let bytes = to_json(&event)?;
             let data = match event.get_mut("data").map(Value::take) {
                 Some(d) => EventData::Json(d),
@@ -587,13 +566,13 @@ impl EventData {
         content_type: Option<&str>,
         body: &[u8],
         need_tree: bool,
-        own: &mut OwnTrace,
+        own: &mut Option<TraceParent>,
     ) -> Result<Self, FilterError> {
         match mode {
             Incoming::Structured => {
                 let mut event: Value = parse_json(body)?;
                 check_structured(&event)?;
-                *own = OwnTrace::of_event(&event);
+                *own = own_trace(&event);
                 match event.get_mut("data").map(Value::take) {
                     Some(data) if event.get("data_base64").is_none() => Ok(EventData::Json(data)),
                     _ => Ok(EventData::NotJson("the event has no JSON data")),
@@ -662,7 +641,7 @@ fn check_structured(event: &Value) -> Result<(), FilterError> {
 fn forward_binary<'a>(
     req: &Request<'a>,
     h: &mut Vec<(Cow<'a, str>, Cow<'a, str>)>,
-) -> Result<OwnTrace, FilterError> {
+) -> Result<Option<TraceParent>, FilterError> {
     if req.header("ce-specversion") != Some(cloudevent::SPECVERSION.as_bytes()) {
         return Err(FilterError::InvalidCloudEvent {
             attribute: "specversion",
@@ -691,10 +670,7 @@ fn forward_binary<'a>(
             h.push((Cow::Owned(name.to_ascii_lowercase()), Cow::Borrowed(v)));
         }
     }
-    Ok(match req.header("ce-traceparent") {
-        None => OwnTrace::Absent,
-        Some(v) => OwnTrace::Present(TraceParent::parse(v)),
-    })
+    Ok(req.header("ce-traceparent").and_then(TraceParent::parse))
 }
 
 /// Builds a new event around a plain request; returns its id.
@@ -1028,8 +1004,6 @@ mod tests {
 
     /// The trace `STAMP` starts.
     const STARTED: &str = "00-09090909090909090909090909090909-0909090909090909-01";
-    const BODY_AFTER_BRACE: &str =
-        r#""specversion":"1.0","id":"e1","source":"/s","type":"t","data":{"order":{"id":"o-9"}}}"#;
     const INCOMING: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 
     fn built<'a>(c: &'a config::Config, req: &Request<'a>) -> Callout<'a> {
@@ -1047,12 +1021,14 @@ mod tests {
             ("tracestate", "rojo=00f067aa0ba902b7"),
         ]);
         let out = built(&c, &request(&traced, b""));
-        for name in ["traceparent", "ce-traceparent"] {
-            assert_eq!(get(&out, name), Some(INCOMING), "{name}");
-        }
-        for name in ["tracestate", "ce-tracestate"] {
-            assert_eq!(get(&out, name), Some("rojo=00f067aa0ba902b7"), "{name}");
-        }
+        assert_eq!(get(&out, "ce-traceparent"), Some(INCOMING));
+        assert_eq!(get(&out, "ce-tracestate"), Some("rojo=00f067aa0ba902b7"));
+        // The event carries it; the callout itself needs none.
+        assert_eq!(get(&out, "traceparent"), None);
+        // `%` and `"` are legal in tracestate and percent-encoded like every `ce-` value.
+        let odd = hdrs(&[("traceparent", INCOMING), ("tracestate", "a=5%,b=\"q\"")]);
+        let out = built(&c, &request(&odd, b""));
+        assert_eq!(get(&out, "ce-tracestate"), Some("a=5%25,b=%22q%22"));
         assert_eq!(
             out.trace.map(|t| t.as_str().to_owned()).as_deref(),
             Some(INCOMING)
@@ -1064,7 +1040,6 @@ mod tests {
         ] {
             let out = built(&c, &request(&headers, b""));
             assert_eq!(get(&out, "ce-traceparent"), Some(STARTED));
-            assert_eq!(get(&out, "traceparent"), Some(STARTED));
             assert_eq!(get(&out, "ce-tracestate"), None);
             assert_eq!(
                 out.trace.map(|t| t.as_str().to_owned()).as_deref(),
@@ -1094,15 +1069,31 @@ mod tests {
             .collect();
         assert_eq!(traceparents.len(), 1);
         assert_eq!(get(&out, "ce-traceparent"), Some(own));
-        assert_eq!(get(&out, "traceparent"), Some(INCOMING));
+        assert_eq!(
+            get(&out, "traceparent"),
+            None,
+            "its own is kept: nothing to give it"
+        );
         assert_eq!(
             out.trace.map(|t| t.as_str().to_owned()).as_deref(),
             Some(own)
         );
-        // Without one it joins the request's trace.
-        let headers = hdrs(&binary);
-        let out = built(&c, &request(&headers, b""));
-        assert_eq!(get(&out, "ce-traceparent"), Some(STARTED));
+        // Without a valid one it joins the request's trace: the sidecar gives it the
+        // callout's, the client's headers go on as they came.
+        let mut invalid = binary.to_vec();
+        invalid.push(("ce-traceparent", "00-zz"));
+        for list in [&binary[..], &invalid[..]] {
+            let headers = hdrs(list);
+            let out = built(&c, &request(&headers, b""));
+            assert_eq!(get(&out, "traceparent"), Some(STARTED));
+            let ce = list
+                .iter()
+                .find(|(n, _)| *n == "ce-traceparent")
+                .map(|(_, v)| *v);
+            assert_eq!(get(&out, "ce-traceparent"), ce);
+            let trace = out.trace.map(|t| t.as_str().to_owned());
+            assert_eq!(trace.as_deref(), Some(STARTED));
+        }
         // A batch's events keep theirs; the callout carries the request's for the rest.
         let headers = hdrs(&[
             ("content-type", "application/cloudevents-batch+json"),
@@ -1130,9 +1121,9 @@ mod tests {
         );
         assert_eq!(get(&out, "eventwire-key"), Some("o-9"));
         assert_eq!(get(&out, "ce-id"), None);
-        // The event gains the trace the filter started; the client's bytes follow untouched.
-        let traced = format!(r#"{{"traceparent":"{STARTED}",{}"#, &BODY_AFTER_BRACE);
-        assert_eq!(String::from_utf8_lossy(&out.body), traced);
+        // The client's bytes go on untouched; the sidecar gives the event the callout's trace.
+        assert_eq!(&out.body[..], &body[..]);
+        assert_eq!(get(&out, "traceparent"), Some(STARTED));
         let own = br#"{"traceparent":"00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01","specversion":"1.0","id":"e1","source":"/s","type":"t","data":{"order":{"id":"o-9"}}}"#;
         let out = match build(&c.rules[0], &c.sidecar, &request(&headers, own), &STAMP) {
             Ok(o) => o,

@@ -25,8 +25,9 @@ pub const MAX_RULE_NAME: usize = 64;
 /// Headers that carry credentials: never copied into an event, whatever the config says.
 pub const SENSITIVE_HEADERS: [&str; 3] = ["authorization", "cookie", "proxy-authorization"];
 
-/// CloudEvents context attributes the filter sets itself; extensions may not reuse them.
-const RESERVED_ATTRIBUTES: [&str; 11] = [
+/// CloudEvents context attributes the filter sets itself (the distributed-tracing extension
+/// included: it comes from `traceparent`, see `trace`); extensions may not reuse them.
+const RESERVED_ATTRIBUTES: [&str; 13] = [
     "specversion",
     "id",
     "source",
@@ -38,6 +39,8 @@ const RESERVED_ATTRIBUTES: [&str; 11] = [
     "data",
     "data_base64",
     "partitionkey",
+    "traceparent",
+    "tracestate",
 ];
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -528,7 +528,12 @@ impl Stream {
                     "the callout to sidecar upstream '{}' failed at once ({e})",
                     cfg.sidecar.upstream
                 );
-                host.log(Level::Error, format_args!("rule {}: {detail}", rule.name));
+                let id = out.id.as_deref().unwrap_or("-");
+                let trace_id = out.trace.as_ref().map_or("-", TraceParent::trace_id);
+                host.log(
+                    Level::Error,
+                    format_args!("rule {} event {id} trace {trace_id}: {detail}", rule.name),
+                );
                 let e = FilterError::SidecarUnavailable { detail };
                 self.fail(host, idx, rule, e, Phase::Request)
             }
@@ -676,12 +681,6 @@ pub fn flush(host: &impl Host, vm: &Vm) -> Vec<(u32, Answer<'static>)> {
             vm.coalescer.borrow_mut().unsent(&batch);
             continue;
         };
-        host.bump(Counter::Batches, batch.rule);
-        host.bump_by(
-            Counter::BatchedEvents,
-            batch.rule,
-            batch.waiting.len() as u64,
-        );
         let headers = callout::batch_headers(rule, &cfg.sidecar);
         let body = batch.body();
         batch.sent_nanos = host.now_nanos();
@@ -692,6 +691,12 @@ pub fn flush(host: &impl Host, vm: &Vm) -> Vec<(u32, Answer<'static>)> {
             cfg.sidecar.timeout_ms,
         ) {
             Ok(token) => {
+                host.bump(Counter::Batches, batch.rule);
+                host.bump_by(
+                    Counter::BatchedEvents,
+                    batch.rule,
+                    batch.waiting.len() as u64,
+                );
                 host.bump_by(Counter::PublishedBytes, batch.rule, body.len() as u64);
                 vm.coalescer.borrow_mut().sent(token, batch);
             }

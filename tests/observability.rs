@@ -209,7 +209,7 @@ async fn metrics_count_exactly_what_was_sent() {
         s.get(&format!("{produced}_sum"), &[])
             .is_some_and(|v| v > 0.0)
     );
-    assert!(s.get("eventwire_produce_errors_total", &[]).is_some());
+    assert_eq!(s.get("eventwire_produce_errors_total", &[]), Some(0.0));
 
     assert_eq!(s.get("eventwire_events_in_flight", &[]), Some(0.0));
     assert_eq!(s.get("eventwire_spool_records", &[]), Some(0.0));

@@ -25,6 +25,11 @@ use prometheus_client::registry::Registry;
 
 use crate::problem::allow;
 
+/// Topic series before further topics count together under [`OTHER_TOPICS`].
+const MAX_TOPIC_SERIES: usize = 1000;
+/// Not a valid Kafka topic name, so it never stands for one topic.
+const OTHER_TOPICS: &str = "(other)";
+
 pub use prometheus_client::metrics::counter::Counter as PushCounter;
 
 /// From a local broker's 1 ms to the producer's retries; above 10 s is `+Inf`.
@@ -328,8 +333,11 @@ impl Metrics {
 
     #[cold]
     fn topic_counters(&self, topic: &str) -> TopicCounters {
+        // A topic is admitted unchecked while the broker is unreachable (the spool takes
+        // it): a client must not be able to grow the series without bound.
+        let full = read(&self.topics).len() >= MAX_TOPIC_SERIES;
         let labels = TopicLabels {
-            topic: topic.to_owned(),
+            topic: if full { OTHER_TOPICS } else { topic }.to_owned(),
         };
         let counters = TopicCounters {
             events: self.events.get_or_create_owned(&labels),
@@ -586,6 +594,22 @@ mod tests {
             "eventwire_produce_duration_seconds_bucket{le=\"0.005\"} 1"
         ));
         assert!(has(&m, "eventwire_produce_errors_total 1"));
+    }
+
+    #[test]
+    fn topics_beyond_the_series_limit_count_together() {
+        let m = Metrics::new();
+        for n in 0..MAX_TOPIC_SERIES + 2 {
+            m.event_accepted(&format!("t{n}"), 1);
+        }
+        m.event_accepted("t0", 1);
+        assert!(has(&m, r#"eventwire_ingest_events_total{topic="t0"} 2"#));
+        assert!(has(
+            &m,
+            r#"eventwire_ingest_events_total{topic="(other)"} 2"#
+        ));
+        let beyond = format!("topic=\"t{}\"", MAX_TOPIC_SERIES);
+        assert!(!lines(&m).iter().any(|l| l.contains(&beyond)));
     }
 
     #[test]

@@ -47,6 +47,9 @@ struct Mock {
     /// Every counter change with its rule and amount, and every histogram record.
     counted: RefCell<Vec<(Counter, usize, u64)>>,
     round_trips: RefCell<Vec<(usize, u64)>>,
+    /// How far the clock moves at each reading (0: it stands still).
+    clock_step_ns: u64,
+    clock: std::cell::Cell<u64>,
     /// Every property and single header read, to check what untouched routes cost.
     reads: RefCell<Vec<String>>,
     /// Calls of `request_headers` (Envoy's SDK panics on one after the headers phase).
@@ -171,7 +174,8 @@ impl Host for Mock {
     }
 
     fn now_nanos(&self) -> u64 {
-        1_522_949_460_000_000_000
+        self.clock.set(self.clock.get() + self.clock_step_ns);
+        1_522_949_460_000_000_000 + self.clock.get()
     }
 
     fn env(&self, name: &str) -> Option<String> {
@@ -393,6 +397,8 @@ fn untouched_routes_read_only_what_rules_match_on() {
 #[test]
 fn bridge_publishes_then_answers_202_with_the_sidecars_answer() {
     let mut m = post("/orders", r#"{"id": 42}"#);
+    // 1.5 ms between clock readings: the round trip is one reading, rounded down to 1 ms.
+    m.clock_step_ns = 1_500_000;
     let mut s = Stream::new(Some(vm(ORDERS)), 1);
     through_body(&m, &mut s);
     let Some((headers, body)) = m.dispatched() else {
@@ -437,7 +443,7 @@ fn bridge_publishes_then_answers_202_with_the_sidecars_answer() {
             (Counter::Accepted, 0, 1)
         ]
     );
-    assert_eq!(*m.round_trips.borrow(), [(0, 0)]);
+    assert_eq!(*m.round_trips.borrow(), [(0, 1)]);
     // After our own reply nothing more goes upstream, and a second answer changes nothing.
     assert_eq!(s.on_request_body(&m, 10, true), Flow::Pause);
     s.on_callout_response(&m, 3, ACCEPTED_BODY.len());
@@ -1011,6 +1017,15 @@ fn order(id: u32) -> Mock {
     m
 }
 
+/// The token the mock gave its last callout (that callout's position among its effects).
+fn last_token(m: &Mock) -> u32 {
+    let at = m
+        .effects()
+        .iter()
+        .rposition(|e| matches!(e, Effect::Dispatch { .. }));
+    at.map_or(0, |i| i as u32 + 1)
+}
+
 fn dispatches(m: &Mock) -> Vec<(Headers, Vec<u8>)> {
     m.effects()
         .into_iter()
@@ -1094,7 +1109,7 @@ fn waiting_events_go_as_one_batch_and_each_request_gets_its_answer() {
         &[(":status", "207"), ("content-type", "application/json")],
         batch_body,
     );
-    let token = host.effects().len() as u32;
+    let token = last_token(&host);
     let answers = batch_answered(&root, &vm, token, 2, batch_body.len());
     assert_eq!(answers.iter().map(|(c, _)| *c).collect::<Vec<_>>(), [2, 3]);
     for ((_, a), (m, s)) in answers.iter().zip(&mut streams[1..3]) {
@@ -1120,7 +1135,7 @@ fn waiting_events_go_as_one_batch_and_each_request_gets_its_answer() {
 
     // The last one went in the next batch; a sidecar that is gone fails it like a callout.
     assert!(flush(&host, &vm).is_empty());
-    let token = host.effects().len() as u32;
+    let token = last_token(&host);
     assert_eq!(dispatches(&host).len(), 2);
     let answers = batch_answered(&Mock::default(), &vm, token, 0, 0);
     let (m, s) = &mut streams[3];
@@ -1158,7 +1173,7 @@ fn a_batch_refused_for_one_event_sends_the_others_again() {
         &[(":status", "400"), ("content-type", problem::CONTENT_TYPE)],
         refusal,
     );
-    let token = host.effects().len() as u32;
+    let token = last_token(&host);
     let answers = batch_answered(&root, &vm, token, 2, refusal.len());
     assert_eq!(answers.len(), 1);
     assert_eq!(answers[0].0, 3, "the event at index 1 is refused");

@@ -200,7 +200,9 @@ async fn publish_batch(
     for (index, event) in events.into_iter().enumerate() {
         if let Err(e) = check_data(state, &event) {
             let error = Box::new(e);
-            return reject(IngestError::InBatch { index, error }, None);
+            let trace = telemetry::event_trace(&event);
+            let about = About::event(&event, trace.as_ref());
+            return reject(IngestError::InBatch { index, error }, Some(about));
         }
         match request::out_record(headers, &event, topic) {
             Ok(record) => records.push(EventRecord {
@@ -216,6 +218,7 @@ async fn publish_batch(
         .iter()
         .map(|e| (e.id.clone(), e.source.clone()))
         .collect();
+    let traces: Vec<Option<TraceId>> = records.iter().map(EventRecord::trace_id).collect();
     let spans: Vec<tracing::Span> = if telemetry::enabled() {
         records.iter().map(telemetry::ingest_span).collect()
     } else {
@@ -229,12 +232,28 @@ async fn publish_batch(
                     telemetry::failed(span, e);
                 }
             }
+            log_refused(&ids, &traces, &results);
             batch_answer(&ids, results)
         }
         Err(e) => reject(
             IngestError::BrokerUnavailable(format!("publish task failed: {e}")),
             None,
         ),
+    }
+}
+
+/// One line per event of a batch that was not accepted, naming it (the answer's line only
+/// counts them).
+fn log_refused(
+    ids: &[(String, String)],
+    traces: &[Option<TraceId>],
+    results: &[Result<Accepted, PublishError>],
+) {
+    for (((id, _), trace), result) in ids.iter().zip(traces).zip(results) {
+        if let Err(e) = result {
+            let trace_id = trace.map(tracing::field::display);
+            tracing::info!(event_id = %id, trace_id, error = %e, "batch event not accepted");
+        }
     }
 }
 

@@ -13,29 +13,32 @@ use crate::cloudevent::{
 use crate::sink::OutRecord;
 use crate::trace_context::{TRACEPARENT, TraceParent};
 
+const TRACESTATE: &str = "tracestate";
+
 /// W3C caps `tracestate` at 512 characters.
 const MAX_TRACESTATE: usize = 512;
 
-/// An event without trace context joins the request's: the filter sends the trace of the
-/// HTTP request it turned into events (or one it started) as `traceparent` on its callout,
-/// so a client's CloudEvent without its own is still traceable. An event's own is kept.
+/// An event without a valid trace context joins the request's: the filter sends the trace
+/// of the HTTP request it passes on (or one it started) as `traceparent` on its callout, so
+/// a client's CloudEvent without its own is still traceable. A valid own one is kept; an
+/// invalid one is no trace context (W3C) and is replaced, with its `tracestate`, which
+/// belongs to it.
 pub fn adopt_trace(headers: &HeaderMap, event: &mut CloudEvent) {
-    if event.extensions.contains_key(TRACEPARENT) {
-        return;
-    }
+    let own = matches!(event.extensions.get(TRACEPARENT),
+        Some(cloudevent::ExtValue::String(t)) if TraceParent::parse(t).is_ok());
     let text = |name: &str| headers.get(name).and_then(|v| v.to_str().ok());
-    let Some(parent) = text(TRACEPARENT).filter(|t| TraceParent::parse(t).is_ok()) else {
+    let parent = text(TRACEPARENT).filter(|t| TraceParent::parse(t).is_ok());
+    let Some(parent) = parent.filter(|_| !own) else {
         return;
     };
-    let insert = |event: &mut CloudEvent, name: &str, value: &str| {
-        let value = cloudevent::ExtValue::String(value.to_owned());
-        event.extensions.insert(name.to_owned(), value);
+    let value = |v: &str| cloudevent::ExtValue::String(v.to_owned());
+    event
+        .extensions
+        .insert(TRACEPARENT.to_owned(), value(parent));
+    match text(TRACESTATE).filter(|s| !s.is_empty() && s.len() <= MAX_TRACESTATE) {
+        Some(state) => event.extensions.insert(TRACESTATE.to_owned(), value(state)),
+        None => event.extensions.remove(TRACESTATE),
     };
-    insert(event, TRACEPARENT, parent);
-    let state = text("tracestate").filter(|s| !s.is_empty() && s.len() <= MAX_TRACESTATE);
-    if let Some(state) = state.filter(|_| !event.extensions.contains_key("tracestate")) {
-        insert(event, "tracestate", state);
-    }
 }
 
 enum Mode {
@@ -215,5 +218,14 @@ mod tests {
         let mut e = event("");
         adopt_trace(&headers(&[("traceparent", "00-zz")]), &mut e);
         assert_eq!(ext(&e, "traceparent"), None);
+        // An invalid own one is none either: replaced, its tracestate with it.
+        let mut e = event(r#","traceparent":"00-zz","tracestate":"old=1""#);
+        adopt_trace(&headers(&[("traceparent", REQUEST_TRACE)]), &mut e);
+        assert_eq!(ext(&e, "traceparent").as_deref(), Some(REQUEST_TRACE));
+        assert_eq!(ext(&e, "tracestate"), None);
+        // A tracestate without a traceparent gives way to the request's.
+        let mut e = event(r#","tracestate":"orphan=1""#);
+        adopt_trace(&h, &mut e);
+        assert_eq!(ext(&e, "tracestate").as_deref(), Some("rojo=1"));
     }
 }

@@ -68,6 +68,7 @@ pub async fn pump(
                 // The writer has not taken an event for that long (a replay is not watched
                 // for lag): the client is stuck. Free everything; the writer goes on its own.
                 tracing::info!(cursor = %before, "closing subscriber whose writes stalled");
+                slow_closed.inc();
                 return;
             }
         };
