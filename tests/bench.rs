@@ -14,6 +14,8 @@
 //! Ingest (`ingest`): the sidecar's `POST /v1/events` (`--ack broker` and `--ack spool`)
 //! vs. a raw rdkafka producer writing the same records to the same broker.
 //! Drain (`drain`): how fast a spool backlog reaches the broker after an outage.
+//! OTLP (`otel`): the sidecar's `POST /v1/events` with span export off vs. on (to a
+//! collector stand-in that takes every export), traced events, interleaved rounds.
 
 use eventwire_e2e::push::*;
 use eventwire_e2e::*;
@@ -960,8 +962,16 @@ impl TopicCount {
 
 /// `POST /v1/events` of the sidecar, binary mode, the same record the raw producer writes.
 async fn post_event(http: &reqwest::Client, url: &str, topic: &str, id: &str) -> String {
-    let sent = http
-        .post(url)
+    answer_status(event_request(http, url, topic, id).send().await).await
+}
+
+fn event_request(
+    http: &reqwest::Client,
+    url: &str,
+    topic: &str,
+    id: &str,
+) -> reqwest::RequestBuilder {
+    http.post(url)
         .header("ce-specversion", "1.0")
         .header("ce-id", id)
         .header("ce-source", "/shop/orders")
@@ -970,8 +980,10 @@ async fn post_event(http: &reqwest::Client, url: &str, topic: &str, id: &str) ->
         .header("eventwire-key", INGEST_KEY)
         .header("content-type", "application/json")
         .body(ORDER_BODY)
-        .send()
-        .await;
+}
+
+/// A 202's `status`, or what came instead.
+async fn answer_status(sent: Result<reqwest::Response, reqwest::Error>) -> String {
     match sent {
         Ok(r) if r.status() == 202 => {
             let body: serde_json::Value = r.json().await.unwrap_or_default();
@@ -1677,6 +1689,134 @@ fn steady_report(
         last.envoy_rss - half.envoy_rss,
         last.sidecar_rss - half.sidecar_rss,
         100_000.0 / STEADY_RATE_PER_S as f64
+    );
+    md
+}
+
+const OTEL_TOPIC: &str = "otel-bench-events";
+const OTEL_EVENTS: usize = 5_000;
+const OTEL_ROUNDS: usize = 3;
+
+/// A collector that takes every OTLP/HTTP export (and counts them), answering at once.
+async fn sink_collector() -> (String, std::sync::Arc<std::sync::atomic::AtomicU64>) {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    let bytes = std::sync::Arc::new(AtomicU64::new(0));
+    let seen = bytes.clone();
+    let app = axum::Router::new().route(
+        "/v1/traces",
+        axum::routing::post(move |body: axum::body::Bytes| {
+            seen.fetch_add(body.len() as u64, Ordering::Relaxed);
+            async { "" }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .unwrap_or_else(|e| panic!("bind: {e}"));
+    let port = listener.local_addr().map(|a| a.port()).unwrap_or(0);
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    (format!("http://127.0.0.1:{port}"), bytes)
+}
+
+/// `n` events with a sampled `ce-traceparent` each, `IN_FLIGHT` at a time.
+async fn traced_ingest(http: &reqwest::Client, url: &str, prefix: &str, n: usize) -> usize {
+    use futures_util::StreamExt as _;
+    let answers: Vec<String> = futures_util::stream::iter(0..n)
+        .map(|i| async move {
+            let id = format!("{prefix}-{i}");
+            let trace = format!("00-{:032x}-{:016x}-01", i + 1, i + 1);
+            let req = event_request(http, url, OTEL_TOPIC, &id).header("ce-traceparent", trace);
+            answer_status(req.send().await).await
+        })
+        .buffer_unordered(IN_FLIGHT)
+        .collect()
+        .await;
+    answers.iter().filter(|a| a.as_str() == "published").count()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement: run by `make bench`, not by `make test`"]
+async fn otlp_export_cost() {
+    let broker = Broker::start().await;
+    broker.create_topic(OTEL_TOPIC, 3).await;
+    let brokers = broker.bootstrap();
+    let (collector, exported) = sink_collector().await;
+    let off = Sidecar::start(&brokers).await;
+    let env = [("OTEL_EXPORTER_OTLP_ENDPOINT", collector.as_str())];
+    let on = Sidecar::start_with_env(&brokers, &[], &env).await;
+    off.wait_ready().await;
+    on.wait_ready().await;
+    let http = reqwest::Client::new();
+    let counter = TopicCount::new(&brokers, OTEL_TOPIC);
+    let variants = [("off", &off), ("on", &on)];
+    let mut expected = 0u64;
+    for (tag, sidecar) in variants {
+        expected += traced_ingest(
+            &http,
+            &sidecar.url("/v1/events"),
+            &format!("warm-{tag}"),
+            300,
+        )
+        .await as u64;
+    }
+    let _ = counter.wait_for(expected, Duration::from_secs(60));
+    // (variant, round, events/s, sidecar CPU ms/event, published)
+    let mut rows: Vec<(&str, usize, f64, f64, usize)> = Vec::new();
+    for round in 0..OTEL_ROUNDS {
+        for (tag, sidecar) in variants {
+            let pid = sidecar.proc.pid().unwrap_or(0);
+            let cpu_before = tree_cpu_seconds(pid);
+            let start = Instant::now();
+            let url = sidecar.url("/v1/events");
+            let published =
+                traced_ingest(&http, &url, &format!("r{round}-{tag}"), OTEL_EVENTS).await;
+            let secs = start.elapsed().as_secs_f64();
+            expected += published as u64;
+            let (_, seen) = counter.wait_for(expected, Duration::from_secs(120));
+            expected = seen;
+            let cpu_ms = (tree_cpu_seconds(pid) - cpu_before) * 1000.0 / OTEL_EVENTS as f64;
+            println!(
+                "round {round} export {tag}: {:.0} events/s, {cpu_ms:.3} ms CPU/event, {published} published",
+                OTEL_EVENTS as f64 / secs
+            );
+            rows.push((tag, round, OTEL_EVENTS as f64 / secs, cpu_ms, published));
+        }
+    }
+    let exported = exported.load(std::sync::atomic::Ordering::Relaxed);
+    write_section("otel", &otel_report(&rows, exported));
+}
+
+fn otel_report(rows: &[(&str, usize, f64, f64, usize)], exported_bytes: u64) -> String {
+    let mut md = String::new();
+    let _ = writeln!(
+        md,
+        "## Tracing: the sidecar with OTLP span export off and on\n"
+    );
+    let _ = writeln!(
+        md,
+        "`POST /v1/events` straight to the sidecar (binary mode, the ingest bench's record, each event with its own sampled `ce-traceparent`), {OTEL_EVENTS} events per run, {IN_FLIGHT} in flight, `--ack broker`; two sidecars on one broker, one without `OTEL_*`, one exporting over OTLP/HTTP protobuf (the SDK's batch processor, default settings) to a collector stand-in in the test that takes every export; {OTEL_ROUNDS} interleaved rounds. CPU = user+system of the sidecar's process tree per event (the export thread included).\n"
+    );
+    let _ = writeln!(
+        md,
+        "| round | export | events/s | sidecar CPU ms/event | published | CPU vs. off |"
+    );
+    let _ = writeln!(md, "|---|---|---|---|---|---|");
+    for (tag, round, rate, cpu, published) in rows {
+        let off = rows
+            .iter()
+            .find(|r| r.1 == *round && r.0 == "off")
+            .map_or(*cpu, |r| r.3);
+        let _ = writeln!(
+            md,
+            "| {round} | {tag} | {rate:.0} | {cpu:.3} | {published} | {:.2} |",
+            cpu / off
+        );
+    }
+    let _ = writeln!(
+        md,
+        "\nThe collector received {:.1} MB of spans in all. Off, a span is never built (one check per event); on, each event costs an `eventwire.ingest` and an `eventwire.produce` span (no subscriber here, so no `eventwire.deliver`) and their share of the export.",
+        exported_bytes as f64 / 1e6
     );
     md
 }
