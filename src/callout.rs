@@ -68,7 +68,7 @@ pub struct Callout<'a> {
     /// The event id, when the filter knows it before the sidecar answers (for logs).
     pub id: Option<Cow<'a, str>>,
     /// The event's trace context (a batch: the request's), echoed in the 202 and logged.
-    pub trace: Option<TraceParent>,
+    pub trace: TraceParent,
 }
 
 impl Callout<'_> {
@@ -146,7 +146,7 @@ pub fn build<'a>(
         headers: h,
         body,
         id,
-        trace: Some(own.unwrap_or(request_trace)),
+        trace: own.unwrap_or(request_trace),
     })
 }
 
@@ -306,7 +306,7 @@ fn batch<'a>(
             headers: h,
             body: Cow::Owned(rewritten_batch(from_body, rule, req)?),
             id: None,
-            trace: Some(trace),
+            trace,
         });
     }
     let body = match &rule.key {
@@ -330,7 +330,7 @@ fn batch<'a>(
         headers: h,
         body,
         id: None,
-        trace: Some(trace),
+        trace,
     })
 }
 
@@ -1029,10 +1029,7 @@ mod tests {
         let odd = hdrs(&[("traceparent", INCOMING), ("tracestate", "a=5%,b=\"q\"")]);
         let out = built(&c, &request(&odd, b""));
         assert_eq!(get(&out, "ce-tracestate"), Some("a=5%25,b=%22q%22"));
-        assert_eq!(
-            out.trace.map(|t| t.as_str().to_owned()).as_deref(),
-            Some(INCOMING)
-        );
+        assert_eq!(out.trace.as_str(), INCOMING);
         // Invalid or absent: a new trace, and a tracestate without its parent is dropped.
         for headers in [
             hdrs(&[("traceparent", "00-zz"), ("tracestate", "a=b")]),
@@ -1041,10 +1038,7 @@ mod tests {
             let out = built(&c, &request(&headers, b""));
             assert_eq!(get(&out, "ce-traceparent"), Some(STARTED));
             assert_eq!(get(&out, "ce-tracestate"), None);
-            assert_eq!(
-                out.trace.map(|t| t.as_str().to_owned()).as_deref(),
-                Some(STARTED)
-            );
+            assert_eq!(out.trace.as_str(), STARTED);
         }
     }
 
@@ -1074,10 +1068,7 @@ mod tests {
             None,
             "its own is kept: nothing to give it"
         );
-        assert_eq!(
-            out.trace.map(|t| t.as_str().to_owned()).as_deref(),
-            Some(own)
-        );
+        assert_eq!(out.trace.as_str(), own);
         // Without a valid one it joins the request's trace: the sidecar gives it the
         // callout's, the client's headers go on as they came.
         let mut invalid = binary.to_vec();
@@ -1091,8 +1082,7 @@ mod tests {
                 .find(|(n, _)| *n == "ce-traceparent")
                 .map(|(_, v)| *v);
             assert_eq!(get(&out, "ce-traceparent"), ce);
-            let trace = out.trace.map(|t| t.as_str().to_owned());
-            assert_eq!(trace.as_deref(), Some(STARTED));
+            assert_eq!(out.trace.as_str(), STARTED);
         }
         // A batch's events keep theirs; the callout carries the request's for the rest.
         let headers = hdrs(&[
@@ -1130,10 +1120,7 @@ mod tests {
             Err(e) => panic!("{e}"),
         };
         assert_eq!(&out.body[..], &own[..]);
-        assert_eq!(
-            out.trace.map(|t| t.trace_id().to_owned()).as_deref(),
-            Some("4bf92f3577b34da6a3ce929d0e0e4736")
-        );
+        assert_eq!(out.trace.trace_id(), "4bf92f3577b34da6a3ce929d0e0e4736");
         for (bad, why) in [
             (
                 &br#"{"specversion":"0.3","id":"e","source":"/s","type":"t"}"#[..],

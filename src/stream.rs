@@ -159,7 +159,7 @@ enum State {
         id: Option<String>,
         slot: bool,
         /// The event's trace context, for the 202 and the logs.
-        trace: Option<TraceParent>,
+        trace: TraceParent,
         /// When its own callout went (host clock); 0 while it waits for a batch.
         sent_nanos: u64,
     },
@@ -342,7 +342,7 @@ impl Stream {
             return;
         };
         let id = id.as_deref().unwrap_or("-");
-        let trace_id = trace.as_ref().map_or("-", TraceParent::trace_id);
+        let trace_id = trace.trace_id();
         match answer.verdict(cfg.sidecar.timeout_ms) {
             Verdict::Accepted { status } => {
                 host.bump(Counter::Accepted, idx);
@@ -399,7 +399,7 @@ impl Stream {
         rule: &Rule,
         status: u16,
         answer: &Answer<'_>,
-        trace: Option<TraceParent>,
+        trace: TraceParent,
     ) {
         match rule.mode {
             Mode::Tap => host.resume(),
@@ -412,9 +412,7 @@ impl Stream {
                 if let Some(l) = location {
                     headers.push(("location", l));
                 }
-                if let Some(t) = &trace {
-                    headers.push(("traceparent", t.as_str()));
-                }
+                headers.push(("traceparent", trace.as_str()));
                 // 202, or a batch's 207 when only some of its events were accepted.
                 host.reply(status, headers, &answer.body);
                 self.state = State::Replied;
@@ -529,7 +527,7 @@ impl Stream {
                     cfg.sidecar.upstream
                 );
                 let id = out.id.as_deref().unwrap_or("-");
-                let trace_id = out.trace.as_ref().map_or("-", TraceParent::trace_id);
+                let trace_id = out.trace.trace_id();
                 host.log(
                     Level::Error,
                     format_args!("rule {} event {id} trace {trace_id}: {detail}", rule.name),
