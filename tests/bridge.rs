@@ -13,42 +13,6 @@ async fn stack(cfg: EnvoyConfig, topics: &[(&str, i32)]) -> Stack {
     Stack::start(&cfg, topics, &[]).await
 }
 
-/// Requests as this suite sends them.
-trait Client {
-    async fn post(
-        &self,
-        path: &str,
-        headers: &[(&str, &str)],
-        body: &[u8],
-    ) -> (u16, Vec<(String, String)>, Vec<u8>);
-}
-
-impl Client for Stack {
-    async fn post(
-        &self,
-        path: &str,
-        headers: &[(&str, &str)],
-        body: &[u8],
-    ) -> (u16, Vec<(String, String)>, Vec<u8>) {
-        let mut req = self.http.post(self.envoy.url(path)).body(body.to_vec());
-        for (n, v) in headers {
-            req = req.header(*n, *v);
-        }
-        let resp = req
-            .send()
-            .await
-            .unwrap_or_else(|e| panic!("POST {path}: {e}"));
-        let status = resp.status().as_u16();
-        let hdrs = resp
-            .headers()
-            .iter()
-            .map(|(n, v)| (n.to_string(), v.to_str().unwrap_or("").to_string()))
-            .collect();
-        let body = resp.bytes().await.map(|b| b.to_vec()).unwrap_or_default();
-        (status, hdrs, body)
-    }
-}
-
 fn header<'a>(hdrs: &'a [(String, String)], name: &str) -> Option<&'a str> {
     hdrs.iter()
         .find(|(n, _)| n == name)

@@ -249,26 +249,10 @@ async fn post_through(
     headers: &[(&str, &str)],
     body: &str,
 ) -> (u16, Option<String>, Value) {
-    let mut req = s.http.post(s.envoy.url(path)).body(body.to_owned());
-    for (n, v) in headers {
-        req = req.header(*n, *v);
-    }
-    let resp = req
-        .send()
-        .await
-        .unwrap_or_else(|e| panic!("POST {path}: {e}"));
-    let status = resp.status().as_u16();
-    let trace = resp
-        .headers()
-        .get("traceparent")
-        .and_then(|v| v.to_str().ok())
-        .map(str::to_owned);
-    let text = resp.text().await.unwrap_or_default();
-    (
-        status,
-        trace,
-        serde_json::from_str(&text).unwrap_or(Value::Null),
-    )
+    let (status, answer_headers, bytes) = s.post(path, headers, body.as_bytes()).await;
+    let trace = answer_headers.into_iter().find(|(n, _)| n == "traceparent");
+    let json = serde_json::from_slice(&bytes).unwrap_or(Value::Null);
+    (status, trace.map(|(_, v)| v), json)
 }
 
 /// A valid W3C traceparent: version 00, lower-case hex ids that are not all zero.

@@ -253,6 +253,33 @@ impl Stack {
     }
 }
 
+impl Stack {
+    /// `POST path` through Envoy: status, the answer's headers, its body.
+    pub async fn post(
+        &self,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> (u16, Vec<(String, String)>, Vec<u8>) {
+        let mut req = self.http.post(self.envoy.url(path)).body(body.to_vec());
+        for (n, v) in headers {
+            req = req.header(*n, *v);
+        }
+        let resp = req
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("POST {path}: {e}"));
+        let status = resp.status().as_u16();
+        let hdrs = resp
+            .headers()
+            .iter()
+            .map(|(n, v)| (n.to_string(), v.to_str().unwrap_or("").to_string()))
+            .collect();
+        let body = resp.bytes().await.map(|b| b.to_vec()).unwrap_or_default();
+        (status, hdrs, body)
+    }
+}
+
 /// Polls `check` until it holds; panics naming `what` (what never happened) once `limit`
 /// has passed. The 50 ms between polls is the polling interval, not a wait for anything.
 pub async fn wait_until<F, Fut>(what: &str, limit: Duration, mut check: F)
