@@ -18,6 +18,8 @@ pub mod config;
 #[cfg(feature = "server")]
 mod consumed;
 #[cfg(feature = "server")]
+mod delivery;
+#[cfg(feature = "server")]
 mod durable;
 #[cfg(feature = "server")]
 pub mod error;

@@ -1,0 +1,410 @@
+//! The deliveries file (`--deliveries-file`): `[[delivery]]` tables, each a topic delivered
+//! to an HTTP service. Pure code: parsed and checked once at start; every error names its
+//! field (`delivery[1].url: ...`) so a typo is found without reading the code.
+
+use std::time::Duration;
+
+use thiserror::Error;
+use toml::{Table, Value};
+
+use crate::subscription_filter::Filter;
+
+/// One delivery subscription, checked.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Delivery {
+    pub name: String,
+    pub topic: String,
+    pub url: String,
+    pub group: String,
+    pub filter: Option<Filter>,
+    pub timeout: Duration,
+    pub max_attempts: u32,
+    pub initial_backoff: Duration,
+    pub max_backoff: Duration,
+    pub dead_letter_topic: Option<String>,
+    pub reply_topic: Option<String>,
+}
+
+/// A deliveries file that cannot be used; `field` is e.g. `delivery[0].url`.
+#[derive(Debug, Error, PartialEq, Eq)]
+#[error("{field}: {reason}")]
+pub struct ConfigError {
+    pub field: String,
+    pub reason: String,
+}
+
+const DEFAULT_TIMEOUT_MS: u64 = 10_000;
+const DEFAULT_MAX_ATTEMPTS: u64 = 8;
+const DEFAULT_INITIAL_BACKOFF_MS: u64 = 200;
+const DEFAULT_MAX_BACKOFF_MS: u64 = 30_000;
+/// Bounds that catch unit mistakes (seconds written as milliseconds and the like).
+const MAX_TIMEOUT_MS: u64 = 600_000;
+const MAX_ATTEMPTS: u64 = 1_000;
+const MAX_BACKOFF_MS: u64 = 3_600_000;
+const MAX_NAME_LEN: usize = 64;
+
+const FIELDS: &[&str] = &[
+    "name",
+    "topic",
+    "url",
+    "group",
+    "filter",
+    "timeout_ms",
+    "max_attempts",
+    "initial_backoff_ms",
+    "max_backoff_ms",
+    "dead_letter_topic",
+    "reply_topic",
+];
+
+fn err(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
+    ConfigError {
+        field: field.into(),
+        reason: reason.into(),
+    }
+}
+
+/// Parses the file's text. An empty file (or one without `[[delivery]]`) means none.
+pub fn parse(text: &str) -> Result<Vec<Delivery>, ConfigError> {
+    let root: Table = toml::from_str(text).map_err(|e| err("deliveries file", e.to_string()))?;
+    if let Some(key) = root.keys().find(|k| *k != "delivery") {
+        return Err(err(
+            key.as_str(),
+            "unknown field (expected `[[delivery]]` tables)",
+        ));
+    }
+    let entries = match root.get("delivery") {
+        None => return Ok(Vec::new()),
+        Some(Value::Array(entries)) => entries,
+        Some(_) => return Err(err("delivery", "must be `[[delivery]]` tables")),
+    };
+    let deliveries = entries
+        .iter()
+        .enumerate()
+        .map(|(i, entry)| match entry {
+            Value::Table(table) => delivery(table, &format!("delivery[{i}]")),
+            _ => Err(err(format!("delivery[{i}]"), "must be a table")),
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    check_unique(&deliveries)?;
+    Ok(deliveries)
+}
+
+fn delivery(table: &Table, at: &str) -> Result<Delivery, ConfigError> {
+    if let Some(key) = table.keys().find(|k| !FIELDS.contains(&k.as_str())) {
+        return Err(err(format!("{at}.{key}"), "unknown field"));
+    }
+    let name = name(table, at)?;
+    let max_backoff_ms = int(
+        table,
+        at,
+        "max_backoff_ms",
+        DEFAULT_MAX_BACKOFF_MS,
+        1,
+        MAX_BACKOFF_MS,
+    )?;
+    let initial_backoff_ms = int(
+        table,
+        at,
+        "initial_backoff_ms",
+        DEFAULT_INITIAL_BACKOFF_MS,
+        1,
+        max_backoff_ms,
+    )?;
+    let group = match string(table, at, "group")? {
+        Some(group) if group.is_empty() => {
+            return Err(err(format!("{at}.group"), "must not be empty"));
+        }
+        Some(group) => group,
+        None => format!("eventwire-delivery-{name}"),
+    };
+    Ok(Delivery {
+        topic: topic(table, at, "topic")?.ok_or_else(|| err(format!("{at}.topic"), "missing"))?,
+        url: url(table, at)?,
+        group,
+        filter: filter(table, at)?,
+        timeout: Duration::from_millis(int(
+            table,
+            at,
+            "timeout_ms",
+            DEFAULT_TIMEOUT_MS,
+            1,
+            MAX_TIMEOUT_MS,
+        )?),
+        // The bound above fits in u32.
+        max_attempts: u32::try_from(int(
+            table,
+            at,
+            "max_attempts",
+            DEFAULT_MAX_ATTEMPTS,
+            1,
+            MAX_ATTEMPTS,
+        )?)
+        .unwrap_or(u32::MAX),
+        initial_backoff: Duration::from_millis(initial_backoff_ms),
+        max_backoff: Duration::from_millis(max_backoff_ms),
+        dead_letter_topic: topic(table, at, "dead_letter_topic")?,
+        reply_topic: topic(table, at, "reply_topic")?,
+        name,
+    })
+}
+
+/// Names label log lines and form the default group id, so they stay short and plain.
+fn name(table: &Table, at: &str) -> Result<String, ConfigError> {
+    let field = format!("{at}.name");
+    let name = string(table, at, "name")?.ok_or_else(|| err(&field, "missing"))?;
+    let plain = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-';
+    if name.is_empty() || name.len() > MAX_NAME_LEN || !name.chars().all(plain) {
+        return Err(err(
+            field,
+            format!("must be 1 to {MAX_NAME_LEN} of A-Z a-z 0-9 _ -"),
+        ));
+    }
+    Ok(name)
+}
+
+fn string(table: &Table, at: &str, key: &str) -> Result<Option<String>, ConfigError> {
+    match table.get(key) {
+        None => Ok(None),
+        Some(Value::String(s)) => Ok(Some(s.clone())),
+        Some(_) => Err(err(format!("{at}.{key}"), "must be a string")),
+    }
+}
+
+fn topic(table: &Table, at: &str, key: &str) -> Result<Option<String>, ConfigError> {
+    let topic = string(table, at, key)?;
+    if let Some(t) = &topic {
+        eventwire_contract::topic::validate(t)
+            .map_err(|e| err(format!("{at}.{key}"), e.to_string()))?;
+    }
+    Ok(topic)
+}
+
+/// Only `http://` for now: the client has no TLS stack (services are local or behind a mesh).
+fn url(table: &Table, at: &str) -> Result<String, ConfigError> {
+    let field = format!("{at}.url");
+    let url = string(table, at, "url")?.ok_or_else(|| err(&field, "missing"))?;
+    let rest = url.strip_prefix("http://").ok_or_else(|| {
+        err(
+            &field,
+            "must start with http:// (https is not supported yet)",
+        )
+    })?;
+    let host = rest.split(['/', '?', '#']).next().unwrap_or_default();
+    if host.is_empty() || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(err(field, "not a URL with a host"));
+    }
+    Ok(url)
+}
+
+fn int(
+    table: &Table,
+    at: &str,
+    key: &str,
+    default: u64,
+    min: u64,
+    max: u64,
+) -> Result<u64, ConfigError> {
+    let field = || format!("{at}.{key}");
+    let value = match table.get(key) {
+        None => return Ok(default),
+        Some(Value::Integer(n)) => *n,
+        Some(_) => return Err(err(field(), "must be an integer")),
+    };
+    u64::try_from(value)
+        .ok()
+        .filter(|n| (min..=max).contains(n))
+        .ok_or_else(|| err(field(), format!("must be {min} to {max}")))
+}
+
+/// The push side's filter format, as JSON text or as TOML (an inline table or array).
+fn filter(table: &Table, at: &str) -> Result<Option<Filter>, ConfigError> {
+    let field = format!("{at}.filter");
+    let json = match table.get("filter") {
+        None => return Ok(None),
+        Some(Value::String(text)) => {
+            serde_json::from_str(text).map_err(|e| err(&field, format!("not JSON: {e}")))?
+        }
+        Some(value) => serde_json::to_value(value).map_err(|e| err(&field, e.to_string()))?,
+    };
+    Filter::from_value(&json, &field)
+        .map(Some)
+        .map_err(|e| err(e.path, e.reason))
+}
+
+/// Two deliveries of one name would share a group by default and confuse every log line.
+fn check_unique(deliveries: &[Delivery]) -> Result<(), ConfigError> {
+    for (i, d) in deliveries.iter().enumerate() {
+        if deliveries[..i].iter().any(|other| other.name == d.name) {
+            return Err(err(
+                format!("delivery[{i}].name"),
+                format!("`{}` is used twice", d.name),
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINIMAL: &str = r#"
+[[delivery]]
+name = "payments"
+topic = "order-placed-events"
+url = "http://127.0.0.1:9000/orders"
+"#;
+
+    fn error(text: &str) -> String {
+        parse(text).unwrap_err().to_string()
+    }
+
+    fn with(extra: &str) -> String {
+        format!("{MINIMAL}{extra}\n")
+    }
+
+    #[test]
+    fn minimal_gets_defaults() {
+        let d = &parse(MINIMAL).unwrap()[0];
+        assert_eq!(d.name, "payments");
+        assert_eq!(d.topic, "order-placed-events");
+        assert_eq!(d.url, "http://127.0.0.1:9000/orders");
+        assert_eq!(d.group, "eventwire-delivery-payments");
+        assert_eq!(d.filter, None);
+        assert_eq!(d.timeout, Duration::from_millis(10_000));
+        assert_eq!(d.max_attempts, 8);
+        assert_eq!(d.initial_backoff, Duration::from_millis(200));
+        assert_eq!(d.max_backoff, Duration::from_millis(30_000));
+        assert_eq!(d.dead_letter_topic, None);
+        assert_eq!(d.reply_topic, None);
+    }
+
+    #[test]
+    fn every_field_is_read() {
+        let d = &parse(&with(
+            r#"group = "g1"
+timeout_ms = 500
+max_attempts = 3
+initial_backoff_ms = 10
+max_backoff_ms = 100
+dead_letter_topic = "orders.dlq"
+reply_topic = "orders.replies"
+filter = { prefix = { type = "com.example." } }"#,
+        ))
+        .unwrap()[0];
+        assert_eq!(d.group, "g1");
+        assert_eq!(d.timeout, Duration::from_millis(500));
+        assert_eq!(d.max_attempts, 3);
+        assert_eq!(d.initial_backoff, Duration::from_millis(10));
+        assert_eq!(d.max_backoff, Duration::from_millis(100));
+        assert_eq!(d.dead_letter_topic.as_deref(), Some("orders.dlq"));
+        assert_eq!(d.reply_topic.as_deref(), Some("orders.replies"));
+        assert_eq!(
+            d.filter,
+            Some(Filter::Prefix(vec![("type".into(), "com.example.".into())]))
+        );
+    }
+
+    #[test]
+    fn filter_as_json_text_is_the_push_sides_format() {
+        let d = &parse(&with(
+            r#"filter = '[{"exact":{"subject":"a"}},{"not":{"exact":{"type":"x"}}}]'"#,
+        ))
+        .unwrap()[0];
+        let attrs = [
+            ("subject".to_string(), "a".to_string()),
+            ("type".into(), "y".into()),
+        ]
+        .into();
+        assert!(d.filter.as_ref().unwrap().matches(&attrs));
+    }
+
+    #[test]
+    fn empty_file_has_no_deliveries() {
+        assert_eq!(parse("").unwrap(), Vec::new());
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let cases = [
+            (with("colour = 1"), "delivery[0].colour: unknown field"),
+            (
+                with("timeout_ms = 0"),
+                "delivery[0].timeout_ms: must be 1 to 600000",
+            ),
+            (
+                with("timeout_ms = \"5s\""),
+                "delivery[0].timeout_ms: must be an integer",
+            ),
+            (
+                with("max_attempts = -1"),
+                "delivery[0].max_attempts: must be 1 to 1000",
+            ),
+            (
+                with("initial_backoff_ms = 40000"),
+                "delivery[0].initial_backoff_ms: must be 1 to 30000",
+            ),
+            (
+                with("dead_letter_topic = \"a b\""),
+                "delivery[0].dead_letter_topic: character ' ' is not allowed",
+            ),
+            (with("group = \"\""), "delivery[0].group: must not be empty"),
+            (with("filter = { sql = \"x\" }"), "delivery[0].filter"),
+            (with("filter = '{'"), "delivery[0].filter: not JSON"),
+            (
+                "[[delivery]]\nname = \"a\"\nurl = \"http://h/\"".into(),
+                "delivery[0].topic: missing",
+            ),
+            (
+                "[[delivery]]\nname = \"a\"\ntopic = \"t\"".into(),
+                "delivery[0].url: missing",
+            ),
+            (
+                "[[delivery]]\ntopic = \"t\"\nurl = \"http://h/\"".into(),
+                "delivery[0].name: missing",
+            ),
+            (
+                MINIMAL.replace("payments", "pay ments"),
+                "delivery[0].name: must be 1 to 64",
+            ),
+            (
+                MINIMAL.replace("http://127.0.0.1:9000", "https://x"),
+                "delivery[0].url: must start with http://",
+            ),
+            (
+                MINIMAL.replace("127.0.0.1:9000/orders", ""),
+                "delivery[0].url: not a URL with a host",
+            ),
+            (
+                format!("{MINIMAL}{MINIMAL}"),
+                "delivery[1].name: `payments` is used twice",
+            ),
+            ("deliveries = 1".into(), "deliveries: unknown field"),
+            (
+                "delivery = 1".into(),
+                "delivery: must be `[[delivery]]` tables",
+            ),
+            ("[[delivery]\n".into(), "deliveries file: "),
+        ];
+        for (text, want) in cases {
+            let got = error(&text);
+            assert!(
+                got.starts_with(want),
+                "{text:?}: got {got:?}, want {want:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn second_entry_errors_say_index_1() {
+        let text = format!(
+            "{}{}",
+            MINIMAL,
+            MINIMAL
+                .replace("payments", "b")
+                .replace("http://", "ftp://")
+        );
+        assert!(error(&text).starts_with("delivery[1].url:"));
+    }
+}
