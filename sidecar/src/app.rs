@@ -100,6 +100,8 @@ pub async fn serve(args: ServeArgs) -> Result<(), AppError> {
         ])
     };
     let schemas = schemas(&args)?;
+    let (stop_deliveries, deliveries_stopped) = tokio::sync::watch::channel(false);
+    let deliveries = deliveries(&args, producer.clone(), &deliveries_stopped)?;
     let app = router(&args, sink, fanout.clone(), auth, readers, schemas, metrics);
     axum::serve(
         listener,
@@ -109,8 +111,13 @@ pub async fn serve(args: ServeArgs) -> Result<(), AppError> {
         shutdown_signal().await;
         // Open subscriptions would otherwise hold the graceful shutdown forever.
         fanout.shutdown();
+        let _ = stop_deliveries.send(true);
     })
     .await?;
+    // Before the flush: a delivery giving up on its last event still dead-letters it.
+    for delivery in deliveries {
+        let _ = delivery.await;
+    }
     if producer.is_ready() {
         flush(producer.clone()).await;
     }
@@ -122,6 +129,25 @@ pub async fn serve(args: ServeArgs) -> Result<(), AppError> {
     telemetry::shutdown().await;
     tracing::info!("stopped");
     Ok(())
+}
+
+/// The `--deliveries-file` subscriptions, started; none without the flag.
+fn deliveries(
+    args: &ServeArgs,
+    producer: Arc<KafkaProducer>,
+    stop: &tokio::sync::watch::Receiver<bool>,
+) -> Result<Vec<tokio::task::JoinHandle<()>>, AppError> {
+    let Some(path) = &args.deliveries_file else {
+        return Ok(Vec::new());
+    };
+    let deliveries = crate::delivery::load(path)?;
+    let shared = crate::delivery::worker::Shared {
+        brokers: args.kafka.brokers.clone(),
+        overrides: args.kafka.properties()?,
+        fetch_wait: Duration::from_millis(args.push.push_fetch_wait_ms),
+        producer,
+    };
+    Ok(crate::delivery::worker::spawn(deliveries, &shared, stop)?)
 }
 
 fn ingest_auth(args: &ServeArgs) -> Result<Arc<IngestAuth>, AppError> {

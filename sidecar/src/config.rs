@@ -170,6 +170,10 @@ pub struct ServeArgs {
     /// `dataschema` names one is checked against it before anything is durable.
     #[arg(long, env = "EVENTWIRE_SCHEMA_DIR", value_name = "DIR")]
     pub schema_dir: Option<std::path::PathBuf>,
+    /// TOML file of `[[delivery]]` tables: topics delivered to HTTP services as CloudEvents
+    /// (README "Delivery to HTTP services"). Checked at start; a mistake stops it.
+    #[arg(long, env = "EVENTWIRE_DELIVERIES_FILE", value_name = "PATH")]
+    pub deliveries_file: Option<std::path::PathBuf>,
     /// Most events in one `application/cloudevents-batch+json` request.
     #[arg(long, env = "EVENTWIRE_MAX_BATCH_EVENTS", default_value_t = 1000, value_parser = clap::value_parser!(usize))]
     pub max_batch_events: usize,

@@ -1,12 +1,13 @@
 //! Kafka messages as the CloudEvents mapping reads them: the rdkafka side of
 //! `cloudevent::ConsumedRecord`, kept out of `cloudevent` so that stays free of rdkafka.
 
-use rdkafka::message::{BorrowedMessage, Headers, Message};
+use rdkafka::message::{Headers, Message};
 
 use crate::cloudevent::ConsumedRecord;
 
-/// A record as rdkafka hands it to a consumer (`tail`, the fan-out hubs).
-pub fn record<'a>(message: &'a BorrowedMessage<'_>) -> ConsumedRecord<'a> {
+/// A record as rdkafka hands it to a consumer (`tail`, the fan-out hubs), borrowed or
+/// detached (the delivery workers hold detached ones).
+pub fn record<M: Message>(message: &M) -> ConsumedRecord<'_> {
     let headers = message
         .headers()
         .map(|h| h.iter().map(|header| (header.key, header.value)).collect())

@@ -17,5 +17,9 @@ pub enum AppError {
     #[error("{0}")]
     Schema(#[from] crate::schema::SchemaError),
     #[error("{0}")]
+    Deliveries(#[from] crate::delivery::LoadError),
+    #[error("{0}")]
+    Delivery(#[from] crate::delivery::worker::WorkerError),
+    #[error("{0}")]
     Other(String),
 }

@@ -7,3 +7,36 @@
 pub mod config;
 pub mod policy;
 pub mod request;
+pub mod worker;
+
+use std::path::Path;
+
+use thiserror::Error;
+
+/// The deliveries file cannot be read or used: the sidecar does not start.
+#[derive(Debug, Error)]
+pub enum LoadError {
+    #[error("--deliveries-file {path}: {source}")]
+    Read {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("--deliveries-file {path}: {source}")]
+    Invalid {
+        path: String,
+        source: config::ConfigError,
+    },
+}
+
+/// Reads and checks the deliveries file.
+pub fn load(path: &Path) -> Result<Vec<config::Delivery>, LoadError> {
+    let shown = || path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| LoadError::Read {
+        path: shown(),
+        source,
+    })?;
+    config::parse(&text).map_err(|source| LoadError::Invalid {
+        path: shown(),
+        source,
+    })
+}
