@@ -101,7 +101,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), AppError> {
     };
     let schemas = schemas(&args)?;
     let (stop_deliveries, deliveries_stopped) = tokio::sync::watch::channel(false);
-    let deliveries = deliveries(&args, producer.clone(), &deliveries_stopped)?;
+    let deliveries = deliveries(&args, producer.clone(), &metrics, &deliveries_stopped)?;
     let app = router(&args, sink, fanout.clone(), auth, readers, schemas, metrics);
     axum::serve(
         listener,
@@ -135,6 +135,7 @@ pub async fn serve(args: ServeArgs) -> Result<(), AppError> {
 fn deliveries(
     args: &ServeArgs,
     producer: Arc<KafkaProducer>,
+    metrics: &Arc<Metrics>,
     stop: &tokio::sync::watch::Receiver<bool>,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>, AppError> {
     let Some(path) = &args.deliveries_file else {
@@ -146,6 +147,7 @@ fn deliveries(
         overrides: args.kafka.properties()?,
         fetch_wait: Duration::from_millis(args.push.push_fetch_wait_ms),
         producer,
+        metrics: metrics.clone(),
     };
     Ok(crate::delivery::worker::spawn(deliveries, &shared, stop)?)
 }

@@ -60,6 +60,58 @@ struct LagLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeliveryLabels {
+    delivery: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct DeliveryOutcomeLabels {
+    delivery: String,
+    outcome: &'static str,
+}
+
+/// From a local service's millisecond to the longest `timeout_ms` worth a bucket.
+const DELIVERY_BUCKETS: [f64; 14] = [
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+];
+
+/// The handles of one delivery (`--deliveries-file`), resolved when it starts.
+pub struct DeliveryMetrics {
+    name: String,
+    attempts: Family<DeliveryOutcomeLabels, Counter>,
+    events: Family<DeliveryOutcomeLabels, Counter>,
+    replies: Family<DeliveryOutcomeLabels, Counter>,
+    duration: Histogram,
+}
+
+impl DeliveryMetrics {
+    fn counter(&self, family: &Family<DeliveryOutcomeLabels, Counter>, outcome: &'static str) {
+        family
+            .get_or_create(&DeliveryOutcomeLabels {
+                delivery: self.name.clone(),
+                outcome,
+            })
+            .inc();
+    }
+
+    /// One POST and how it ended.
+    pub fn attempt(&self, outcome: &crate::delivery::policy::Outcome, took: Duration) {
+        self.duration.observe(took.as_secs_f64());
+        self.counter(&self.attempts, outcome.label());
+    }
+
+    /// An event done with: `delivered`, `filtered`, `dead_lettered` or `dropped`.
+    pub fn event(&self, outcome: &'static str) {
+        self.counter(&self.events, outcome);
+    }
+
+    /// A reply: `published`, `invalid` or `unrouted`.
+    pub fn reply(&self, outcome: &'static str) {
+        self.counter(&self.replies, outcome);
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct StateLabels {
     state: &'static str,
 }
@@ -181,6 +233,10 @@ pub struct Metrics {
     slow_closed: Family<TopicLabels, Counter>,
     replays: Gauge,
     lag: Family<LagLabels, Gauge>,
+    delivery_attempts: Family<DeliveryOutcomeLabels, Counter>,
+    delivery_events: Family<DeliveryOutcomeLabels, Counter>,
+    delivery_replies: Family<DeliveryOutcomeLabels, Counter>,
+    delivery_duration: Family<DeliveryLabels, Histogram, fn() -> Histogram>,
 }
 
 impl Default for Metrics {
@@ -211,6 +267,10 @@ impl Metrics {
             slow_closed: Family::default(),
             replays: Gauge::default(),
             lag: Family::default(),
+            delivery_attempts: Family::default(),
+            delivery_events: Family::default(),
+            delivery_replies: Family::default(),
+            delivery_duration: Family::new_with_constructor(|| Histogram::new(DELIVERY_BUCKETS)),
         };
         m.register()
     }
@@ -308,7 +368,40 @@ impl Metrics {
             "Records between the high watermark and the position of the topic's live fan-out consumer, by partition",
             self.lag.clone(),
         );
+        r.register(
+            "delivery_attempts",
+            "POSTs to delivery services by delivery and outcome: 2xx, 3xx, 4xx, 5xx, other, timeout or connection_error",
+            self.delivery_attempts.clone(),
+        );
+        r.register(
+            "delivery_events",
+            "Events a delivery is done with (their offset committed) by outcome: delivered, filtered, dead_lettered or dropped (given up without a dead_letter_topic)",
+            self.delivery_events.clone(),
+        );
+        r.register(
+            "delivery_replies",
+            "Reply events of delivery services by outcome: published, invalid (not a valid CloudEvent) or unrouted (no topic for its type)",
+            self.delivery_replies.clone(),
+        );
+        r.register(
+            "delivery_duration_seconds",
+            "Time from sending a delivery POST to the end of its answer (or the timeout, or the connection error), by delivery",
+            self.delivery_duration.clone(),
+        );
         self
+    }
+
+    /// The handles of the delivery named `name`.
+    pub fn delivery(&self, name: &str) -> DeliveryMetrics {
+        DeliveryMetrics {
+            name: name.to_owned(),
+            attempts: self.delivery_attempts.clone(),
+            events: self.delivery_events.clone(),
+            replies: self.delivery_replies.clone(),
+            duration: self.delivery_duration.get_or_create_owned(&DeliveryLabels {
+                delivery: name.to_owned(),
+            }),
+        }
     }
 
     /// An answered `POST /v1/events`: `None` is a 2xx, else the slug of the problem answered.

@@ -2,6 +2,7 @@
 //! to an HTTP service. Pure code: parsed and checked once at start; every error names its
 //! field (`delivery[1].url: ...`) so a typo is found without reading the code.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use thiserror::Error;
@@ -23,6 +24,23 @@ pub struct Delivery {
     pub max_backoff: Duration,
     pub dead_letter_topic: Option<String>,
     pub reply_topic: Option<String>,
+    /// Reply types routed elsewhere than `reply_topic`.
+    pub reply_topic_by_type: BTreeMap<String, String>,
+}
+
+impl Delivery {
+    /// Where a reply of CloudEvent type `ty` goes; `None`: nowhere (it is not published).
+    pub fn reply_topic_for(&self, ty: &str) -> Option<&str> {
+        self.reply_topic_by_type
+            .get(ty)
+            .or(self.reply_topic.as_ref())
+            .map(String::as_str)
+    }
+
+    /// Whether answers are read as possible replies at all.
+    pub fn wants_replies(&self) -> bool {
+        self.reply_topic.is_some() || !self.reply_topic_by_type.is_empty()
+    }
 }
 
 /// A deliveries file that cannot be used; `field` is e.g. `delivery[0].url`.
@@ -55,6 +73,7 @@ const FIELDS: &[&str] = &[
     "max_backoff_ms",
     "dead_letter_topic",
     "reply_topic",
+    "reply_topic_by_type",
 ];
 
 fn err(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
@@ -145,6 +164,7 @@ fn delivery(table: &Table, at: &str) -> Result<Delivery, ConfigError> {
         max_backoff: Duration::from_millis(max_backoff_ms),
         dead_letter_topic: topic(table, at, "dead_letter_topic")?,
         reply_topic: topic(table, at, "reply_topic")?,
+        reply_topic_by_type: topics_by_type(table, at)?,
         name,
     })
 }
@@ -178,6 +198,30 @@ fn topic(table: &Table, at: &str, key: &str) -> Result<Option<String>, ConfigErr
             .map_err(|e| err(format!("{at}.{key}"), e.to_string()))?;
     }
     Ok(topic)
+}
+
+/// `{ "<CloudEvent type>" = "<topic>" }`.
+fn topics_by_type(table: &Table, at: &str) -> Result<BTreeMap<String, String>, ConfigError> {
+    let field = format!("{at}.reply_topic_by_type");
+    let entries = match table.get("reply_topic_by_type") {
+        None => return Ok(BTreeMap::new()),
+        Some(Value::Table(entries)) => entries,
+        Some(_) => return Err(err(field, "must be a table of type = \"topic\"")),
+    };
+    entries
+        .iter()
+        .map(|(ty, topic)| {
+            let at = format!("{field}.\"{ty}\"");
+            if ty.is_empty() {
+                return Err(err(at, "a CloudEvent type is not empty"));
+            }
+            let Value::String(topic) = topic else {
+                return Err(err(at, "must be a topic name (a string)"));
+            };
+            eventwire_contract::topic::validate(topic).map_err(|e| err(&at, e.to_string()))?;
+            Ok((ty.clone(), topic.clone()))
+        })
+        .collect()
 }
 
 /// Only `http://` for now: the client has no TLS stack (services are local or behind a mesh).
@@ -278,6 +322,26 @@ url = "http://127.0.0.1:9000/orders"
         assert_eq!(d.max_backoff, Duration::from_millis(30_000));
         assert_eq!(d.dead_letter_topic, None);
         assert_eq!(d.reply_topic, None);
+        assert!(d.reply_topic_by_type.is_empty());
+        assert!(!d.wants_replies());
+    }
+
+    #[test]
+    fn replies_route_by_type_then_to_reply_topic() {
+        let d = &parse(&with(
+            r#"reply_topic = "payments"
+reply_topic_by_type = { "com.example.payment.failed" = "payments.failed" }"#,
+        ))
+        .unwrap()[0];
+        assert!(d.wants_replies());
+        assert_eq!(
+            d.reply_topic_for("com.example.payment.failed"),
+            Some("payments.failed")
+        );
+        assert_eq!(d.reply_topic_for("anything.else"), Some("payments"));
+        let only_by_type = &parse(&with(r#"reply_topic_by_type = { "t" = "x" }"#)).unwrap()[0];
+        assert_eq!(only_by_type.reply_topic_for("t"), Some("x"));
+        assert_eq!(only_by_type.reply_topic_for("u"), None);
     }
 
     #[test]
@@ -350,6 +414,18 @@ filter = { prefix = { type = "com.example." } }"#,
                 "delivery[0].dead_letter_topic: character ' ' is not allowed",
             ),
             (with("group = \"\""), "delivery[0].group: must not be empty"),
+            (
+                with("reply_topic_by_type = \"x\""),
+                "delivery[0].reply_topic_by_type: must be a table",
+            ),
+            (
+                with(r#"reply_topic_by_type = { "t" = 1 }"#),
+                "delivery[0].reply_topic_by_type.\"t\": must be a topic name",
+            ),
+            (
+                with(r#"reply_topic_by_type = { "t" = "a/b" }"#),
+                "delivery[0].reply_topic_by_type.\"t\": character '/'",
+            ),
             (with("filter = { sql = \"x\" }"), "delivery[0].filter"),
             (with("filter = '{'"), "delivery[0].filter: not JSON"),
             (

@@ -6,6 +6,7 @@
 
 pub mod config;
 pub mod policy;
+pub mod reply;
 pub mod request;
 pub mod worker;
 

@@ -17,6 +17,23 @@ pub enum Outcome {
     Transport(String),
 }
 
+impl Outcome {
+    /// The `outcome` label of `eventwire_delivery_attempts_total`.
+    pub fn label(&self) -> &'static str {
+        match self {
+            Outcome::Status { code, .. } => match code {
+                200..=299 => "2xx",
+                300..=399 => "3xx",
+                400..=499 => "4xx",
+                500..=599 => "5xx",
+                _ => "other",
+            },
+            Outcome::Timeout => "timeout",
+            Outcome::Transport(_) => "connection_error",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum GiveUp {
     /// A 4xx other than 408 / 429: the service refuses this event; trying again cannot help.

@@ -1,20 +1,27 @@
 //! The running side of one delivery: a group consumer, one lane (task) per partition that
 //! POSTs its events one at a time in offset order, and the offset commit after each event
-//! is done with (2xx, filtered out, or dead-lettered).
+//! is done with (2xx and its reply published, filtered out, or dead-lettered).
 //!
 //! The dispatcher reads the consumer and hands each record to its partition's lane through a
 //! small channel. A lane stuck on retries must not hold the others up, so when its channel
 //! is full the dispatcher parks further records of that partition in an overflow list and
 //! pauses the partition (librdkafka stops fetching it, so the list stays bounded by what was
 //! already prefetched); it resumes once the lane caught up.
+//!
+//! When a rebalance takes partitions away, their finished offsets are committed at once and
+//! their lanes stop after the event in hand, without committing it: the new owner delivers
+//! from the committed offset, so only events in flight at the handover are delivered twice.
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::{Duration, Instant, SystemTime};
 
-use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
+use rdkafka::consumer::{
+    BaseConsumer, CommitMode, Consumer, ConsumerContext, Rebalance, StreamConsumer,
+};
 use rdkafka::message::{Message, OwnedMessage};
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::{ClientContext, Offset, TopicPartitionList};
 use reqwest::header::{HeaderMap, HeaderName, HeaderValue, RETRY_AFTER};
 use thiserror::Error;
 use tokio::sync::{mpsc, watch};
@@ -22,20 +29,22 @@ use tokio::task::JoinHandle;
 
 use super::config::Delivery;
 use super::policy::{Outcome, RetryPolicy, Verdict, retry_after};
+use super::reply::{self, Original};
 use super::request::{self, HttpDelivery};
 use crate::cloudevent::ConsumedRecord;
+use crate::metrics::{DeliveryMetrics, Metrics};
 use crate::producer::KafkaProducer;
 use crate::sink::OutRecord;
-use crate::trace_context::{TraceId, TraceParent};
+use crate::trace_context::{TRACEPARENT, TraceId, TraceParent};
 use crate::{consumed, kafka_config};
 
 /// Records a lane may have queued before its partition is paused.
 const LANE_CAPACITY: usize = 64;
 /// How often parked records are offered to their lanes again.
 const DRAIN_INTERVAL: Duration = Duration::from_millis(20);
-/// A failing dead-letter produce is retried this often (the partition waits meanwhile).
-const DEAD_LETTER_RETRY: Duration = Duration::from_secs(1);
-/// Answer bodies are read (so the connection can be reused) up to this much, then dropped.
+/// A failing dead-letter or reply produce is retried this often (the partition waits).
+const PRODUCE_RETRY: Duration = Duration::from_secs(1);
+/// Answer bodies are read (so the connection can be reused, or as a reply) up to this much.
 const MAX_ANSWER_BYTES: usize = 1 << 20;
 
 #[derive(Debug, Error)]
@@ -59,6 +68,7 @@ pub struct Shared {
     pub overrides: Vec<(String, String)>,
     pub fetch_wait: Duration,
     pub producer: Arc<KafkaProducer>,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Starts every delivery; each runs until `stop` turns true, then finishes the delivery in
@@ -81,11 +91,10 @@ pub fn spawn(
 struct Ctx {
     delivery: Delivery,
     policy: RetryPolicy,
-    consumer: StreamConsumer,
+    consumer: StreamConsumer<Owned>,
     producer: Arc<KafkaProducer>,
     http: reqwest::Client,
-    /// The next offset of each partition after the last event done with: what is committed.
-    done: Mutex<HashMap<i32, i64>>,
+    metrics: DeliveryMetrics,
 }
 
 impl Ctx {
@@ -105,9 +114,14 @@ impl Ctx {
                 "fetch.wait.max.ms",
                 shared.fetch_wait.as_millis().to_string(),
             );
-        let consumer: StreamConsumer = kafka_config::with_overrides(config, &shared.overrides)
-            .create()
-            .map_err(kafka)?;
+        let owned = Owned {
+            name: delivery.name.clone(),
+            partitions: Mutex::default(),
+        };
+        let consumer: StreamConsumer<Owned> =
+            kafka_config::with_overrides(config, &shared.overrides)
+                .create_with_context(owned)
+                .map_err(kafka)?;
         consumer.subscribe(&[&delivery.topic]).map_err(kafka)?;
         let http = reqwest::Client::builder()
             // A 3xx is the service's answer, not something to follow (policy gives up).
@@ -123,16 +137,113 @@ impl Ctx {
                 initial_backoff: delivery.initial_backoff,
                 max_backoff: delivery.max_backoff,
             },
+            metrics: shared.metrics.delivery(&delivery.name),
             delivery,
             consumer,
             producer: shared.producer.clone(),
             http,
-            done: Mutex::default(),
         })
     }
 
     fn name(&self) -> &str {
         &self.delivery.name
+    }
+
+    fn owned(&self) -> &Owned {
+        self.consumer.context()
+    }
+}
+
+/// The partitions this member works on, shared with the consumer's rebalance callback.
+struct Owned {
+    name: String,
+    partitions: Mutex<HashMap<i32, Claim>>,
+}
+
+/// One owned partition: its lane's revoked flag, and the offset after the last event done
+/// with (what is committed).
+struct Claim {
+    revoked: Arc<AtomicBool>,
+    next: Option<i64>,
+}
+
+impl Owned {
+    fn lock(&self) -> MutexGuard<'_, HashMap<i32, Claim>> {
+        self.partitions
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// A new lane's flag for `partition`; a previous lane of it (revoked since) stops.
+    fn claim(&self, partition: i32) -> Arc<AtomicBool> {
+        let revoked = Arc::new(AtomicBool::new(false));
+        let claim = Claim {
+            revoked: revoked.clone(),
+            next: None,
+        };
+        if let Some(old) = self.lock().insert(partition, claim) {
+            old.revoked.store(true, Ordering::Release);
+        }
+        revoked
+    }
+
+    /// Records `next` as the partition's offset to commit; false if the lane lost it.
+    fn done(&self, partition: i32, revoked: &AtomicBool, next: i64) -> bool {
+        let mut owned = self.lock();
+        match owned.get_mut(&partition) {
+            Some(claim) if !revoked.load(Ordering::Acquire) => {
+                claim.next = Some(next);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Forgets `partitions` and stops their lanes; returns their offsets to commit now.
+    fn release(&self, partitions: impl Iterator<Item = i32>) -> Vec<(i32, i64)> {
+        let mut owned = self.lock();
+        let mut finished = Vec::new();
+        for partition in partitions {
+            if let Some(claim) = owned.remove(&partition) {
+                claim.revoked.store(true, Ordering::Release);
+                finished.extend(claim.next.map(|next| (partition, next)));
+            }
+        }
+        finished
+    }
+
+    fn finished(&self) -> Vec<(i32, i64)> {
+        self.lock()
+            .iter()
+            .filter_map(|(p, claim)| Some((*p, claim.next?)))
+            .collect()
+    }
+}
+
+impl ClientContext for Owned {}
+
+impl ConsumerContext for Owned {
+    /// Runs inside librdkafka's rebalance, before the partitions go: the last word on them.
+    fn pre_rebalance(&self, consumer: &BaseConsumer<Owned>, rebalance: &Rebalance<'_>) {
+        let Rebalance::Revoke(revoked) = rebalance else {
+            return;
+        };
+        let elements = revoked.elements();
+        let Some(topic) = elements.first().map(|e| e.topic().to_owned()) else {
+            return;
+        };
+        let finished = self.release(elements.iter().map(|e| e.partition()));
+        tracing::info!(delivery = %self.name, partitions = elements.len(), "partitions revoked (rebalance)");
+        if !finished.is_empty() {
+            commit_offsets(consumer, &self.name, &topic, &finished, CommitMode::Sync);
+        }
+    }
+
+    fn post_rebalance(&self, _consumer: &BaseConsumer<Owned>, rebalance: &Rebalance<'_>) {
+        if let Rebalance::Assign(assigned) = rebalance {
+            let partitions: Vec<i32> = assigned.elements().iter().map(|e| e.partition()).collect();
+            tracing::info!(delivery = %self.name, ?partitions, "partitions assigned");
+        }
     }
 }
 
@@ -142,8 +253,9 @@ struct Lane {
     tx: mpsc::Sender<OwnedMessage>,
     overflow: VecDeque<OwnedMessage>,
     paused: bool,
-    /// The highest offset handed on: a refetch after a pause or rebalance repeats records the
-    /// lane already has, which must not be delivered twice by this sidecar.
+    revoked: Arc<AtomicBool>,
+    /// The highest offset handed on: a refetch after a pause repeats records the lane
+    /// already has, which must not be delivered twice by this sidecar.
     last: i64,
 }
 
@@ -158,10 +270,15 @@ async fn dispatch(ctx: Arc<Ctx>, mut stop: watch::Receiver<bool>) {
                 Ok(message) => {
                     let message = message.detach();
                     let partition = message.partition();
+                    // After a rebalance the partition starts over from its committed offset.
+                    if lanes.get(&partition).is_some_and(|l| l.revoked.load(Ordering::Acquire)) {
+                        lanes.remove(&partition);
+                    }
                     let lane = lanes.entry(partition).or_insert_with(|| {
+                        let revoked = ctx.owned().claim(partition);
                         let (tx, rx) = mpsc::channel(LANE_CAPACITY);
-                        tasks.push(tokio::spawn(run_lane(ctx.clone(), rx, stop.clone())));
-                        Lane { partition, tx, overflow: VecDeque::new(), paused: false, last: -1 }
+                        tasks.push(tokio::spawn(run_lane(ctx.clone(), rx, revoked.clone(), stop.clone())));
+                        Lane { partition, tx, overflow: VecDeque::new(), paused: false, revoked, last: -1 }
                     });
                     offer(&ctx, lane, message);
                 }
@@ -170,7 +287,11 @@ async fn dispatch(ctx: Arc<Ctx>, mut stop: watch::Receiver<bool>) {
                     tokio::time::sleep(DRAIN_INTERVAL).await;
                 }
             },
-            _ = drain.tick() => lanes.values_mut().for_each(|lane| flush(&ctx, lane)),
+            _ = drain.tick() => {
+                lanes.retain(|_, lane| !lane.revoked.load(Ordering::Acquire));
+                lanes.values_mut().for_each(|lane| flush(&ctx, lane));
+                tasks.retain(|task| !task.is_finished());
+            }
         }
     }
     // Closing the channels and the stop flag let each lane end after its current event.
@@ -178,7 +299,17 @@ async fn dispatch(ctx: Arc<Ctx>, mut stop: watch::Receiver<bool>) {
     for task in tasks {
         let _ = task.await;
     }
-    commit_done(&ctx, CommitMode::Sync);
+    let finished = ctx.owned().finished();
+    if !finished.is_empty() {
+        let topic = &ctx.delivery.topic;
+        commit_offsets(
+            &ctx.consumer,
+            ctx.name(),
+            topic,
+            &finished,
+            CommitMode::Sync,
+        );
+    }
     tracing::info!(delivery = %ctx.name(), "delivery stopped");
 }
 
@@ -200,7 +331,7 @@ fn flush(ctx: &Ctx, lane: &mut Lane) {
                 lane.overflow.push_front(message);
                 break;
             }
-            // The lane ended (shutdown): nothing more to hand it.
+            // The lane ended (shutdown or revoked): nothing more to hand it.
             Err(mpsc::error::TrySendError::Closed(_)) => lane.overflow.clear(),
         }
     }
@@ -230,6 +361,7 @@ fn set_paused(ctx: &Ctx, lane: &mut Lane, pause: bool) {
 async fn run_lane(
     ctx: Arc<Ctx>,
     mut rx: mpsc::Receiver<OwnedMessage>,
+    revoked: Arc<AtomicBool>,
     mut stop: watch::Receiver<bool>,
 ) {
     loop {
@@ -241,11 +373,25 @@ async fn run_lane(
                 None => return,
             },
         };
+        if revoked.load(Ordering::Acquire) {
+            return;
+        }
         // Not done (stopped while waiting to retry): left uncommitted for the next owner.
         if !handle(&ctx, &message, &mut stop).await {
             return;
         }
-        mark_done(&ctx, message.partition(), message.offset());
+        let (partition, next) = (message.partition(), message.offset() + 1);
+        // Async: a lost commit only means a redelivery; the sync commit at the end catches up.
+        if ctx.owned().done(partition, &revoked, next) {
+            let topic = &ctx.delivery.topic;
+            commit_offsets(
+                &ctx.consumer,
+                ctx.name(),
+                topic,
+                &[(partition, next)],
+                CommitMode::Async,
+            );
+        }
     }
 }
 
@@ -269,7 +415,9 @@ async fn handle(ctx: &Ctx, message: &OwnedMessage, stop: &mut watch::Receiver<bo
     let mut about = About {
         delivery: ctx.name(),
         event_id: String::new(),
-        trace_id: trace_id(&record),
+        trace_id: header_text(&record, TRACEPARENT)
+            .and_then(|t| TraceParent::parse(t).ok())
+            .map(|t| t.trace_id),
         partition: record.partition,
         offset: record.offset,
     };
@@ -288,17 +436,19 @@ async fn handle(ctx: &Ctx, message: &OwnedMessage, stop: &mut watch::Receiver<bo
         .is_some_and(|f| !f.matches(&request.attributes))
     {
         tracing::debug!(delivery = about.delivery, event_id = %about.event_id, "filtered out");
+        ctx.metrics.event("filtered");
         return true;
     }
     deliver(ctx, &record, &request, &about, stop).await
 }
 
-fn trace_id(record: &ConsumedRecord) -> Option<TraceId> {
-    let headers = record
+/// The value of a `ce_<attribute>` record header, if it is text.
+fn header_text<'a>(record: &ConsumedRecord<'a>, attribute: &str) -> Option<&'a str> {
+    record
         .headers
         .iter()
-        .filter_map(|(k, v)| Some((*k, std::str::from_utf8((*v)?).ok()?)));
-    TraceParent::from_headers(headers).map(|t| t.trace_id)
+        .find(|(k, _)| k.strip_prefix("ce_") == Some(attribute))
+        .and_then(|(_, v)| std::str::from_utf8((*v)?).ok())
 }
 
 /// Attempts until the policy says done or give up; false when stopped meanwhile.
@@ -312,12 +462,16 @@ async fn deliver(
     let mut attempt = 0u32;
     loop {
         attempt = attempt.saturating_add(1);
-        let outcome = send(ctx, request).await;
+        let (outcome, answer) = send(ctx, request).await;
         let random = getrandom::u64().unwrap_or(u64::MAX / 2);
         match ctx.policy.decide(&outcome, attempt, random) {
             Verdict::Done => {
                 tracing::debug!(delivery = about.delivery, event_id = %about.event_id, trace_id = about.trace_id.map(display), attempt, "delivered");
-                return true;
+                ctx.metrics.event("delivered");
+                return match answer {
+                    Some(answer) => publish_reply(ctx, record, about, &answer, stop).await,
+                    None => true,
+                };
             }
             Verdict::Retry { after } => {
                 tracing::warn!(delivery = about.delivery, event_id = %about.event_id, trace_id = about.trace_id.map(display), partition = about.partition, offset = about.offset, attempt, outcome = ?outcome, retry_in_ms = after.as_millis() as u64, "delivery failed; retrying");
@@ -339,8 +493,16 @@ async fn deliver(
     }
 }
 
-/// One POST. Any answer is an outcome; so are timeouts and broken connections.
-async fn send(ctx: &Ctx, request: &HttpDelivery) -> Outcome {
+/// A 2xx answer kept to be read as a possible reply.
+struct Answer {
+    headers: HeaderMap,
+    body: Option<Vec<u8>>,
+}
+
+/// One POST. Any answer is an outcome; so are timeouts and broken connections. A 2xx
+/// answer is kept when the delivery publishes replies.
+async fn send(ctx: &Ctx, request: &HttpDelivery) -> (Outcome, Option<Answer>) {
+    let started = Instant::now();
     let result = ctx
         .http
         .post(&ctx.delivery.url)
@@ -349,7 +511,7 @@ async fn send(ctx: &Ctx, request: &HttpDelivery) -> Outcome {
         .body(request.body.clone())
         .send()
         .await;
-    match result {
+    let (outcome, answer) = match result {
         Ok(mut answer) => {
             let retry_after = answer
                 .headers()
@@ -357,12 +519,17 @@ async fn send(ctx: &Ctx, request: &HttpDelivery) -> Outcome {
                 .and_then(|v| v.to_str().ok())
                 .and_then(|v| retry_after(v, SystemTime::now()));
             let code = answer.status().as_u16();
-            drain_body(&mut answer).await;
-            Outcome::Status { code, retry_after }
+            let keep = ctx.delivery.wants_replies() && answer.status().is_success();
+            let headers = keep.then(|| std::mem::take(answer.headers_mut()));
+            let body = read_body(&mut answer, keep).await;
+            let kept = headers.map(|headers| Answer { headers, body });
+            (Outcome::Status { code, retry_after }, kept)
         }
-        Err(e) if e.is_timeout() => Outcome::Timeout,
-        Err(e) => Outcome::Transport(error_chain(&e)),
-    }
+        Err(e) if e.is_timeout() => (Outcome::Timeout, None),
+        Err(e) => (Outcome::Transport(error_chain(&e)), None),
+    };
+    ctx.metrics.attempt(&outcome, started.elapsed());
+    (outcome, answer)
 }
 
 /// A header the HTTP stack cannot carry (a `ce_` name with odd characters) is left out
@@ -379,13 +546,24 @@ fn header_map(headers: &[(String, String)]) -> HeaderMap {
         .collect()
 }
 
-/// Reads the answer so the connection goes back to the pool; a huge one is dropped instead.
-async fn drain_body(answer: &mut reqwest::Response) {
+/// Reads the answer so the connection goes back to the pool, keeping it if asked; a huge
+/// one (or a broken read) is dropped and gives `None`.
+async fn read_body(answer: &mut reqwest::Response, keep: bool) -> Option<Vec<u8>> {
+    let mut body = Vec::new();
     let mut read = 0usize;
-    while let Ok(Some(chunk)) = answer.chunk().await {
-        read += chunk.len();
-        if read > MAX_ANSWER_BYTES {
-            return;
+    loop {
+        match answer.chunk().await {
+            Ok(Some(chunk)) => {
+                read += chunk.len();
+                if read > MAX_ANSWER_BYTES {
+                    return None;
+                }
+                if keep {
+                    body.extend_from_slice(&chunk);
+                }
+            }
+            Ok(None) => return Some(body),
+            Err(_) => return None,
         }
     }
 }
@@ -402,6 +580,74 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
+/// Publishes the service's reply, if its answer is one. A reply that cannot be published
+/// (not valid, no topic for its type) is logged and counted: the service did take the
+/// command, so retrying the event would repeat it. False when stopped first.
+async fn publish_reply(
+    ctx: &Ctx,
+    record: &ConsumedRecord<'_>,
+    about: &About<'_>,
+    answer: &Answer,
+    stop: &mut watch::Receiver<bool>,
+) -> bool {
+    let original = Original {
+        id: &about.event_id,
+        key: record.key,
+        traceparent: header_text(record, TRACEPARENT),
+        tracestate: header_text(record, "tracestate"),
+    };
+    let body = match &answer.body {
+        Some(body) => reply::Body::Whole(body),
+        None => reply::Body::TooLarge(MAX_ANSWER_BYTES),
+    };
+    let topic_for = |ty: &str| ctx.delivery.reply_topic_for(ty).map(str::to_owned);
+    let out = match reply::reply(&answer.headers, body, &original, topic_for) {
+        Ok(Some(out)) => out,
+        Ok(None) => return true,
+        Err(e) => {
+            tracing::error!(delivery = about.delivery, event_id = %about.event_id, trace_id = about.trace_id.map(display), error = %e, "reply not published");
+            ctx.metrics.reply(e.as_str());
+            return true;
+        }
+    };
+    let reply_id = header_text_out(&out, "ce_id");
+    if !produce_until_taken(ctx, &out, about, "reply", stop).await {
+        return false;
+    }
+    tracing::info!(delivery = about.delivery, event_id = %about.event_id, trace_id = about.trace_id.map(display), reply_id, reply_topic = %out.topic, "reply published");
+    ctx.metrics.reply("published");
+    true
+}
+
+fn header_text_out<'a>(out: &'a OutRecord, name: &str) -> &'a str {
+    out.headers
+        .iter()
+        .find(|(k, _)| k == name)
+        .map_or("", |(_, v)| v.as_str())
+}
+
+/// Produces `out`, retrying until the broker took it; false when stopped first.
+async fn produce_until_taken(
+    ctx: &Ctx,
+    out: &OutRecord,
+    about: &About<'_>,
+    what: &'static str,
+    stop: &mut watch::Receiver<bool>,
+) -> bool {
+    loop {
+        match ctx.producer.produce(out).await {
+            Ok(_) => return true,
+            Err(e) => {
+                tracing::error!(delivery = about.delivery, event_id = %about.event_id, topic = %out.topic, error = %e, "{what} produce failed; retrying");
+                tokio::select! {
+                    () = tokio::time::sleep(PRODUCE_RETRY) => {}
+                    () = stopped(stop) => return false,
+                }
+            }
+        }
+    }
+}
+
 /// Produces the record to the dead-letter topic (if any), retrying until the broker took it:
 /// the event is committed only after that. False when stopped first.
 async fn dead_letter(
@@ -415,24 +661,16 @@ async fn dead_letter(
 ) -> bool {
     let Some(topic) = &ctx.delivery.dead_letter_topic else {
         tracing::error!(delivery = about.delivery, event_id = %about.event_id, trace_id = about.trace_id.map(display), partition = about.partition, offset = about.offset, reason, status, "event dropped: no dead_letter_topic");
+        ctx.metrics.event("dropped");
         return true;
     };
     let out = dead_letter_record(topic, record, reason, status, attempts);
-    loop {
-        match ctx.producer.produce(&out).await {
-            Ok(at) => {
-                tracing::info!(delivery = about.delivery, event_id = %about.event_id, trace_id = about.trace_id.map(display), dead_letter_topic = %topic, partition = at.partition, offset = at.offset, reason, "event dead-lettered");
-                return true;
-            }
-            Err(e) => {
-                tracing::error!(delivery = about.delivery, event_id = %about.event_id, dead_letter_topic = %topic, error = %e, "dead-letter produce failed; retrying");
-                tokio::select! {
-                    () = tokio::time::sleep(DEAD_LETTER_RETRY) => {}
-                    () = stopped(stop) => return false,
-                }
-            }
-        }
+    if !produce_until_taken(ctx, &out, about, "dead-letter", stop).await {
+        return false;
     }
+    tracing::info!(delivery = about.delivery, event_id = %about.event_id, trace_id = about.trace_id.map(display), dead_letter_topic = %topic, reason, "event dead-lettered");
+    ctx.metrics.event("dead_lettered");
+    true
 }
 
 /// The original record (key, headers, value) plus where it came from and why it is here.
@@ -472,43 +710,24 @@ fn dead_letter_record(
     }
 }
 
-/// Records the event as done and commits its partition's next offset (asynchronously: a
-/// lost commit only means a redelivery, and the sync commit on shutdown catches up).
-fn mark_done(ctx: &Ctx, partition: i32, offset: i64) {
-    ctx.done
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .insert(partition, offset + 1);
-    commit(ctx, &[(partition, offset + 1)], CommitMode::Async);
-}
-
-fn commit_done(ctx: &Ctx, mode: CommitMode) {
-    let done: Vec<(i32, i64)> = ctx
-        .done
-        .lock()
-        .unwrap_or_else(std::sync::PoisonError::into_inner)
-        .iter()
-        .map(|(p, o)| (*p, *o))
-        .collect();
-    if !done.is_empty() {
-        commit(ctx, &done, mode);
-    }
-}
-
-fn commit(ctx: &Ctx, offsets: &[(i32, i64)], mode: CommitMode) {
+fn commit_offsets<C: Consumer<Owned>>(
+    consumer: &C,
+    name: &str,
+    topic: &str,
+    offsets: &[(i32, i64)],
+    mode: CommitMode,
+) {
     let mut tpl = TopicPartitionList::new();
     for (partition, next) in offsets {
-        if let Err(e) =
-            tpl.add_partition_offset(&ctx.delivery.topic, *partition, Offset::Offset(*next))
-        {
-            tracing::warn!(delivery = %ctx.name(), error = %e, "cannot name an offset to commit");
+        if let Err(e) = tpl.add_partition_offset(topic, *partition, Offset::Offset(*next)) {
+            tracing::warn!(delivery = %name, error = %e, "cannot name an offset to commit");
             return;
         }
     }
     // After a rebalance took the partition away the commit fails; the new owner redelivers
     // from the last committed offset (at least once).
-    if let Err(e) = ctx.consumer.commit(&tpl, mode) {
-        tracing::warn!(delivery = %ctx.name(), error = %e, "offset commit failed");
+    if let Err(e) = consumer.commit(&tpl, mode) {
+        tracing::warn!(delivery = %name, error = %e, "offset commit failed");
     }
 }
 
