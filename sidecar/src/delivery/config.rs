@@ -22,6 +22,8 @@ pub struct Delivery {
     pub max_attempts: u32,
     pub initial_backoff: Duration,
     pub max_backoff: Duration,
+    /// POSTs in flight at once across the delivery's partitions.
+    pub max_in_flight: u32,
     pub dead_letter_topic: Option<String>,
     pub reply_topic: Option<String>,
     /// Reply types routed elsewhere than `reply_topic`.
@@ -55,6 +57,8 @@ const DEFAULT_TIMEOUT_MS: u64 = 10_000;
 const DEFAULT_MAX_ATTEMPTS: u64 = 8;
 const DEFAULT_INITIAL_BACKOFF_MS: u64 = 200;
 const DEFAULT_MAX_BACKOFF_MS: u64 = 30_000;
+const DEFAULT_MAX_IN_FLIGHT: u64 = 16;
+const MAX_IN_FLIGHT: u64 = 1_000;
 /// Bounds that catch unit mistakes (seconds written as milliseconds and the like).
 const MAX_TIMEOUT_MS: u64 = 600_000;
 const MAX_ATTEMPTS: u64 = 1_000;
@@ -71,6 +75,7 @@ const FIELDS: &[&str] = &[
     "max_attempts",
     "initial_backoff_ms",
     "max_backoff_ms",
+    "max_in_flight",
     "dead_letter_topic",
     "reply_topic",
     "reply_topic_by_type",
@@ -162,6 +167,16 @@ fn delivery(table: &Table, at: &str) -> Result<Delivery, ConfigError> {
         .unwrap_or(u32::MAX),
         initial_backoff: Duration::from_millis(initial_backoff_ms),
         max_backoff: Duration::from_millis(max_backoff_ms),
+        // The bound fits in u32.
+        max_in_flight: u32::try_from(int(
+            table,
+            at,
+            "max_in_flight",
+            DEFAULT_MAX_IN_FLIGHT,
+            1,
+            MAX_IN_FLIGHT,
+        )?)
+        .unwrap_or(u32::MAX),
         dead_letter_topic: topic(table, at, "dead_letter_topic")?,
         reply_topic: topic(table, at, "reply_topic")?,
         reply_topic_by_type: topics_by_type(table, at)?,
@@ -320,6 +335,7 @@ url = "http://127.0.0.1:9000/orders"
         assert_eq!(d.max_attempts, 8);
         assert_eq!(d.initial_backoff, Duration::from_millis(200));
         assert_eq!(d.max_backoff, Duration::from_millis(30_000));
+        assert_eq!(d.max_in_flight, 16);
         assert_eq!(d.dead_letter_topic, None);
         assert_eq!(d.reply_topic, None);
         assert!(d.reply_topic_by_type.is_empty());
@@ -352,6 +368,7 @@ timeout_ms = 500
 max_attempts = 3
 initial_backoff_ms = 10
 max_backoff_ms = 100
+max_in_flight = 2
 dead_letter_topic = "orders.dlq"
 reply_topic = "orders.replies"
 filter = { prefix = { type = "com.example." } }"#,
@@ -362,6 +379,7 @@ filter = { prefix = { type = "com.example." } }"#,
         assert_eq!(d.max_attempts, 3);
         assert_eq!(d.initial_backoff, Duration::from_millis(10));
         assert_eq!(d.max_backoff, Duration::from_millis(100));
+        assert_eq!(d.max_in_flight, 2);
         assert_eq!(d.dead_letter_topic.as_deref(), Some("orders.dlq"));
         assert_eq!(d.reply_topic.as_deref(), Some("orders.replies"));
         assert_eq!(
@@ -414,6 +432,10 @@ filter = { prefix = { type = "com.example." } }"#,
                 "delivery[0].dead_letter_topic: character ' ' is not allowed",
             ),
             (with("group = \"\""), "delivery[0].group: must not be empty"),
+            (
+                with("max_in_flight = 0"),
+                "delivery[0].max_in_flight: must be 1 to 1000",
+            ),
             (
                 with("reply_topic_by_type = \"x\""),
                 "delivery[0].reply_topic_by_type: must be a table",

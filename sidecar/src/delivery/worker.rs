@@ -94,6 +94,8 @@ struct Ctx {
     consumer: StreamConsumer<Owned>,
     producer: Arc<KafkaProducer>,
     http: reqwest::Client,
+    /// `max_in_flight` permits: one per POST, across the delivery's lanes.
+    in_flight: tokio::sync::Semaphore,
     metrics: DeliveryMetrics,
 }
 
@@ -138,6 +140,7 @@ impl Ctx {
                 max_backoff: delivery.max_backoff,
             },
             metrics: shared.metrics.delivery(&delivery.name),
+            in_flight: tokio::sync::Semaphore::new(delivery.max_in_flight as usize),
             delivery,
             consumer,
             producer: shared.producer.clone(),
@@ -502,6 +505,8 @@ struct Answer {
 /// One POST. Any answer is an outcome; so are timeouts and broken connections. A 2xx
 /// answer is kept when the delivery publishes replies.
 async fn send(ctx: &Ctx, request: &HttpDelivery) -> (Outcome, Option<Answer>) {
+    // Never closed, so acquiring only waits.
+    let _permit = ctx.in_flight.acquire().await;
     let started = Instant::now();
     let result = ctx
         .http
