@@ -18,7 +18,7 @@ WASM           := target/wasm32-wasip1/wasm/eventwire.wasm
 SIDECAR        := target/release/eventwire-sidecar
 UPSTREAM       := target/release/demo-upstream
 KONG_HOST      := target/release/eventwire-kong-host
-APT_PACKAGES   := cmake libcurl4-openssl-dev libssl-dev pkg-config python3-venv nodejs chromium binaryen
+APT_PACKAGES   := cmake libcurl4-openssl-dev libssl-dev openssl pkg-config python3-venv nodejs chromium binaryen
 # wasm-bindgen-test's runner must match the wasm-bindgen version in Cargo.lock exactly.
 WBG_VERSION    := $(shell sed -n '/^name = "wasm-bindgen"$$/{n;s/version = "\(.*\)"/\1/p;}' Cargo.lock)
 WBG_BIN        := $(CACHE)/wasm-bindgen-$(WBG_VERSION)/bin

@@ -1,8 +1,10 @@
 //! The deliveries file (`--deliveries-file`): `[[delivery]]` tables, each a topic delivered
-//! to an HTTP service. Pure code: parsed and checked once at start; every error names its
-//! field (`delivery[1].url: ...`) so a typo is found without reading the code.
+//! to an HTTP service. Parsed and checked once at start (the only I/O: reading the
+//! `ca_file`s); every error names its field (`delivery[1].url: ...`) so a typo is found
+//! without reading the code.
 
 use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use thiserror::Error;
@@ -28,6 +30,17 @@ pub struct Delivery {
     pub reply_topic: Option<String>,
     /// Reply types routed elsewhere than `reply_topic`.
     pub reply_topic_by_type: BTreeMap<String, String>,
+    /// CA certificates trusted for the `https://` url besides the system's.
+    pub ca_file: Option<CaFile>,
+}
+
+/// A `ca_file`, read at start.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CaFile {
+    /// Where it was read (a relative `ca_file` joined to the deliveries file's directory).
+    pub path: PathBuf,
+    /// Each a DER X.509 certificate the TLS stack has parsed.
+    pub certificates: Vec<Vec<u8>>,
 }
 
 impl Delivery {
@@ -79,6 +92,7 @@ const FIELDS: &[&str] = &[
     "dead_letter_topic",
     "reply_topic",
     "reply_topic_by_type",
+    "ca_file",
 ];
 
 fn err(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
@@ -88,8 +102,9 @@ fn err(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
     }
 }
 
-/// Parses the file's text. An empty file (or one without `[[delivery]]`) means none.
-pub fn parse(text: &str) -> Result<Vec<Delivery>, ConfigError> {
+/// Parses the file's text; a relative `ca_file` is read from `dir` (the file's directory).
+/// An empty file (or one without `[[delivery]]`) means none.
+pub fn parse(text: &str, dir: &Path) -> Result<Vec<Delivery>, ConfigError> {
     let root: Table = toml::from_str(text).map_err(|e| err("deliveries file", e.to_string()))?;
     if let Some(key) = root.keys().find(|k| *k != "delivery") {
         return Err(err(
@@ -106,7 +121,7 @@ pub fn parse(text: &str) -> Result<Vec<Delivery>, ConfigError> {
         .iter()
         .enumerate()
         .map(|(i, entry)| match entry {
-            Value::Table(table) => delivery(table, &format!("delivery[{i}]")),
+            Value::Table(table) => delivery(table, &format!("delivery[{i}]"), dir),
             _ => Err(err(format!("delivery[{i}]"), "must be a table")),
         })
         .collect::<Result<Vec<_>, _>>()?;
@@ -114,7 +129,7 @@ pub fn parse(text: &str) -> Result<Vec<Delivery>, ConfigError> {
     Ok(deliveries)
 }
 
-fn delivery(table: &Table, at: &str) -> Result<Delivery, ConfigError> {
+fn delivery(table: &Table, at: &str, dir: &Path) -> Result<Delivery, ConfigError> {
     if let Some(key) = table.keys().find(|k| !FIELDS.contains(&k.as_str())) {
         return Err(err(format!("{at}.{key}"), "unknown field"));
     }
@@ -142,9 +157,11 @@ fn delivery(table: &Table, at: &str) -> Result<Delivery, ConfigError> {
         Some(group) => group,
         None => format!("eventwire-delivery-{name}"),
     };
+    let url = url(table, at)?;
     Ok(Delivery {
         topic: topic(table, at, "topic")?.ok_or_else(|| err(format!("{at}.topic"), "missing"))?,
-        url: url(table, at)?,
+        ca_file: ca_file(table, at, dir, &url)?,
+        url,
         group,
         filter: filter(table, at)?,
         timeout: Duration::from_millis(int(
@@ -239,21 +256,62 @@ fn topics_by_type(table: &Table, at: &str) -> Result<BTreeMap<String, String>, C
         .collect()
 }
 
-/// Only `http://` for now: the client has no TLS stack (services are local or behind a mesh).
+/// `http://` or `https://` (the server's certificate checked against the system's CAs and
+/// the `ca_file`, never skipped).
 fn url(table: &Table, at: &str) -> Result<String, ConfigError> {
     let field = format!("{at}.url");
     let url = string(table, at, "url")?.ok_or_else(|| err(&field, "missing"))?;
-    let rest = url.strip_prefix("http://").ok_or_else(|| {
-        err(
-            &field,
-            "must start with http:// (https is not supported yet)",
-        )
-    })?;
+    let rest = url
+        .strip_prefix("http://")
+        .or_else(|| url.strip_prefix("https://"))
+        .ok_or_else(|| err(&field, "must start with http:// or https://"))?;
     let host = rest.split(['/', '?', '#']).next().unwrap_or_default();
     if host.is_empty() || url.chars().any(|c| c.is_whitespace() || c.is_control()) {
         return Err(err(field, "not a URL with a host"));
     }
     Ok(url)
+}
+
+/// A PEM file of one or more CA certificates, read and parsed now so that a wrong path or
+/// file stops the start rather than every delivery attempt.
+fn ca_file(table: &Table, at: &str, dir: &Path, url: &str) -> Result<Option<CaFile>, ConfigError> {
+    let field = format!("{at}.ca_file");
+    let Some(given) = string(table, at, "ca_file")? else {
+        return Ok(None);
+    };
+    if given.is_empty() {
+        return Err(err(field, "must not be empty"));
+    }
+    if !url.starts_with("https://") {
+        return Err(err(field, "only used with an https:// url"));
+    }
+    let path = dir.join(&given);
+    let shown = path.display();
+    let pem = std::fs::read(&path).map_err(|e| err(&field, format!("cannot read {shown}: {e}")))?;
+    let certificates =
+        pem_certificates(&pem).map_err(|reason| err(&field, format!("{shown}: {reason}")))?;
+    Ok(Some(CaFile { path, certificates }))
+}
+
+/// The `CERTIFICATE` blocks of a PEM file as DER, each parsed by the TLS stack. Other blocks
+/// (a key, parameters) are skipped; a file with no certificate at all is refused.
+fn pem_certificates(pem: &[u8]) -> Result<Vec<Vec<u8>>, String> {
+    use rustls_pki_types::CertificateDer;
+    use rustls_pki_types::pem::PemObject;
+    let mut certificates = Vec::new();
+    for der in CertificateDer::pem_slice_iter(pem) {
+        let der = der.map_err(|e| format!("not PEM ({e})"))?;
+        let n = certificates.len() + 1;
+        reqwest::Certificate::from_der(&der).map_err(|e| {
+            let why = std::error::Error::source(&e).map_or(e.to_string(), ToString::to_string);
+            format!("certificate {n} is not an X.509 certificate ({why})")
+        })?;
+        certificates.push(der.to_vec());
+    }
+    if certificates.is_empty() {
+        return Err("no PEM certificate (-----BEGIN CERTIFICATE-----) in it".into());
+    }
+    Ok(certificates)
 }
 
 fn int(
@@ -315,8 +373,13 @@ topic = "order-placed-events"
 url = "http://127.0.0.1:9000/orders"
 "#;
 
+    /// `ca_file`s relative to the current directory.
+    fn parse_text(text: &str) -> Result<Vec<Delivery>, ConfigError> {
+        parse(text, Path::new(""))
+    }
+
     fn error(text: &str) -> String {
-        parse(text).unwrap_err().to_string()
+        parse_text(text).unwrap_err().to_string()
     }
 
     fn with(extra: &str) -> String {
@@ -325,7 +388,7 @@ url = "http://127.0.0.1:9000/orders"
 
     #[test]
     fn minimal_gets_defaults() {
-        let d = &parse(MINIMAL).unwrap()[0];
+        let d = &parse_text(MINIMAL).unwrap()[0];
         assert_eq!(d.name, "payments");
         assert_eq!(d.topic, "order-placed-events");
         assert_eq!(d.url, "http://127.0.0.1:9000/orders");
@@ -344,7 +407,7 @@ url = "http://127.0.0.1:9000/orders"
 
     #[test]
     fn replies_route_by_type_then_to_reply_topic() {
-        let d = &parse(&with(
+        let d = &parse_text(&with(
             r#"reply_topic = "payments"
 reply_topic_by_type = { "com.example.payment.failed" = "payments.failed" }"#,
         ))
@@ -355,14 +418,14 @@ reply_topic_by_type = { "com.example.payment.failed" = "payments.failed" }"#,
             Some("payments.failed")
         );
         assert_eq!(d.reply_topic_for("anything.else"), Some("payments"));
-        let only_by_type = &parse(&with(r#"reply_topic_by_type = { "t" = "x" }"#)).unwrap()[0];
+        let only_by_type = &parse_text(&with(r#"reply_topic_by_type = { "t" = "x" }"#)).unwrap()[0];
         assert_eq!(only_by_type.reply_topic_for("t"), Some("x"));
         assert_eq!(only_by_type.reply_topic_for("u"), None);
     }
 
     #[test]
     fn every_field_is_read() {
-        let d = &parse(&with(
+        let d = &parse_text(&with(
             r#"group = "g1"
 timeout_ms = 500
 max_attempts = 3
@@ -390,7 +453,7 @@ filter = { prefix = { type = "com.example." } }"#,
 
     #[test]
     fn filter_as_json_text_is_the_push_sides_format() {
-        let d = &parse(&with(
+        let d = &parse_text(&with(
             r#"filter = '[{"exact":{"subject":"a"}},{"not":{"exact":{"type":"x"}}}]'"#,
         ))
         .unwrap()[0];
@@ -404,7 +467,7 @@ filter = { prefix = { type = "com.example." } }"#,
 
     #[test]
     fn empty_file_has_no_deliveries() {
-        assert_eq!(parse("").unwrap(), Vec::new());
+        assert_eq!(parse_text("").unwrap(), Vec::new());
     }
 
     #[test]
@@ -467,8 +530,24 @@ filter = { prefix = { type = "com.example." } }"#,
                 "delivery[0].name: must be 1 to 64",
             ),
             (
-                MINIMAL.replace("http://127.0.0.1:9000", "https://x"),
-                "delivery[0].url: must start with http://",
+                MINIMAL.replace("http://127.0.0.1:9000", "ftp://x"),
+                "delivery[0].url: must start with http:// or https://",
+            ),
+            (
+                MINIMAL.replace("http://127.0.0.1:9000/orders", "https://"),
+                "delivery[0].url: not a URL with a host",
+            ),
+            (
+                with("ca_file = \"ca.pem\""),
+                "delivery[0].ca_file: only used with an https:// url",
+            ),
+            (
+                MINIMAL.replace("http://", "https://") + "ca_file = 1\n",
+                "delivery[0].ca_file: must be a string",
+            ),
+            (
+                MINIMAL.replace("http://", "https://") + "ca_file = \"\"\n",
+                "delivery[0].ca_file: must not be empty",
             ),
             (
                 MINIMAL.replace("127.0.0.1:9000/orders", ""),
@@ -492,6 +571,95 @@ filter = { prefix = { type = "com.example." } }"#,
                 "{text:?}: got {got:?}, want {want:?}"
             );
         }
+    }
+
+    /// A self-signed CA certificate (P-256, CN "eventwire unit-test CA"); only parsed here.
+    const CA_PEM: &str = "-----BEGIN CERTIFICATE-----
+MIIBmDCCAT+gAwIBAgIUcqpNqBgg0cGLbK0TRB2MtijLTWAwCgYIKoZIzj0EAwIw
+ITEfMB0GA1UEAwwWZXZlbnR3aXJlIHVuaXQtdGVzdCBDQTAgFw0yNjEyMDcxMjMy
+NDVaGA8yMTI2MTExMzEyMzI0NVowITEfMB0GA1UEAwwWZXZlbnR3aXJlIHVuaXQt
+dGVzdCBDQTBZMBMGByqGSM49AgEGCCqGSM49AwEHA0IABByXq3jAnVQ6gKC0EJ4y
+GET/u+XxboO8mpZ7wIRm25YOW2J70luOkbvBWvdbQxJIMjnS4OXI8bzx//PzIJRW
+xoejUzBRMB0GA1UdDgQWBBSBGJj0JUwcrO/0RNJYCCi1sZhLNDAfBgNVHSMEGDAW
+gBSBGJj0JUwcrO/0RNJYCCi1sZhLNDAPBgNVHRMBAf8EBTADAQH/MAoGCCqGSM49
+BAMCA0cAMEQCIEggIKZY33yna+bkMOBiPuXqheL0aV5zcjkFqfchxwKmAiARcWqX
+uVSXavZzhFcFlAZyRLLyVaBvA16fAQQpTrpoqg==
+-----END CERTIFICATE-----
+";
+
+    /// `MINIMAL` over https with `ca_file = "<name>"`, parsed in a directory holding the
+    /// file `name` with `contents` (none when `None`).
+    fn with_ca_file(name: &str, contents: Option<&str>) -> Result<Delivery, ConfigError> {
+        let dir = tempfile::tempdir().unwrap();
+        if let Some(contents) = contents {
+            std::fs::write(dir.path().join(name), contents).unwrap();
+        }
+        let text = format!(
+            "{}ca_file = \"{name}\"\n",
+            MINIMAL.replace("http://", "https://")
+        );
+        parse(&text, dir.path()).map(|mut d| d.remove(0))
+    }
+
+    #[test]
+    fn https_without_ca_file_uses_the_system_cas_only() {
+        let d = &parse_text(&MINIMAL.replace("http://", "https://")).unwrap()[0];
+        assert_eq!(d.url, "https://127.0.0.1:9000/orders");
+        assert_eq!(d.ca_file, None);
+    }
+
+    #[test]
+    fn ca_file_is_read_from_the_deliveries_files_directory() {
+        let d = with_ca_file("ca.pem", Some(CA_PEM)).unwrap();
+        let ca = d.ca_file.unwrap();
+        assert!(ca.path.is_absolute() && ca.path.ends_with("ca.pem"));
+        assert_eq!(ca.certificates.len(), 1);
+        assert_eq!(ca.certificates[0][0], 0x30, "DER: a SEQUENCE");
+
+        // A bundle (two certificates) with a key block between, which is skipped.
+        let bundle = format!(
+            "{CA_PEM}-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n{CA_PEM}"
+        );
+        let d = with_ca_file("bundle.pem", Some(&bundle)).unwrap();
+        assert_eq!(d.ca_file.unwrap().certificates.len(), 2);
+
+        // An absolute path is taken as is.
+        let dir = tempfile::tempdir().unwrap();
+        let absolute = dir.path().join("abs.pem");
+        std::fs::write(&absolute, CA_PEM).unwrap();
+        let d = with_ca_file(absolute.to_str().unwrap(), None).unwrap();
+        assert_eq!(d.ca_file.unwrap().path, absolute);
+    }
+
+    #[test]
+    fn unusable_ca_files_stop_the_start() {
+        let not_der = "-----BEGIN CERTIFICATE-----\nAAECAwQF\n-----END CERTIFICATE-----\n";
+        let cases = [
+            (None, "cannot read "),
+            (Some(""), "no PEM certificate"),
+            (Some("hello"), "no PEM certificate"),
+            (
+                Some("-----BEGIN PRIVATE KEY-----\nAAAA\n-----END PRIVATE KEY-----\n"),
+                "no PEM certificate",
+            ),
+            (
+                Some("-----BEGIN CERTIFICATE-----\n%%%\n-----END CERTIFICATE-----\n"),
+                "not PEM",
+            ),
+            (Some("-----BEGIN CERTIFICATE-----\nMIIB\n"), "not PEM"),
+            (Some(not_der), "certificate 1 is not an X.509 certificate"),
+        ];
+        for (contents, want) in cases {
+            let got = with_ca_file("ca.pem", contents).unwrap_err();
+            assert_eq!(got.field, "delivery[0].ca_file", "{contents:?}");
+            assert!(
+                got.reason.contains("ca.pem") && got.reason.contains(want),
+                "{contents:?}: got {:?}, want {want:?}",
+                got.reason
+            );
+        }
+        let second = with_ca_file("ca.pem", Some(&format!("{CA_PEM}{not_der}"))).unwrap_err();
+        assert!(second.reason.contains("certificate 2 is not"), "{second}");
     }
 
     #[test]

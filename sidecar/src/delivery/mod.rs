@@ -36,7 +36,8 @@ pub fn load(path: &Path) -> Result<Vec<config::Delivery>, LoadError> {
         path: shown(),
         source,
     })?;
-    config::parse(&text).map_err(|source| LoadError::Invalid {
+    let dir = path.parent().unwrap_or(Path::new(""));
+    config::parse(&text, dir).map_err(|source| LoadError::Invalid {
         path: shown(),
         source,
     })

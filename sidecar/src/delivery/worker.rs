@@ -125,14 +125,25 @@ impl Ctx {
                 .create_with_context(owned)
                 .map_err(kafka)?;
         consumer.subscribe(&[&delivery.topic]).map_err(kafka)?;
+        let http_error = |source| WorkerError::Http {
+            name: delivery.name.clone(),
+            source,
+        };
+        // The `ca_file`'s CAs are trusted besides the system's (OpenSSL's store); the server's
+        // certificate and name are always checked.
+        let extra_cas = delivery
+            .ca_file
+            .iter()
+            .flat_map(|ca| &ca.certificates)
+            .map(|der| reqwest::Certificate::from_der(der))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(http_error)?;
         let http = reqwest::Client::builder()
             // A 3xx is the service's answer, not something to follow (policy gives up).
             .redirect(reqwest::redirect::Policy::none())
+            .tls_certs_merge(extra_cas)
             .build()
-            .map_err(|source| WorkerError::Http {
-                name: delivery.name.clone(),
-                source,
-            })?;
+            .map_err(http_error)?;
         Ok(Ctx {
             policy: RetryPolicy {
                 max_attempts: delivery.max_attempts,
