@@ -9,6 +9,7 @@ use rdkafka::client::DefaultClientContext;
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -197,12 +198,34 @@ impl Broker {
         self.read(topic, 0, Duration::ZERO, QUIET)
     }
 
-    fn read(&self, topic: &str, want: usize, limit: Duration, quiet: Duration) -> Vec<Record> {
+    /// The offsets `group` has committed for `topic`, by partition: the next offset to
+    /// deliver (a partition without a commit is left out). Read by a client that only asks
+    /// (OffsetFetch) and never joins the group, so it does not disturb its members.
+    pub fn committed_offsets(&self, group: &str, topic: &str) -> BTreeMap<i32, i64> {
+        let consumer = self.consumer(group);
+        let mut tpl = TopicPartitionList::new();
+        for p in self.partitions(&consumer, topic) {
+            tpl.add_partition(topic, p);
+        }
+        let committed = consumer
+            .committed_offsets(tpl, Duration::from_secs(10))
+            .unwrap_or_else(|e| panic!("committed offsets of group {group} on {topic}: {e}"));
+        committed
+            .elements()
+            .iter()
+            .filter_map(|e| match e.offset() {
+                Offset::Offset(n) => Some((e.partition(), n)),
+                _ => None,
+            })
+            .collect()
+    }
+
+    /// A consumer in `group` that only assigns or asks, never subscribes.
+    fn consumer(&self, group: &str) -> BaseConsumer {
         let mut config = ClientConfig::new();
         config
             .set("bootstrap.servers", self.bootstrap())
-            // Tansu wants a group id even for assign-only consumers.
-            .set("group.id", format!("eventwire-test-{}", std::process::id()))
+            .set("group.id", group)
             .set("enable.auto.commit", "false");
         if let Some((user, password)) = &self.scram {
             config
@@ -212,15 +235,25 @@ impl Broker {
                 .set("sasl.username", user)
                 .set("sasl.password", password);
         }
-        let consumer: BaseConsumer = config.create().unwrap_or_else(|e| panic!("consumer: {e}"));
+        config.create().unwrap_or_else(|e| panic!("consumer: {e}"))
+    }
+
+    fn partitions(&self, consumer: &BaseConsumer, topic: &str) -> Vec<i32> {
         let md = consumer
             .fetch_metadata(Some(topic), Duration::from_secs(10))
             .unwrap_or_else(|e| panic!("metadata {topic}: {e}"));
+        md.topics()
+            .iter()
+            .flat_map(|t| t.partitions().iter().map(|p| p.id()))
+            .collect()
+    }
+
+    fn read(&self, topic: &str, want: usize, limit: Duration, quiet: Duration) -> Vec<Record> {
+        // Tansu wants a group id even for assign-only consumers.
+        let consumer = self.consumer(&format!("eventwire-test-{}", std::process::id()));
         let mut tpl = TopicPartitionList::new();
-        for t in md.topics() {
-            for p in t.partitions() {
-                let _ = tpl.add_partition_offset(topic, p.id(), Offset::Beginning);
-            }
+        for p in self.partitions(&consumer, topic) {
+            let _ = tpl.add_partition_offset(topic, p, Offset::Beginning);
         }
         consumer
             .assign(&tpl)

@@ -315,13 +315,24 @@ pub async fn produce_events(bootstrap: &str, topic: &str, events: &[(&str, &str,
     produce_padded(bootstrap, topic, events, 0).await;
 }
 
-/// Like `produce_events`, with `pad` filler bytes in each value (to fill socket buffers).
+/// Like `produce_events`, returning where each event landed: `(partition, offset)`, in the
+/// order given.
+pub async fn produce_events_placed(
+    bootstrap: &str,
+    topic: &str,
+    events: &[(&str, &str, &str, &str)],
+) -> Vec<(i32, i64)> {
+    produce_padded(bootstrap, topic, events, 0).await
+}
+
+/// Like `produce_events`, with `pad` filler bytes in each value (to fill socket buffers);
+/// where each event landed, `(partition, offset)`, in the order given.
 pub async fn produce_padded(
     bootstrap: &str,
     topic: &str,
     events: &[(&str, &str, &str, &str)],
     pad: usize,
-) {
+) -> Vec<(i32, i64)> {
     let producer: FutureProducer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("enable.idempotence", "true")
@@ -347,12 +358,14 @@ pub async fn produce_padded(
             Err((e, _)) => panic!("enqueue {id}: {e}"),
         }
     }
+    let mut placed = Vec::with_capacity(pending.len());
     for delivery in pending {
         match tokio::time::timeout(Duration::from_secs(30), delivery).await {
-            Ok(Ok(Ok(_))) => {}
+            Ok(Ok(Ok(delivered))) => placed.push((delivered.partition, delivered.offset)),
             other => panic!("delivery failed: {other:?}"),
         }
     }
+    placed
 }
 
 fn header<'a>(key: &'a str, value: &'a str) -> Header<'a, &'a str> {
