@@ -275,7 +275,7 @@ struct Lane {
 
 async fn dispatch(ctx: Arc<Ctx>, mut stop: watch::Receiver<bool>) {
     let mut lanes: HashMap<i32, Lane> = HashMap::new();
-    let mut tasks = Vec::new();
+    let mut tasks: HashMap<i32, JoinHandle<()>> = HashMap::new();
     let mut drain = tokio::time::interval(DRAIN_INTERVAL);
     while !*stop.borrow() {
         tokio::select! {
@@ -291,7 +291,9 @@ async fn dispatch(ctx: Arc<Ctx>, mut stop: watch::Receiver<bool>) {
                     let lane = lanes.entry(partition).or_insert_with(|| {
                         let revoked = ctx.owned().claim(partition);
                         let (tx, rx) = mpsc::channel(LANE_CAPACITY);
-                        tasks.push(tokio::spawn(run_lane(ctx.clone(), rx, revoked.clone(), stop.clone())));
+                        let previous = tasks.remove(&partition);
+                        let task = start_lane(ctx.clone(), previous, rx, revoked.clone(), stop.clone());
+                        tasks.insert(partition, task);
                         Lane { partition, tx, overflow: VecDeque::new(), paused: false, revoked, last: -1 }
                     });
                     offer(&ctx, lane, message);
@@ -304,13 +306,13 @@ async fn dispatch(ctx: Arc<Ctx>, mut stop: watch::Receiver<bool>) {
             _ = drain.tick() => {
                 lanes.retain(|_, lane| !lane.revoked.load(Ordering::Acquire));
                 lanes.values_mut().for_each(|lane| flush(&ctx, lane));
-                tasks.retain(|task| !task.is_finished());
+                tasks.retain(|_, task| !task.is_finished());
             }
         }
     }
     // Closing the channels and the stop flag let each lane end after its current event.
     drop(lanes);
-    for task in tasks {
+    for task in tasks.into_values() {
         let _ = task.await;
     }
     let finished = ctx.owned().finished();
@@ -369,6 +371,23 @@ fn set_paused(ctx: &Ctx, lane: &mut Lane, pause: bool) {
             tracing::warn!(delivery = %ctx.name(), partition = lane.partition, pause, error = %e, "cannot pause or resume a partition")
         }
     }
+}
+
+/// A partition kept through a rebalance gets a new lane while the old one may still wait
+/// for its last answer: the new one starts after it, so the partition stays one at a time.
+fn start_lane(
+    ctx: Arc<Ctx>,
+    previous: Option<JoinHandle<()>>,
+    rx: mpsc::Receiver<OwnedMessage>,
+    revoked: Arc<AtomicBool>,
+    stop: watch::Receiver<bool>,
+) -> JoinHandle<()> {
+    tokio::spawn(async move {
+        if let Some(previous) = previous {
+            let _ = previous.await;
+        }
+        run_lane(ctx, rx, revoked, stop).await;
+    })
 }
 
 /// One partition: its events one at a time, in order; each committed once done with.
