@@ -112,6 +112,10 @@ impl Ctx {
             .set("enable.auto.commit", "false")
             .set("enable.auto.offset.store", "false")
             .set("auto.offset.reset", "earliest")
+            // A sidecar that died holds its partitions until its session times out; 10 s
+            // instead of librdkafka's 45 s bounds that stall after a crash (`--kafka` wins).
+            .set("session.timeout.ms", "10000")
+            .set("heartbeat.interval.ms", "3000")
             .set(
                 "fetch.wait.max.ms",
                 shared.fetch_wait.as_millis().to_string(),
