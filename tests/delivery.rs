@@ -927,3 +927,41 @@ async fn cloudevent_answers_are_published_as_replies_and_other_answers_are_not()
         "the structured event's data, byte-exact"
     );
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn structured_content_mode_sends_the_json_event_format() {
+    let broker = Broker::start().await;
+    let topic = topic("deliver-structured");
+    broker.create_topic(&topic, 1).await;
+    let (svc, url) = service(&[]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = deliveries_file(
+        &dir,
+        &format!(
+            "[[delivery]]\nname = \"structured\"\ntopic = \"{topic}\"\nurl = \"{url}\"\ncontent_mode = \"structured\"\n"
+        ),
+    );
+    let _sidecar = sidecar(&broker, &file).await;
+    let events = [
+        ("ord-1", "s-1", "com.example.order.placed", "ord-1"),
+        ("ord-2", "s-2", "com.example.order.placed", "ord-2"),
+    ];
+    produce_events(&broker.bootstrap(), &topic, &events).await;
+
+    wait_for(&svc, "both events delivered", |got| got.len() >= 2).await;
+    let got = svc.got();
+    for (g, (key, id, ty, subject)) in got.iter().zip(events) {
+        let header = |name: &str| g.headers.get(name).and_then(|v| v.to_str().ok());
+        assert_eq!(header("content-type"), Some("application/cloudevents+json"));
+        assert_eq!(header("ce-id"), None, "no binary-mode headers");
+        let event: serde_json::Value =
+            serde_json::from_slice(&g.body).unwrap_or_else(|e| panic!("body not JSON: {e}"));
+        assert_eq!(event["specversion"], "1.0");
+        assert_eq!(event["id"], id);
+        assert_eq!(event["type"], ty);
+        assert_eq!(event["subject"], subject);
+        assert_eq!(event["partitionkey"], key);
+        // JSON data stays JSON inside the event.
+        assert_eq!(event["data"]["id"], id, "{event}");
+    }
+}

@@ -12,12 +12,22 @@ use toml::{Table, Value};
 
 use crate::subscription_filter::Filter;
 
+/// How an event is put into the HTTP request (CloudEvents HTTP binding).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ContentMode {
+    /// `ce-*` headers, the data as the body; a structured-mode record stays structured.
+    Binary,
+    /// The JSON event format as the body (`application/cloudevents+json`).
+    Structured,
+}
+
 /// One delivery subscription, checked.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Delivery {
     pub name: String,
     pub topic: String,
     pub url: String,
+    pub content_mode: ContentMode,
     pub group: String,
     pub filter: Option<Filter>,
     pub timeout: Duration,
@@ -82,6 +92,7 @@ const FIELDS: &[&str] = &[
     "name",
     "topic",
     "url",
+    "content_mode",
     "group",
     "filter",
     "timeout_ms",
@@ -162,6 +173,7 @@ fn delivery(table: &Table, at: &str, dir: &Path) -> Result<Delivery, ConfigError
         topic: topic(table, at, "topic")?.ok_or_else(|| err(format!("{at}.topic"), "missing"))?,
         ca_file: ca_file(table, at, dir, &url)?,
         url,
+        content_mode: content_mode(table, at)?,
         group,
         filter: filter(table, at)?,
         timeout: Duration::from_millis(int(
@@ -230,6 +242,17 @@ fn topic(table: &Table, at: &str, key: &str) -> Result<Option<String>, ConfigErr
             .map_err(|e| err(format!("{at}.{key}"), e.to_string()))?;
     }
     Ok(topic)
+}
+
+fn content_mode(table: &Table, at: &str) -> Result<ContentMode, ConfigError> {
+    match string(table, at, "content_mode")?.as_deref() {
+        None | Some("binary") => Ok(ContentMode::Binary),
+        Some("structured") => Ok(ContentMode::Structured),
+        Some(_) => Err(err(
+            format!("{at}.content_mode"),
+            "must be \"binary\" or \"structured\"",
+        )),
+    }
 }
 
 /// `{ "<CloudEvent type>" = "<topic>" }`.
@@ -393,6 +416,7 @@ url = "http://127.0.0.1:9000/orders"
         assert_eq!(d.topic, "order-placed-events");
         assert_eq!(d.url, "http://127.0.0.1:9000/orders");
         assert_eq!(d.group, "eventwire-delivery-payments");
+        assert_eq!(d.content_mode, ContentMode::Binary);
         assert_eq!(d.filter, None);
         assert_eq!(d.timeout, Duration::from_millis(10_000));
         assert_eq!(d.max_attempts, 8);
@@ -427,6 +451,7 @@ reply_topic_by_type = { "com.example.payment.failed" = "payments.failed" }"#,
     fn every_field_is_read() {
         let d = &parse_text(&with(
             r#"group = "g1"
+content_mode = "structured"
 timeout_ms = 500
 max_attempts = 3
 initial_backoff_ms = 10
@@ -438,6 +463,7 @@ filter = { prefix = { type = "com.example." } }"#,
         ))
         .unwrap()[0];
         assert_eq!(d.group, "g1");
+        assert_eq!(d.content_mode, ContentMode::Structured);
         assert_eq!(d.timeout, Duration::from_millis(500));
         assert_eq!(d.max_attempts, 3);
         assert_eq!(d.initial_backoff, Duration::from_millis(10));
@@ -495,6 +521,10 @@ filter = { prefix = { type = "com.example." } }"#,
                 "delivery[0].dead_letter_topic: character ' ' is not allowed",
             ),
             (with("group = \"\""), "delivery[0].group: must not be empty"),
+            (
+                with("content_mode = \"json\""),
+                "delivery[0].content_mode: must be \"binary\" or \"structured\"",
+            ),
             (
                 with("max_in_flight = 0"),
                 "delivery[0].max_in_flight: must be 1 to 1000",

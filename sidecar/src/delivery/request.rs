@@ -1,10 +1,12 @@
 //! A consumed Kafka record -> the HTTP request that delivers it (CloudEvents HTTP binding,
-//! binary mode: `ce_*` record headers become `ce-*` HTTP headers, the value is the body).
-//! Pure code. A structured-mode record is sent structured, as it is.
+//! binary mode: `ce_*` record headers become `ce-*` HTTP headers, the value is the body; or
+//! structured mode on request: the JSON event format). Pure code. A structured-mode record
+//! is sent structured, as it is.
 
 use serde_json::{Map, Value};
 use thiserror::Error;
 
+use super::config::ContentMode;
 use crate::cloudevent::kafka::{NotACloudEvent, from_kafka};
 use crate::cloudevent::validate::essence;
 use crate::cloudevent::{ConsumedRecord, STRUCTURED_CONTENT_TYPE};
@@ -28,19 +30,25 @@ pub enum RequestError {
 }
 
 /// Builds the request for `record`; a record that is not a CloudEvent cannot be delivered.
-pub fn build(record: &ConsumedRecord) -> Result<HttpDelivery, RequestError> {
+pub fn build(record: &ConsumedRecord, mode: ContentMode) -> Result<HttpDelivery, RequestError> {
     let event = from_kafka(record)?;
-    let headers = if is_structured(record) {
+    let structured = || {
         vec![(
             "content-type".to_owned(),
             STRUCTURED_CONTENT_TYPE.to_owned(),
         )]
+    };
+    let (headers, body) = if is_structured(record) {
+        (structured(), record.value.map(<[u8]>::to_vec))
+    } else if mode == ContentMode::Structured {
+        // `from_kafka` gave the JSON event format: JSON data stays JSON, other data base64.
+        (structured(), serde_json::to_vec(&event).ok())
     } else {
-        binary_headers(record)
+        (binary_headers(record), record.value.map(<[u8]>::to_vec))
     };
     Ok(HttpDelivery {
         headers,
-        body: record.value.map(<[u8]>::to_vec).unwrap_or_default(),
+        body: body.unwrap_or_default(),
         id: string_attr(&event, "id"),
         attributes: attributes_of(&event),
     })
@@ -121,7 +129,7 @@ mod tests {
             ],
             br#"{"n":1}"#,
         );
-        let d = build(&r).unwrap();
+        let d = build(&r, ContentMode::Binary).unwrap();
         assert_eq!(d.id, "e-1");
         assert_eq!(header(&d, "ce-id"), Some("e-1"));
         assert_eq!(header(&d, "ce-specversion"), Some("1.0"));
@@ -152,7 +160,7 @@ mod tests {
             )],
             body,
         );
-        let d = build(&r).unwrap();
+        let d = build(&r, ContentMode::Binary).unwrap();
         assert_eq!(d.id, "s-1");
         assert_eq!(
             d.headers,
@@ -165,14 +173,40 @@ mod tests {
     fn not_a_cloudevent_is_refused() {
         let r = record(vec![("content-type", Some(b"text/plain"))], b"hi");
         assert_eq!(
-            build(&r),
+            build(&r, ContentMode::Binary),
             Err(RequestError::NotACloudEvent(NotACloudEvent::NoSpecVersion))
         );
         let bad = record(
             vec![("ce_specversion", Some(b"1.0")), ("ce_id", Some(b"\xff"))],
             b"",
         );
-        assert!(build(&bad).is_err());
+        assert!(build(&bad, ContentMode::Binary).is_err());
+    }
+
+    #[test]
+    fn binary_record_can_be_sent_structured() {
+        let r = record(
+            vec![
+                ("ce_specversion", Some(b"1.0")),
+                ("ce_id", Some(b"e-1")),
+                ("ce_type", Some(b"t")),
+                ("ce_source", Some(b"/s")),
+                ("content-type", Some(b"application/json")),
+            ],
+            br#"{"n":1}"#,
+        );
+        let d = build(&r, ContentMode::Structured).unwrap();
+        assert_eq!(
+            d.headers,
+            vec![("content-type".into(), STRUCTURED_CONTENT_TYPE.into())]
+        );
+        let event: serde_json::Value = serde_json::from_slice(&d.body).unwrap();
+        assert_eq!(event["id"], "e-1");
+        assert_eq!(event["specversion"], "1.0");
+        assert_eq!(event["datacontenttype"], "application/json");
+        assert_eq!(event["data"], serde_json::json!({"n": 1}));
+        assert_eq!(event["partitionkey"], "ord-1");
+        assert_eq!(d.id, "e-1");
     }
 
     #[test]
@@ -182,6 +216,6 @@ mod tests {
             b"",
         );
         r.value = None;
-        assert_eq!(build(&r).unwrap().body, b"");
+        assert_eq!(build(&r, ContentMode::Binary).unwrap().body, b"");
     }
 }

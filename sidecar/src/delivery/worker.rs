@@ -458,7 +458,7 @@ async fn handle(ctx: &Ctx, message: &OwnedMessage, stop: &mut watch::Receiver<bo
         partition: record.partition,
         offset: record.offset,
     };
-    let request = match request::build(&record) {
+    let request = match request::build(&record, ctx.delivery.content_mode) {
         Ok(request) => request,
         Err(e) => {
             tracing::warn!(delivery = about.delivery, partition = about.partition, offset = about.offset, error = %e, "record cannot be delivered");
