@@ -78,6 +78,34 @@ impl Callout<'_> {
             .map(|(n, v)| (n.as_ref(), v.as_ref()))
             .collect()
     }
+
+    /// Kept while the request is upstream (`after_upstream`): the request is gone by then.
+    pub fn into_owned(self) -> Callout<'static> {
+        Callout {
+            headers: self
+                .headers
+                .into_iter()
+                .map(|(n, v)| (owned(n), owned(v)))
+                .collect(),
+            body: Cow::Owned(self.body.into_owned()),
+            id: self.id.map(owned),
+            trace: self.trace,
+        }
+    }
+
+    /// Sets `name` (lower case) to `value`, replacing what the request gave it.
+    pub fn set_header(&mut self, name: String, value: String) {
+        self.headers.retain(|(n, _)| *n != name);
+        self.headers.push((Cow::Owned(name), Cow::Owned(value)));
+    }
+
+    /// Whether the callout carries a CloudEvent in its body (structured or a batch), where
+    /// extension headers would not reach the event.
+    pub fn event_in_body(&self) -> bool {
+        self.headers.iter().any(|(n, v)| {
+            n == "content-type" && (v == cloudevent::STRUCTURED || v == cloudevent::BATCH)
+        })
+    }
 }
 
 pub fn build<'a>(

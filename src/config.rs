@@ -72,7 +72,50 @@ pub enum Mode {
     Bridge,
     /// Publish, then let the request continue upstream unchanged.
     Tap,
+    /// Let the request go upstream first; publish only when the upstream's status is in
+    /// the rule's `publish_on`, then pass its answer on once the event is durable.
+    AfterUpstream,
 }
+
+/// One entry of `publish_on`: a status, or a class (`2xx` = 2).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusMatch {
+    Exact(u16),
+    Class(u16),
+}
+
+impl StatusMatch {
+    pub fn matches(self, status: u16) -> bool {
+        match self {
+            StatusMatch::Exact(s) => s == status,
+            StatusMatch::Class(c) => status / 100 == c,
+        }
+    }
+}
+
+/// What an `after_upstream` rule takes from the upstream's answer into its event.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResponseMap {
+    /// The Kafka key (a header or a JSON pointer into the answer); wins over `key`.
+    pub key: Option<ValueSource>,
+    /// `ce-<attribute>` header that carries the upstream's status.
+    pub status: Option<String>,
+    /// (lowercased response header, `ce-<attribute>`).
+    pub headers: Vec<(String, String)>,
+    /// (JSON pointer into the answer, `ce-<attribute>`).
+    pub body: Vec<(String, String)>,
+    pub max_body_bytes: usize,
+}
+
+impl ResponseMap {
+    /// Whether the answer's body must be read (and so held back until complete).
+    pub fn needs_body(&self) -> bool {
+        !self.body.is_empty() || self.key.as_ref().is_some_and(ValueSource::uses_body)
+    }
+}
+
+/// `response.max_body_bytes` unless set: answers with an id are small.
+pub const DEFAULT_MAX_RESPONSE_BODY_BYTES: usize = 65_536;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OnFailure {
@@ -219,6 +262,10 @@ pub struct Rule {
     /// The HMAC key of `redact` hashes (the config's `redaction_key`, resolved by
     /// `stream::configure`; empty when the rule hashes nothing).
     pub redaction_key: Vec<u8>,
+    /// `after_upstream`: the statuses that publish (default `2xx`).
+    pub publish_on: Vec<StatusMatch>,
+    /// `after_upstream`: what the event takes from the answer.
+    pub response: ResponseMap,
 }
 
 impl Rule {
@@ -546,7 +593,14 @@ fn parse_rule(v: Value, i: usize) -> Result<Rule, ConfigError> {
     let mut raw = Fields::of(v, &format!("rules[{i}]"))?;
     let name = raw.string("name")?;
     let matcher = raw.value("match");
-    let mode = raw.choice("mode", &[("bridge", Mode::Bridge), ("tap", Mode::Tap)])?;
+    let mode = raw.choice(
+        "mode",
+        &[
+            ("bridge", Mode::Bridge),
+            ("tap", Mode::Tap),
+            ("after_upstream", Mode::AfterUpstream),
+        ],
+    )?;
     let on_failure = raw.choice(
         "on_failure",
         &[
@@ -563,6 +617,7 @@ fn parse_rule(v: Value, i: usize) -> Result<Rule, ConfigError> {
     let consumer = raw.value("consumer");
     let redact = raw.value("redact");
     let jwt_payload = raw.value("jwt_payload");
+    let (publish_on, response) = (raw.value("publish_on"), raw.value("response"));
     raw.done()?;
     let name = name.unwrap_or_else(|| format!("rule-{i}"));
     // The name is the `rule` label of the rule's metrics (`host::rule_metric`).
@@ -581,7 +636,8 @@ fn parse_rule(v: Value, i: usize) -> Result<Rule, ConfigError> {
     let on_failure = match on_failure {
         Some(on_failure) => on_failure,
         None => match mode {
-            Mode::Bridge => OnFailure::Reject,
+            // After upstream the event is the point: a success without it is refused.
+            Mode::Bridge | Mode::AfterUpstream => OnFailure::Reject,
             // Tap must never turn a good upstream answer into an error by default.
             Mode::Tap => OnFailure::Passthrough,
         },
@@ -653,6 +709,27 @@ fn parse_rule(v: Value, i: usize) -> Result<Rule, ConfigError> {
     let jwt_payload = jwt_payload
         .map(|v| parse_jwt_payload(v, &at("jwt_payload"), &extensions))
         .transpose()?;
+    if mode != Mode::AfterUpstream {
+        for (name, given) in [("publish_on", &publish_on), ("response", &response)] {
+            if given.is_some() {
+                return Err(err(at(name), "only for mode `after_upstream`"));
+            }
+        }
+    }
+    let publish_on = match publish_on {
+        None => vec![StatusMatch::Class(2)],
+        Some(v) => parse_publish_on(v, &at("publish_on"))?,
+    };
+    let response = match response {
+        None => ResponseMap {
+            key: None,
+            status: None,
+            headers: Vec::new(),
+            body: Vec::new(),
+            max_body_bytes: DEFAULT_MAX_RESPONSE_BODY_BYTES,
+        },
+        Some(v) => parse_response(v, &at("response"), &extensions)?,
+    };
     Ok(Rule {
         name,
         matcher,
@@ -671,6 +748,132 @@ fn parse_rule(v: Value, i: usize) -> Result<Rule, ConfigError> {
             .transpose()?
             .unwrap_or_default(),
         redaction_key: Vec::new(),
+        publish_on,
+        response,
+    })
+}
+
+/// `[201, "2xx"]`: statuses 100-599 and classes `1xx`-`5xx`; not empty.
+fn parse_publish_on(v: Value, field: &str) -> Result<Vec<StatusMatch>, ConfigError> {
+    let Value::Array(items) = v else {
+        return Err(err(
+            field,
+            format!("must be an array, not {}", json_kind(&v)),
+        ));
+    };
+    if items.is_empty() {
+        return Err(err(field, "must name at least one status"));
+    }
+    items
+        .iter()
+        .enumerate()
+        .map(|(i, item)| {
+            let class = |s: &str| match s.as_bytes() {
+                [c @ b'1'..=b'5', b'x', b'x'] => Some(u16::from(c - b'0')),
+                _ => None,
+            };
+            match item {
+                Value::Number(n) => n
+                    .as_u64()
+                    .filter(|s| (100..=599).contains(s))
+                    .map(|s| StatusMatch::Exact(s as u16)),
+                Value::String(s) => class(s).map(StatusMatch::Class),
+                _ => None,
+            }
+            .ok_or_else(|| {
+                err(
+                    format!("{field}[{i}]"),
+                    "must be a status from 100 to 599 or a class \"1xx\" to \"5xx\"",
+                )
+            })
+        })
+        .collect()
+}
+
+/// `response`: key, status, headers, body, max_body_bytes. Attributes must not clash
+/// with the rule's request-side extensions.
+fn parse_response(v: Value, field: &str, taken: &[Extension]) -> Result<ResponseMap, ConfigError> {
+    let mut f = Fields::of(v, field)?;
+    let key = f.value("key");
+    let status = f.string("status")?;
+    let (headers, body) = (f.value("headers"), f.value("body"));
+    let max = f.integer("max_body_bytes")?;
+    f.done()?;
+    let mut attrs: Vec<String> = taken.iter().map(|x| x.ce_header.clone()).collect();
+    let mut attribute = |attr: &str, at: &str| -> Result<String, ConfigError> {
+        validate_extension_name(attr).map_err(|e| err(at, e))?;
+        let ce = format!("ce-{attr}");
+        if attrs.contains(&ce) {
+            return Err(err(at, format!("extension '{attr}' is set twice")));
+        }
+        attrs.push(ce.clone());
+        Ok(ce)
+    };
+    let key = match key {
+        None => None,
+        Some(v) => match value_source(v, &format!("{field}.key"))? {
+            ValueSource::Header(h) => Some(ValueSource::Header(
+                validate_header_name(&h).map_err(|e| err(format!("{field}.key.header"), e))?,
+            )),
+            ValueSource::JsonPointer(p) => {
+                validate_json_pointer(&p)
+                    .map_err(|e| err(format!("{field}.key.json_pointer"), e))?;
+                Some(ValueSource::JsonPointer(p))
+            }
+            ValueSource::PathParam(_) => {
+                return Err(err(
+                    format!("{field}.key"),
+                    "an answer has no path: use `header` or `json_pointer`",
+                ));
+            }
+        },
+    };
+    let status = match status {
+        None => None,
+        Some(attr) => Some(attribute(&attr, &format!("{field}.status"))?),
+    };
+    let mut pairs = |v: Option<Value>, name: &str, check: fn(&str) -> Result<String, String>| {
+        let at = format!("{field}.{name}");
+        let Some(v) = v else {
+            return Ok(Vec::new());
+        };
+        let Value::Object(map) = v else {
+            return Err(err(
+                &at,
+                format!("must be an object, not {}", json_kind(&v)),
+            ));
+        };
+        let mut out = Vec::with_capacity(map.len());
+        for (from, attr) in map {
+            let at = format!("{at}.{from}");
+            let Value::String(attr) = attr else {
+                return Err(err(&at, "must be an extension attribute name (a string)"));
+            };
+            let from = check(&from).map_err(|e| err(&at, e))?;
+            out.push((from, attribute(&attr, &at)?));
+        }
+        Ok(out)
+    };
+    let headers = pairs(headers, "headers", validate_header_name)?;
+    let body = pairs(body, "body", |p| {
+        validate_json_pointer(p).map(|()| p.to_string())
+    })?;
+    let max_body_bytes = match max {
+        None => DEFAULT_MAX_RESPONSE_BODY_BYTES,
+        Some(n) if (1..=MAX_MAX_BODY_BYTES as u64).contains(&n) => n as usize,
+        Some(_) => {
+            return Err(err(
+                format!("{field}.max_body_bytes"),
+                format!("must be an integer from 1 to {MAX_MAX_BODY_BYTES}"),
+            ));
+        }
+    };
+    Ok(ResponseMap {
+        key,
+        status,
+        headers,
+        body,
+        max_body_bytes,
     })
 }
 

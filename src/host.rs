@@ -47,10 +47,12 @@ pub enum Counter {
     BatchedEvents,
     /// Bytes of the callouts' bodies sent to the sidecar (the events' data, or batches).
     PublishedBytes,
+    /// `after_upstream` requests whose upstream status was not in `publish_on`.
+    UpstreamSkipped,
 }
 
 impl Counter {
-    pub const ALL: [Counter; 10] = [
+    pub const ALL: [Counter; 11] = [
         Counter::Requests,
         Counter::Accepted,
         Counter::Rejected,
@@ -61,6 +63,7 @@ impl Counter {
         Counter::Batches,
         Counter::BatchedEvents,
         Counter::PublishedBytes,
+        Counter::UpstreamSkipped,
     ];
 
     pub const fn name(self) -> &'static str {
@@ -75,6 +78,7 @@ impl Counter {
             Counter::Batches => "eventwire_batches_total",
             Counter::BatchedEvents => "eventwire_batched_events_total",
             Counter::PublishedBytes => "eventwire_published_bytes_total",
+            Counter::UpstreamSkipped => "eventwire_upstream_skipped_total",
         }
     }
 
@@ -142,6 +146,13 @@ pub trait Host {
     fn reply(&self, status: u16, headers: HeaderList<'_>, body: &[u8]);
     /// Lets a paused request continue upstream.
     fn resume(&self);
+    /// One header of the upstream's answer (`:status` included). Only in the response
+    /// headers phase.
+    fn response_header(&self, name: &str) -> Option<Vec<u8>>;
+    /// The buffered body of the upstream's answer.
+    fn response_body(&self, size: usize) -> Result<Option<Vec<u8>>, HostError>;
+    /// Lets a paused answer continue to the client.
+    fn resume_response(&self);
     /// Adds to a counter: the filter's (`Counter::Requests`) or rule `rule`'s (an index
     /// into the configured rules).
     fn bump(&self, counter: Counter, rule: usize) {

@@ -14,6 +14,7 @@ pub mod config;
 pub mod host;
 pub mod problem;
 pub mod redact;
+pub mod response;
 pub mod route;
 pub mod stream;
 pub mod trace;

@@ -37,6 +37,11 @@ pub enum FilterError {
     ProxyFailure {
         detail: String,
     },
+    /// `after_upstream`: the upstream's answer lacks what the event takes from it (the
+    /// partition key, a JSON body).
+    UnusableAnswer {
+        detail: String,
+    },
 }
 
 /// Why a request could not be published, for the passthrough policy and the counters.
@@ -59,6 +64,7 @@ impl FilterError {
             FilterError::InvalidCloudEvent { .. } => Kind::InvalidCloudEvent,
             FilterError::SidecarUnavailable { .. } => Kind::SidecarUnavailable,
             FilterError::ProxyFailure { .. } => Kind::ProxyFailure,
+            FilterError::UnusableAnswer { .. } => Kind::UnusableAnswer,
         }
     }
 
@@ -68,9 +74,9 @@ impl FilterError {
 
     pub fn cause(&self) -> Cause {
         match self {
-            FilterError::SidecarUnavailable { .. } | FilterError::ProxyFailure { .. } => {
-                Cause::Infrastructure
-            }
+            FilterError::SidecarUnavailable { .. }
+            | FilterError::ProxyFailure { .. }
+            | FilterError::UnusableAnswer { .. } => Cause::Infrastructure,
             _ => Cause::Request,
         }
     }
@@ -112,9 +118,9 @@ impl fmt::Display for FilterError {
             } => write!(f, "{what} from {source}: {reason}"),
             FilterError::InvalidHeader { name, reason } => write!(f, "header {name}: {reason}"),
             FilterError::InvalidCloudEvent { detail, .. } => f.write_str(detail),
-            FilterError::SidecarUnavailable { detail } | FilterError::ProxyFailure { detail } => {
-                f.write_str(detail)
-            }
+            FilterError::SidecarUnavailable { detail }
+            | FilterError::ProxyFailure { detail }
+            | FilterError::UnusableAnswer { detail } => f.write_str(detail),
         }
     }
 }

@@ -125,6 +125,22 @@ impl Host for ProxyHost {
             .unwrap_or_default()
     }
 
+    fn response_header(&self, name: &str) -> Option<Vec<u8>> {
+        hostcalls::get_map_value_bytes(MapType::HttpResponseHeaders, name)
+            .ok()
+            .flatten()
+    }
+
+    fn response_body(&self, size: usize) -> Result<Option<Vec<u8>>, HostError> {
+        hostcalls::get_buffer(BufferType::HttpResponseBody, 0, size).map_err(host_error)
+    }
+
+    fn resume_response(&self) {
+        if let Err(s) = hostcalls::resume_http_response() {
+            log::error!("resume of the answer failed: {s:?}");
+        }
+    }
+
     fn dispatch(
         &self,
         upstream: &str,
@@ -383,5 +399,21 @@ impl HttpContext for Http {
 
     fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
         action(self.stream.borrow_mut().on_request_trailers(&self.host))
+    }
+
+    fn on_http_response_headers(&mut self, _num_headers: usize, end_of_stream: bool) -> Action {
+        action(
+            self.stream
+                .borrow_mut()
+                .on_response_headers(&self.host, end_of_stream),
+        )
+    }
+
+    fn on_http_response_body(&mut self, body_size: usize, end_of_stream: bool) -> Action {
+        action(
+            self.stream
+                .borrow_mut()
+                .on_response_body(&self.host, body_size, end_of_stream),
+        )
     }
 }

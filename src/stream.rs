@@ -18,6 +18,7 @@ use crate::coalesce::{self, Coalescer, Split, Waiting};
 use crate::config::{self, Config, Mode, OnFailure, Rule};
 use crate::host::{Counter, Flavor, Host, Level, NO_RULE};
 use crate::problem::{Cause, FilterError};
+use crate::response;
 use crate::trace::TraceParent;
 use eventwire_contract::problem;
 use std::borrow::Cow;
@@ -162,6 +163,19 @@ enum State {
         trace: TraceParent,
         /// When its own callout went (host clock); 0 while it waits for a batch.
         sent_nanos: u64,
+        /// `after_upstream`: the upstream's answer waits for this event.
+        answer_held: bool,
+    },
+    /// `after_upstream`: the request went upstream; its event waits for the answer.
+    Upstream {
+        rule: usize,
+        event: Box<Callout<'static>>,
+    },
+    /// `after_upstream`: the answer is held until its body (which the event reads) is in.
+    ResponseBody {
+        rule: usize,
+        event: Box<Callout<'static>>,
+        size: usize,
     },
     /// A local reply was sent; nothing more may go upstream.
     Replied,
@@ -173,6 +187,11 @@ enum State {
 enum Phase {
     Request,
     Callout,
+    /// In the answer's headers or body phase, or after a callout sent from there: passing
+    /// on means the upstream's answer goes to the client.
+    Response,
+    /// After the callout of an event whose answer is held: passing on resumes the answer.
+    HeldAnswer,
 }
 
 pub struct Stream {
@@ -249,7 +268,9 @@ impl Stream {
             // Continue here would resume the request while the callout is pending or after
             // our own reply: a bridged request would reach the upstream.
             State::Ack { .. } | State::Replied => return Flow::Pause,
-            State::Idle => return Flow::Continue,
+            State::Idle | State::Upstream { .. } | State::ResponseBody { .. } => {
+                return Flow::Continue;
+            }
         };
         *size = body_size;
         let Some(vm) = self.vm.clone() else {
@@ -279,7 +300,156 @@ impl Stream {
         match self.state {
             State::Body { .. } => self.publish_buffered(host, &vm.config),
             State::Ack { .. } | State::Replied => Flow::Pause,
-            State::Idle => Flow::Continue,
+            State::Idle | State::Upstream { .. } | State::ResponseBody { .. } => Flow::Continue,
+        }
+    }
+
+    /// `after_upstream`: the upstream answered. A status outside `publish_on` passes on with
+    /// no event; otherwise the answer waits until its event is durable.
+    pub fn on_response_headers(&mut self, host: &impl Host, end_of_stream: bool) -> Flow {
+        let (rule, mut event) = match std::mem::replace(&mut self.state, State::Idle) {
+            State::Upstream { rule, event } => (rule, event),
+            other => {
+                self.state = other;
+                return Flow::Continue;
+            }
+        };
+        let Some(vm) = self.vm.clone() else {
+            return Flow::Continue;
+        };
+        let Some(r) = vm.config.rules.get(rule) else {
+            return Flow::Continue;
+        };
+        let status = host
+            .response_header(":status")
+            .and_then(|s| std::str::from_utf8(&s).ok()?.parse::<u16>().ok())
+            .unwrap_or(0);
+        if !r.publish_on.iter().any(|m| m.matches(status)) {
+            host.bump(Counter::UpstreamSkipped, rule);
+            return Flow::Continue;
+        }
+        // Headers are read here: Envoy's SDK panics on a read after this phase.
+        match response::from_headers(&r.response, status, |n| host.response_header(n)) {
+            Ok(picked) => picked.into_iter().for_each(|(n, v)| event.set_header(n, v)),
+            Err(e) => return self.fail(host, rule, r, e, Phase::Response),
+        }
+        if r.response.needs_body() {
+            if end_of_stream {
+                let e = FilterError::UnusableAnswer {
+                    detail: "the answer has no body to take values from".into(),
+                };
+                return self.fail(host, rule, r, e, Phase::Response);
+            }
+            self.state = State::ResponseBody {
+                rule,
+                event,
+                size: 0,
+            };
+            return Flow::Pause;
+        }
+        self.send_held(host, &vm.config, rule, *event)
+    }
+
+    pub fn on_response_body(
+        &mut self,
+        host: &impl Host,
+        body_size: usize,
+        end_of_stream: bool,
+    ) -> Flow {
+        let (rule, size) = match &mut self.state {
+            State::ResponseBody { rule, size, .. } => (*rule, size),
+            // The answer waits for the callout (or our own reply replaced it).
+            State::Ack {
+                answer_held: true, ..
+            }
+            | State::Replied => return Flow::Pause,
+            _ => return Flow::Continue,
+        };
+        *size = body_size;
+        let Some(vm) = self.vm.clone() else {
+            return Flow::Continue;
+        };
+        let Some(r) = vm.config.rules.get(rule) else {
+            return Flow::Continue;
+        };
+        if body_size > r.response.max_body_bytes {
+            let e = FilterError::UnusableAnswer {
+                detail: format!(
+                    "the answer's body exceeds response.max_body_bytes ({})",
+                    r.response.max_body_bytes
+                ),
+            };
+            return self.fail(host, rule, r, e, Phase::Response);
+        }
+        if !end_of_stream {
+            return Flow::Pause;
+        }
+        let State::ResponseBody {
+            rule, mut event, ..
+        } = std::mem::replace(&mut self.state, State::Idle)
+        else {
+            return Flow::Continue;
+        };
+        let body = match host.response_body(body_size) {
+            Ok(Some(b)) => b,
+            Ok(None) => Vec::new(),
+            Err(e) => {
+                let detail = format!("cannot read the answer's body: {e}");
+                return self.fail(
+                    host,
+                    rule,
+                    r,
+                    FilterError::ProxyFailure { detail },
+                    Phase::Response,
+                );
+            }
+        };
+        match response::from_body(&r.response, &body) {
+            Ok(picked) => picked.into_iter().for_each(|(n, v)| event.set_header(n, v)),
+            Err(e) => return self.fail(host, rule, r, e, Phase::Response),
+        }
+        self.send_held(host, &vm.config, rule, *event)
+    }
+
+    /// Sends an `after_upstream` event; the answer stays paused until the sidecar's word.
+    fn send_held(
+        &mut self,
+        host: &impl Host,
+        cfg: &Config,
+        idx: usize,
+        event: Callout<'static>,
+    ) -> Flow {
+        let Some(rule) = cfg.rules.get(idx) else {
+            return Flow::Continue;
+        };
+        let sent_nanos = host.now_nanos();
+        let dispatched = host.dispatch(
+            &cfg.sidecar.upstream,
+            event.header_refs(),
+            &event.body,
+            cfg.sidecar.timeout_ms,
+        );
+        match dispatched {
+            Ok(_token) => {
+                host.bump_by(Counter::PublishedBytes, idx, event.body.len() as u64);
+                self.state = State::Ack {
+                    rule: idx,
+                    id: event.id.map(Cow::into_owned),
+                    slot: false,
+                    trace: event.trace,
+                    sent_nanos,
+                    answer_held: true,
+                };
+                Flow::Pause
+            }
+            Err(e) => {
+                let detail = format!(
+                    "the callout to sidecar upstream '{}' failed at once ({e})",
+                    cfg.sidecar.upstream
+                );
+                let e = FilterError::SidecarUnavailable { detail };
+                self.fail(host, idx, rule, e, Phase::Response)
+            }
         }
     }
 
@@ -325,10 +495,14 @@ impl Stream {
     /// The sidecar's answer for this request's event: from its own callout, or its share of
     /// a batch (`coalesce`), delivered by the root context.
     pub fn on_answer(&mut self, host: &impl Host, answer: &Answer<'_>) {
-        let (idx, id, trace) = match std::mem::replace(&mut self.state, State::Idle) {
+        let (idx, id, trace, held) = match std::mem::replace(&mut self.state, State::Idle) {
             State::Ack {
-                rule, id, trace, ..
-            } => (rule, id, trace),
+                rule,
+                id,
+                trace,
+                answer_held,
+                ..
+            } => (rule, id, trace, answer_held),
             other => {
                 self.state = other;
                 return;
@@ -350,7 +524,11 @@ impl Stream {
                     Level::Debug,
                     format_args!("rule {} event {id} trace {trace_id} accepted", rule.name),
                 );
-                self.accepted(host, rule, status, answer, trace);
+                if held {
+                    host.resume_response();
+                } else {
+                    self.accepted(host, rule, status, answer, trace);
+                }
             }
             Verdict::Refused { status } => {
                 host.log(
@@ -368,7 +546,11 @@ impl Stream {
                 };
                 if passes_through(rule, cause) {
                     host.bump(Counter::Passthrough, idx);
-                    host.resume();
+                    if held {
+                        host.resume_response();
+                    } else {
+                        host.resume();
+                    }
                 } else {
                     // The sidecar's problem, relayed as it is.
                     let retry = answer.retry_after.as_deref();
@@ -387,7 +569,12 @@ impl Stream {
                     format_args!("rule {} event {id} trace {trace_id}: {detail}", rule.name),
                 );
                 let e = FilterError::SidecarUnavailable { detail };
-                self.fail(host, idx, rule, e, Phase::Callout);
+                let phase = if held {
+                    Phase::HeldAnswer
+                } else {
+                    Phase::Callout
+                };
+                self.fail(host, idx, rule, e, phase);
             }
         }
     }
@@ -403,6 +590,8 @@ impl Stream {
     ) {
         match rule.mode {
             Mode::Tap => host.resume(),
+            // Its event goes after the answer (`send_held`), never from here.
+            Mode::AfterUpstream => host.resume_response(),
             Mode::Bridge => {
                 let location = answer
                     .location
@@ -483,6 +672,9 @@ impl Stream {
                 return self.fail(host, idx, rule, e, Phase::Request);
             }
         };
+        if rule.mode == Mode::AfterUpstream {
+            return self.hold_for_answer(host, idx, rule, out);
+        }
         let slot = match self.coalesce(host, idx, &out) {
             Coalesced::Waiting => {
                 self.state = State::Ack {
@@ -491,6 +683,7 @@ impl Stream {
                     slot: false,
                     trace: out.trace,
                     sent_nanos: 0,
+                    answer_held: false,
                 };
                 return Flow::Pause;
             }
@@ -512,6 +705,7 @@ impl Stream {
                     slot,
                     trace: out.trace,
                     sent_nanos,
+                    answer_held: false,
                 };
                 Flow::Pause
             }
@@ -536,6 +730,47 @@ impl Stream {
                 self.fail(host, idx, rule, e, Phase::Request)
             }
         }
+    }
+
+    /// `after_upstream`: the event is built (so bad request data is refused before the
+    /// upstream sees it) and kept; the request goes on.
+    fn hold_for_answer(
+        &mut self,
+        host: &impl Host,
+        idx: usize,
+        rule: &Rule,
+        out: Callout<'_>,
+    ) -> Flow {
+        let refuse = |detail: &str| FilterError::InvalidCloudEvent {
+            attribute: "",
+            detail: detail.to_string(),
+        };
+        if out.event_in_body() {
+            let e = refuse(
+                "an after_upstream rule publishes plain requests and binary-mode CloudEvents, not structured ones or batches",
+            );
+            return self.fail(host, idx, rule, e, Phase::Request);
+        }
+        if self
+            .vm
+            .as_ref()
+            .is_some_and(|vm| vm.flavor(host) == Flavor::Kong)
+        {
+            let detail = "mode after_upstream is not possible on Kong: its engine cannot call out or hold the answer in the response phase".to_string();
+            host.log(Level::Error, format_args!("rule {}: {detail}", rule.name));
+            return self.fail(
+                host,
+                idx,
+                rule,
+                FilterError::ProxyFailure { detail },
+                Phase::Request,
+            );
+        }
+        self.state = State::Upstream {
+            rule: idx,
+            event: Box::new(out.into_owned()),
+        };
+        Flow::Continue
     }
 
     /// Whether the event takes its own callout now or waits to go with others. Only events
@@ -626,8 +861,10 @@ impl Stream {
                     rule.name
                 ),
             );
-            if phase == Phase::Callout {
-                host.resume();
+            match phase {
+                Phase::Callout => host.resume(),
+                Phase::HeldAnswer => host.resume_response(),
+                Phase::Request | Phase::Response => {}
             }
             return Flow::Continue;
         }

@@ -62,6 +62,7 @@ kinds! {
     BrokerUnavailable = 503, "broker-unavailable", "Kafka is unavailable";
     SpoolFull = 503, "spool-full", "Spool full";
     SidecarUnavailable = 503, "sidecar-unavailable", "Event publishing is unavailable";
+    UnusableAnswer = 502, "unusable-upstream-answer", "The upstream's answer cannot make the event";
     NotReady = 503, "not-ready", "Not ready";
     UnknownEvent = 404, "unknown-event", "Unknown event";
     // Subscriptions (push side).

@@ -24,6 +24,7 @@ enum Effect {
         body: Vec<u8>,
     },
     Resume,
+    ResumeResponse,
     Wake,
     Bump(Counter),
     Log(Level, String),
@@ -40,6 +41,9 @@ struct Mock {
     /// The callout answer's headers; empty = an answer without headers.
     answer_headers: Vec<(&'static str, &'static str)>,
     answer_body: Vec<u8>,
+    /// The upstream's answer (after_upstream).
+    response_headers: Vec<(&'static str, &'static str)>,
+    response_body: Option<Vec<u8>>,
     dispatch_fails: bool,
     wake_fails: bool,
     random_fails: bool,
@@ -157,6 +161,21 @@ impl Host for Mock {
 
     fn resume(&self) {
         self.effects.borrow_mut().push(Effect::Resume);
+    }
+
+    fn response_header(&self, name: &str) -> Option<Vec<u8>> {
+        self.response_headers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_bytes().to_vec())
+    }
+
+    fn response_body(&self, _size: usize) -> Result<Option<Vec<u8>>, HostError> {
+        Ok(self.response_body.clone())
+    }
+
+    fn resume_response(&self) {
+        self.effects.borrow_mut().push(Effect::ResumeResponse);
     }
 
     fn bump_by(&self, counter: Counter, rule: usize, by: u64) {
@@ -1325,4 +1344,141 @@ fn the_redaction_key_reaches_the_rules_that_redact_and_a_missing_one_refuses_the
         logged.contains("redaction_key.env") && logged.contains("NO_SUCH_KEY"),
         "{logged}"
     );
+}
+
+const AFTER: &str = r#"{"sidecar": {"upstream": "sidecar", "timeout_ms": 250},
+  "rules": [
+    {"name": "created", "match": {"path": "/orders"}, "mode": "after_upstream",
+     "topic": "orders", "type": "com.example.order.created", "publish_on": [201],
+     "response": {"key": {"json_pointer": "/id"}, "status": "httpstatus",
+                  "headers": {"location": "location"}, "body": {"/state": "orderstate"}}},
+    {"name": "soft", "match": {"path": "/soft"}, "mode": "after_upstream",
+     "on_failure": "passthrough", "topic": "soft", "type": "t",
+     "response": {"headers": {"location": "location"}}}
+  ]}"#;
+
+/// An after_upstream request through the request phase: the request goes on, no callout.
+fn upstream_bound(path: &str, body: &str) -> (Mock, Stream) {
+    let m = post(path, body);
+    let mut s = Stream::new(Some(vm(AFTER)), 1);
+    assert_eq!(s.on_request_headers(&m, false), Flow::Pause);
+    assert_eq!(
+        s.on_request_body(&m, body.len(), true),
+        Flow::Continue,
+        "the request goes upstream: {:?}",
+        m.effects()
+    );
+    assert!(
+        m.dispatched().is_none(),
+        "nothing published before the answer"
+    );
+    (m, s)
+}
+
+#[test]
+fn after_upstream_publishes_with_the_answers_values_then_passes_it_on() {
+    let (mut m, mut s) = upstream_bound("/orders", r#"{"item":"book"}"#);
+    m.response_headers = vec![(":status", "201"), ("location", "/orders/ord-7")];
+    m.response_body = Some(br#"{"id":"ord-7","state":"created"}"#.to_vec());
+    assert_eq!(s.on_response_headers(&m, false), Flow::Pause);
+    assert!(m.dispatched().is_none(), "the body is read first");
+    assert_eq!(s.on_response_body(&m, 10, false), Flow::Pause);
+    assert_eq!(s.on_response_body(&m, 32, true), Flow::Pause);
+    let (headers, body) = m.dispatched().expect("published after the answer");
+    assert_eq!(
+        body, br#"{"item":"book"}"#,
+        "the event's data is the request"
+    );
+    assert_eq!(header(&headers, "ce-httpstatus"), Some("201"));
+    assert_eq!(header(&headers, "ce-location"), Some("/orders/ord-7"));
+    assert_eq!(header(&headers, "ce-orderstate"), Some("created"));
+    assert_eq!(header(&headers, "eventwire-key"), Some("ord-7"));
+    assert_eq!(
+        header(&headers, "ce-type"),
+        Some("com.example.order.created")
+    );
+    answer(&mut m, ACCEPTED, ACCEPTED_BODY);
+    s.on_callout_response(&m, 3, ACCEPTED_BODY.len());
+    assert_eq!(m.actions().last(), Some(&Effect::ResumeResponse));
+    assert_eq!(m.counters(), [Counter::Accepted]);
+    // The answer's body callbacks while waiting kept it held; none come after.
+    assert!(
+        !m.actions()
+            .iter()
+            .any(|e| matches!(e, Effect::Reply { .. }))
+    );
+}
+
+#[test]
+fn after_upstream_outside_publish_on_publishes_nothing() {
+    let (m, mut s) = upstream_bound("/orders", "{}");
+    let mut m = m;
+    m.response_headers = vec![(":status", "409")];
+    assert_eq!(s.on_response_headers(&m, false), Flow::Continue);
+    assert_eq!(s.on_response_body(&m, 100, true), Flow::Continue);
+    assert!(m.dispatched().is_none());
+    assert_eq!(m.counters(), [Counter::UpstreamSkipped]);
+}
+
+#[test]
+fn after_upstream_sidecar_down_rejects_or_passes_the_answer_on() {
+    // reject (the default): the answer is replaced by a 503.
+    let (mut m, mut s) = upstream_bound("/orders", "{}");
+    m.response_headers = vec![(":status", "201")];
+    m.response_body = Some(br#"{"id":"ord-1"}"#.to_vec());
+    s.on_response_headers(&m, false);
+    s.on_response_body(&m, 14, true);
+    answer(&mut m, &[], "");
+    s.on_callout_response(&m, 0, 0);
+    assert_eq!(m.reply().0, 503);
+    assert!(!m.actions().contains(&Effect::ResumeResponse));
+    // passthrough: the answer goes on, counted.
+    let (mut m, mut s) = upstream_bound("/soft", "{}");
+    m.response_headers = vec![(":status", "200")];
+    assert_eq!(
+        s.on_response_headers(&m, true),
+        Flow::Pause,
+        "no body needed"
+    );
+    answer(&mut m, &[], "");
+    s.on_callout_response(&m, 0, 0);
+    assert_eq!(m.actions().last(), Some(&Effect::ResumeResponse));
+    assert_eq!(m.counters(), [Counter::Unavailable, Counter::Passthrough]);
+}
+
+#[test]
+fn after_upstream_answer_without_the_key_fails_as_configured() {
+    let (mut m, mut s) = upstream_bound("/orders", "{}");
+    m.response_headers = vec![(":status", "201")];
+    m.response_body = Some(br#"{"state":"created"}"#.to_vec());
+    s.on_response_headers(&m, false);
+    assert_eq!(s.on_response_body(&m, 19, true), Flow::Pause);
+    assert!(m.dispatched().is_none());
+    let (status, _, body) = m.reply();
+    assert_eq!(status, 502);
+    assert_eq!(
+        body["type"],
+        "urn:eventwire:problem:unusable-upstream-answer"
+    );
+}
+
+#[test]
+fn after_upstream_refuses_structured_events_and_kong() {
+    let mut m = post("/orders", r#"{"specversion":"1.0"}"#);
+    m.headers.retain(|(n, _)| n != "content-type");
+    m.headers.push((
+        "content-type".into(),
+        b"application/cloudevents+json".to_vec(),
+    ));
+    let mut s = Stream::new(Some(vm(AFTER)), 1);
+    s.on_request_headers(&m, false);
+    assert_eq!(s.on_request_body(&m, 21, true), Flow::Pause);
+    assert_eq!(m.reply().0, 400);
+    let mut kong = post("/orders", "{}");
+    kong.kong = true;
+    let mut s = Stream::new(Some(vm(AFTER)), 1);
+    s.on_request_headers(&kong, false);
+    s.on_request_body(&kong, 2, true);
+    assert_eq!(kong.reply().0, 500);
+    assert!(kong.logs(Level::Error)[0].contains("not possible on Kong"));
 }
