@@ -18,7 +18,7 @@ pub use broker::{Broker, Record};
 pub use envoy::{Envoy, EnvoyConfig};
 pub use kong::{KongConfig, KongHost};
 pub use proc::{HeldPort, Proc, repo_root};
-pub use upstream::{Received, Upstream};
+pub use upstream::{Received, Reply, Upstream};
 
 /// The ingest secret of every test stack: Envoy gets it in `SECRET_ENV` (the shipped config
 /// reads it from there), the stack's sidecar in its `--ingest-secret-file`.
