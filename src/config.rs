@@ -860,7 +860,7 @@ fn parse_response(v: Value, field: &str, taken: &[Extension]) -> Result<Response
     })?;
     let max_body_bytes = match max {
         None => DEFAULT_MAX_RESPONSE_BODY_BYTES,
-        Some(n) if (1..=MAX_MAX_BODY_BYTES as u64).contains(&n) => n as usize,
+        Some(n) if (1..=MAX_MAX_BODY_BYTES).contains(&n) => n as usize,
         Some(_) => {
             return Err(err(
                 format!("{field}.max_body_bytes"),

@@ -613,3 +613,31 @@ async fn kong_consumer_headers_become_extensions() {
     let anon = recs.iter().find(|r| r.key_str() == Some("ord-8"));
     assert_eq!(anon.map(|r| r.header("ce_consumerid")), Some(None));
 }
+
+/// Kong's engine cannot call out from the response phase nor resume a held answer, so an
+/// `after_upstream` rule refuses the request on Kong, before anything goes upstream.
+#[tokio::test]
+async fn after_upstream_is_refused_on_kong_before_the_upstream() {
+    let shipped = KongConfig::shipped();
+    let line = "            mode: tap\n";
+    assert!(shipped.yaml().contains(line), "kong.yml changed: no tap rule");
+    let yaml = shipped.yaml().replacen(line, "            mode: after_upstream\n", 1);
+    let s = KongStack::start_with(&KongConfig::from_yaml(&yaml), &[(PAYMENTS, 1)]).await;
+    let resp = s
+        .post(
+            "/payments",
+            &[("content-type", "application/json")],
+            br#"{"order_id":"ord-9"}"#,
+        )
+        .await;
+    let p = assert_problem(&resp, 500, "proxy-failure");
+    assert!(
+        p["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("not possible on Kong")),
+        "{p}"
+    );
+    assert!(s.upstream.received().is_empty(), "the upstream was called");
+    assert!(s.broker.all_records(PAYMENTS).is_empty());
+    assert!(s.kong.log().contains("not possible on Kong"));
+}
