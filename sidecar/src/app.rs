@@ -167,7 +167,22 @@ fn schemas(args: &ServeArgs) -> Result<Arc<Schemas>, AppError> {
         return Ok(Arc::default());
     };
     let schemas = Schemas::load_dir(dir)?;
-    tracing::info!(dir = %dir.display(), schemas = schemas.len(), "event data is checked against its dataschema");
+    tracing::info!(dir = %dir.display(), schemas = schemas.len(), subjects = schemas.subjects().len(), "event data is checked against its dataschema");
+    for subject in schemas.subjects() {
+        let (first, last) = match (subject.versions.first(), subject.versions.last()) {
+            (Some(first), Some(last)) => (first, last),
+            _ => continue,
+        };
+        tracing::info!(
+            subject = %subject.name,
+            versions = %format!("v{}..v{}", first.0, last.0),
+            latest = %last.1,
+            compatibility = %subject.compatibility,
+            transitive = subject.transitive,
+            "schema subject: each version checked against {}",
+            if subject.transitive { "every earlier one" } else { "the one before it" }
+        );
+    }
     Ok(Arc::new(schemas))
 }
 
