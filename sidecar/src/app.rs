@@ -73,6 +73,8 @@ pub fn init_tracing(format: LogFormat) {
 /// stays in the spool for the next start.
 pub async fn serve(args: ServeArgs) -> Result<(), AppError> {
     warn_on_ack_timeout(args.durability.ack_timeout_ms);
+    // First: a schema that cannot be used stops the start before anything is opened.
+    let schemas = schemas(&args)?;
     let metrics = Arc::new(Metrics::new());
     let producer = Arc::new(KafkaProducer::new(
         &kafka_settings(&args)?,
@@ -99,7 +101,6 @@ pub async fn serve(args: ServeArgs) -> Result<(), AppError> {
             Box::new(move || r.reload()),
         ])
     };
-    let schemas = schemas(&args)?;
     let (stop_deliveries, deliveries_stopped) = tokio::sync::watch::channel(false);
     let deliveries = deliveries(&args, producer.clone(), &metrics, &deliveries_stopped)?;
     let app = router(&args, sink, fanout.clone(), auth, readers, schemas, metrics);

@@ -25,7 +25,7 @@
 //! an "unanalysed change", refused in every mode.
 //!
 //! Where this differs from Confluent, it is stricter: `format` is judged like `pattern`
-//! (Confluent ignores it; the edge validation asserts it for draft-07 schemas), and an
+//! (Confluent ignores it; the edge validation asserts it for drafts 4 to 7), and an
 //! unanalysed construct is refused where Confluent may prove a change compatible.
 
 use std::collections::{BTreeSet, HashSet};

@@ -140,7 +140,10 @@ fn config(path: &Path) -> Result<(Mode, bool), SchemaError> {
         Some(toml::Value::String(s)) => Mode::parse(s).ok_or_else(|| {
             err(
                 path,
-                format!("compatibility: {s:?} is not one of {names} (transitive checks are `transitive = true`)"),
+                format!(
+                    "compatibility: {s:?} is not one of {names} (transitive checks are \
+                     `transitive = true`)"
+                ),
             )
         })?,
         Some(_) => {
