@@ -73,6 +73,8 @@ pub fn init_tracing(format: LogFormat) {
 /// stays in the spool for the next start.
 pub async fn serve(args: ServeArgs) -> Result<(), AppError> {
     warn_on_ack_timeout(args.durability.ack_timeout_ms);
+    // First: a schema that cannot be used stops the start before anything is opened.
+    let schemas = schemas(&args)?;
     let metrics = Arc::new(Metrics::new());
     let producer = Arc::new(KafkaProducer::new(
         &kafka_settings(&args)?,
@@ -99,7 +101,6 @@ pub async fn serve(args: ServeArgs) -> Result<(), AppError> {
             Box::new(move || r.reload()),
         ])
     };
-    let schemas = schemas(&args)?;
     let (stop_deliveries, deliveries_stopped) = tokio::sync::watch::channel(false);
     let deliveries = deliveries(&args, producer.clone(), &metrics, &deliveries_stopped)?;
     let app = router(&args, sink, fanout.clone(), auth, readers, schemas, metrics);
@@ -167,7 +168,22 @@ fn schemas(args: &ServeArgs) -> Result<Arc<Schemas>, AppError> {
         return Ok(Arc::default());
     };
     let schemas = Schemas::load_dir(dir)?;
-    tracing::info!(dir = %dir.display(), schemas = schemas.len(), "event data is checked against its dataschema");
+    tracing::info!(dir = %dir.display(), schemas = schemas.len(), subjects = schemas.subjects().len(), "event data is checked against its dataschema");
+    for subject in schemas.subjects() {
+        let (first, last) = match (subject.versions.first(), subject.versions.last()) {
+            (Some(first), Some(last)) => (first, last),
+            _ => continue,
+        };
+        tracing::info!(
+            subject = %subject.name,
+            versions = %format!("v{}..v{}", first.0, last.0),
+            latest = %last.1,
+            compatibility = %subject.compatibility,
+            transitive = subject.transitive,
+            "schema subject: each version checked against {}",
+            if subject.transitive { "every earlier one" } else { "the one before it" }
+        );
+    }
     Ok(Arc::new(schemas))
 }
 
