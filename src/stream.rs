@@ -358,11 +358,12 @@ impl Stream {
     ) -> Flow {
         let (rule, size) = match &mut self.state {
             State::ResponseBody { rule, size, .. } => (*rule, size),
-            // The answer waits for the callout (or our own reply replaced it).
+            // The upstream's answer waits for the callout.
             State::Ack {
                 answer_held: true, ..
-            }
-            | State::Replied => return Flow::Pause,
+            } => return Flow::Pause,
+            // Anything else, our own local replies included (Envoy runs them through this
+            // callback too): a pause here would hold their body for ever.
             _ => return Flow::Continue,
         };
         *size = body_size;

@@ -620,8 +620,13 @@ async fn kong_consumer_headers_become_extensions() {
 async fn after_upstream_is_refused_on_kong_before_the_upstream() {
     let shipped = KongConfig::shipped();
     let line = "            mode: tap\n";
-    assert!(shipped.yaml().contains(line), "kong.yml changed: no tap rule");
-    let yaml = shipped.yaml().replacen(line, "            mode: after_upstream\n", 1);
+    assert!(
+        shipped.yaml().contains(line),
+        "kong.yml changed: no tap rule"
+    );
+    let yaml = shipped
+        .yaml()
+        .replacen(line, "            mode: after_upstream\n", 1);
     let s = KongStack::start_with(&KongConfig::from_yaml(&yaml), &[(PAYMENTS, 1)]).await;
     let resp = s
         .post(

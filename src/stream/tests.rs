@@ -1482,3 +1482,17 @@ fn after_upstream_refuses_structured_events_and_kong() {
     assert_eq!(kong.reply().0, 500);
     assert!(kong.logs(Level::Error)[0].contains("not possible on Kong"));
 }
+
+/// Envoy runs the filter's own local replies (a bridge's 202, a 503) through the response
+/// callbacks too: they must pass, or the client waits for the body until a timeout.
+#[test]
+fn own_local_replies_pass_the_response_callbacks() {
+    let mut m = post("/orders", r#"{"id": "o-1"}"#);
+    let mut s = Stream::new(Some(vm(ORDERS)), 1);
+    through_body(&m, &mut s);
+    answer(&mut m, ACCEPTED, ACCEPTED_BODY);
+    s.on_callout_response(&m, 3, ACCEPTED_BODY.len());
+    assert_eq!(m.reply().0, 202);
+    assert_eq!(s.on_response_headers(&m, false), Flow::Continue);
+    assert_eq!(s.on_response_body(&m, 30, true), Flow::Continue);
+}
