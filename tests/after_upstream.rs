@@ -125,12 +125,9 @@ async fn rule_counter(s: &Stack, metric: &str, rule: &str) -> f64 {
 
 /// Events the sidecar has made durable for `topic` (its `/metrics`).
 async fn sidecar_events(s: &Stack, topic: &str) -> f64 {
-    let url = s.sidecar.url("/metrics");
-    let text = match reqwest::get(&url).await {
-        Ok(r) => r.text().await.unwrap_or_default(),
-        Err(e) => panic!("GET {url}: {e}"),
-    };
-    prom::parse(&text)
+    s.sidecar
+        .metrics()
+        .await
         .get("eventwire_ingest_events_total", &[("topic", topic)])
         .unwrap_or(0.0)
 }

@@ -818,11 +818,11 @@ fn ce_headers<'a>(id: &'a str, ty: &'a str) -> Vec<(&'a str, &'a str)> {
     ]
 }
 
-// Reply events (`reply_topic`, `reply_topic_by_type`): this fails until the feature is merged
-// (the sidecar refuses `reply_topic_by_type` as an unknown field and publishes no replies).
+// Reply events (`reply_topic`, `reply_topic_by_type`), their data held to `--schema-dir`.
 #[tokio::test(flavor = "multi_thread")]
 async fn cloudevent_answers_are_published_as_replies_and_other_answers_are_not() {
     const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    const AUTHORIZED: &str = "https://example.com/schemas/payment-authorized/v1";
     // Odd spacing and a non-ASCII character: byte-exact means byte-exact.
     const BINARY_DATA: &[u8] =
         "{ \"authorized\" : true,\n  \"amount\": 12.50, \"note\": \"ü\" }".as_bytes();
@@ -849,8 +849,21 @@ async fn cloudevent_answers_are_published_as_replies_and_other_answers_are_not()
             .header("ce-id", "reply-bin-1")
             .header("ce-source", "/billing")
             .header("ce-type", "com.example.payment.authorized")
+            .header("ce-dataschema", AUTHORIZED)
             .header("content-type", "application/json")
             .body(BINARY_DATA)],
+    );
+    // A reply whose data breaks the schema it names: refused like an ingested event.
+    svc.script(
+        "bad-1",
+        [Answer::status(200)
+            .header("ce-specversion", "1.0")
+            .header("ce-id", "reply-bad-1")
+            .header("ce-source", "/billing")
+            .header("ce-type", "com.example.payment.authorized")
+            .header("ce-dataschema", AUTHORIZED)
+            .header("content-type", "application/json")
+            .body(br#"{"authorized":"yes"}"#)],
     );
     // Structured mode, of a type routed to its own topic.
     svc.script(
@@ -870,7 +883,17 @@ async fn cloudevent_answers_are_published_as_replies_and_other_answers_are_not()
              reply_topic_by_type = {{ \"com.example.payment.declined\" = \"{declined}\" }}\n"
         ),
     );
-    let _sidecar = sidecar(&broker, &file).await;
+    let schemas = dir.path().join("schemas");
+    std::fs::create_dir(&schemas).unwrap();
+    std::fs::write(
+        schemas.join("payment-authorized.json"),
+        format!(
+            r#"{{"$id":"{AUTHORIZED}","type":"object","required":["authorized"],"properties":{{"authorized":{{"type":"boolean"}}}}}}"#
+        ),
+    )
+    .unwrap();
+    let schema_dir = schemas.display().to_string();
+    let sidecar = sidecar_with(&broker, &file, &["--schema-dir", &schema_dir]).await;
 
     // One partition, in this order: once the binary reply is on `replies`, the plain answer
     // before it was handled long since.
@@ -882,10 +905,26 @@ async fn cloudevent_answers_are_published_as_replies_and_other_answers_are_not()
     produce_record(&bootstrap, &topic, "ord-bin", &traced, br#"{"n":2}"#).await;
     let structured = ce_headers("struct-1", "com.example.order.placed");
     produce_record(&bootstrap, &topic, "ord-struct", &structured, br#"{"n":3}"#).await;
+    let bad = ce_headers("bad-1", "com.example.order.placed");
+    produce_record(&bootstrap, &topic, "ord-bad", &bad, br#"{"n":4}"#).await;
 
-    wait_for(&svc, "all three events delivered", |got| got.len() >= 3).await;
+    wait_for(&svc, "all four events delivered", |got| got.len() >= 4).await;
     let order: Vec<String> = svc.got().iter().map(|g| g.id.clone()).collect();
-    assert_eq!(order, ["plain-1", "bin-1", "struct-1"]);
+    assert_eq!(order, ["plain-1", "bin-1", "struct-1", "bad-1"]);
+    let replies_total = |outcome: &'static str| {
+        let sidecar = &sidecar;
+        async move {
+            sidecar.metrics().await.get(
+                "eventwire_delivery_replies_total",
+                &[("delivery", "reply"), ("outcome", outcome)],
+            )
+        }
+    };
+    wait_until("the refused reply to be counted", WAIT, || async {
+        replies_total("invalid").await == Some(1.0)
+    })
+    .await;
+    assert_eq!(replies_total("published").await, Some(2.0));
 
     let on_replies = tokio::task::block_in_place(|| broker.records_settled(&replies, 1, WAIT));
     assert_eq!(
@@ -900,6 +939,7 @@ async fn cloudevent_answers_are_published_as_replies_and_other_answers_are_not()
     assert_eq!(r.header("ce_source"), Some("/billing"));
     assert_eq!(r.header("ce_type"), Some("com.example.payment.authorized"));
     assert_eq!(r.header("ce_causationid"), Some("bin-1"));
+    assert_eq!(r.header("ce_dataschema"), Some(AUTHORIZED));
     assert_eq!(
         r.header("ce_traceparent"),
         Some(TRACEPARENT),

@@ -187,16 +187,6 @@ async fn https_service(pki: &Pki) -> (Arc<Service>, String) {
     (service, format!("https://127.0.0.1:{port}"))
 }
 
-async fn metrics(sidecar: &Sidecar) -> prom::Samples {
-    let text = reqwest::get(sidecar.url("/metrics"))
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    prom::parse(&text)
-}
-
 #[tokio::test(flavor = "multi_thread")]
 async fn https_is_delivered_with_the_ca_file_and_dead_lettered_without() {
     let pki = Pki::generate();
@@ -298,7 +288,7 @@ async fn https_is_delivered_with_the_ca_file_and_dead_lettered_without() {
         assert_eq!(d.header("eventwire_dlq_attempts"), Some("3"));
     }
 
-    let m = metrics(&sidecar).await;
+    let m = sidecar.metrics().await;
     let attempts = |delivery: &str, outcome: &str| {
         m.get(
             "eventwire_delivery_attempts_total",

@@ -102,7 +102,13 @@ pub async fn serve(args: ServeArgs) -> Result<(), AppError> {
         ])
     };
     let (stop_deliveries, deliveries_stopped) = tokio::sync::watch::channel(false);
-    let deliveries = deliveries(&args, producer.clone(), &metrics, &deliveries_stopped)?;
+    let deliveries = deliveries(
+        &args,
+        producer.clone(),
+        &metrics,
+        &schemas,
+        &deliveries_stopped,
+    )?;
     let app = router(&args, sink, fanout.clone(), auth, readers, schemas, metrics);
     axum::serve(
         listener,
@@ -137,6 +143,7 @@ fn deliveries(
     args: &ServeArgs,
     producer: Arc<KafkaProducer>,
     metrics: &Arc<Metrics>,
+    schemas: &Arc<Schemas>,
     stop: &tokio::sync::watch::Receiver<bool>,
 ) -> Result<Vec<tokio::task::JoinHandle<()>>, AppError> {
     let Some(path) = &args.deliveries_file else {
@@ -149,6 +156,7 @@ fn deliveries(
         fetch_wait: Duration::from_millis(args.push.push_fetch_wait_ms),
         producer,
         metrics: metrics.clone(),
+        schemas: schemas.clone(),
     };
     Ok(crate::delivery::worker::spawn(deliveries, &shared, stop)?)
 }

@@ -205,6 +205,16 @@ impl Sidecar {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
 
+    /// The sidecar's `/metrics`, parsed.
+    pub async fn metrics(&self) -> prom::Samples {
+        let url = self.url("/metrics");
+        let text = match reqwest::get(&url).await {
+            Ok(r) => r.text().await.unwrap_or_else(|e| panic!("GET {url}: {e}")),
+            Err(e) => panic!("GET {url}: {e}"),
+        };
+        prom::parse(&text)
+    }
+
     /// The secret file of a secured sidecar (it reads it again within a second of a change).
     pub fn secret_file(&self) -> std::path::PathBuf {
         self.data.path().join("ingest-secrets")

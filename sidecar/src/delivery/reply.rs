@@ -2,7 +2,8 @@
 //! Pure code. The reply is read like an ingest request (binary or structured mode, the same
 //! validation), then tied to the event that caused it: the `causationid` extension names
 //! the original's id, the record key is the original's, and a reply without its own trace
-//! context continues the original's trace.
+//! context continues the original's trace. Its data is held to the schema its
+//! `dataschema` names, like an ingested event's: a reply is an event on a topic like any.
 
 use axum::http::{HeaderMap, header};
 use thiserror::Error;
@@ -10,6 +11,7 @@ use thiserror::Error;
 use crate::cloudevent::{
     self, BATCH_CONTENT_TYPE, CloudEvent, ExtValue, ParseError, STRUCTURED_CONTENT_TYPE, validate,
 };
+use crate::schema::Schemas;
 use crate::sink::OutRecord;
 use crate::trace_context::{TRACEPARENT, TraceParent};
 
@@ -32,6 +34,8 @@ pub struct Original<'a> {
 pub enum ReplyError {
     #[error("the reply is not a valid CloudEvent: {0}")]
     Invalid(#[from] ParseError),
+    #[error("the reply's data is refused: {0}")]
+    InvalidData(String),
     #[error("a batch is not a reply (answer one event)")]
     Batch,
     #[error("the reply exceeds {0} bytes")]
@@ -44,7 +48,10 @@ impl ReplyError {
     /// The `outcome` label of `eventwire_delivery_replies_total`.
     pub fn as_str(&self) -> &'static str {
         match self {
-            ReplyError::Invalid(_) | ReplyError::Batch | ReplyError::TooLarge(_) => "invalid",
+            ReplyError::Invalid(_)
+            | ReplyError::InvalidData(_)
+            | ReplyError::Batch
+            | ReplyError::TooLarge(_) => "invalid",
             ReplyError::NoTopic(_) => "unrouted",
         }
     }
@@ -63,6 +70,7 @@ pub fn reply(
     body: Body<'_>,
     original: &Original<'_>,
     topic_for: impl Fn(&str) -> Option<String>,
+    schemas: &Schemas,
 ) -> Result<Option<OutRecord>, ReplyError> {
     let content_type = headers
         .get(header::CONTENT_TYPE)
@@ -84,6 +92,9 @@ pub fn reply(
         let pairs = headers.iter().map(|(n, v)| (n.as_str(), v.as_bytes()));
         cloudevent::parse_binary(pairs, content_type, body)?
     };
+    schemas
+        .check(event.dataschema.as_deref(), event.data.as_deref())
+        .map_err(|e| ReplyError::InvalidData(e.to_string()))?;
     let topic = topic_for(&event.ty).ok_or_else(|| ReplyError::NoTopic(event.ty.clone()))?;
     caused_by(&mut event, original);
     let key = original
@@ -153,6 +164,15 @@ mod tests {
         }
     }
 
+    fn reply_of(
+        headers: &HeaderMap,
+        body: Body<'_>,
+        original: &Original<'_>,
+        topic_for: impl Fn(&str) -> Option<String>,
+    ) -> Result<Option<OutRecord>, ReplyError> {
+        reply(headers, body, original, topic_for, &Schemas::default())
+    }
+
     fn header<'a>(r: &'a OutRecord, name: &str) -> Option<&'a str> {
         r.headers
             .iter()
@@ -170,7 +190,7 @@ mod tests {
 
     #[test]
     fn binary_reply_is_keyed_and_caused_by_the_original() {
-        let r = reply(
+        let r = reply_of(
             &headers(&BINARY),
             Body::Whole(br#"{"ok":true}"#),
             &ORIGINAL,
@@ -198,7 +218,7 @@ mod tests {
             "content-type",
             "application/cloudevents+json; charset=utf-8",
         )];
-        let r = reply(
+        let r = reply_of(
             &headers(&ct),
             Body::Whole(body.as_bytes()),
             &ORIGINAL,
@@ -217,16 +237,16 @@ mod tests {
     fn a_plain_answer_is_no_reply() {
         let plain = headers(&[("content-type", "application/json")]);
         assert_eq!(
-            reply(&plain, Body::Whole(b"{}"), &ORIGINAL, route),
+            reply_of(&plain, Body::Whole(b"{}"), &ORIGINAL, route),
             Ok(None)
         );
         assert_eq!(
-            reply(&HeaderMap::new(), Body::Whole(b""), &ORIGINAL, route),
+            reply_of(&HeaderMap::new(), Body::Whole(b""), &ORIGINAL, route),
             Ok(None)
         );
         // Not a CloudEvent either way: the size of a plain answer does not matter.
         assert_eq!(
-            reply(&plain, Body::TooLarge(10), &ORIGINAL, route),
+            reply_of(&plain, Body::TooLarge(10), &ORIGINAL, route),
             Ok(None)
         );
     }
@@ -239,23 +259,58 @@ mod tests {
             ("ce-source", "/s"),
         ]);
         assert!(matches!(
-            reply(&no_type, Body::Whole(b""), &ORIGINAL, route),
+            reply_of(&no_type, Body::Whole(b""), &ORIGINAL, route),
             Err(ReplyError::Invalid(_))
         ));
         let batch = headers(&[("content-type", "application/cloudevents-batch+json")]);
         assert_eq!(
-            reply(&batch, Body::Whole(b"[]"), &ORIGINAL, route),
+            reply_of(&batch, Body::Whole(b"[]"), &ORIGINAL, route),
             Err(ReplyError::Batch)
         );
         assert_eq!(
-            reply(&headers(&BINARY), Body::TooLarge(10), &ORIGINAL, route),
+            reply_of(&headers(&BINARY), Body::TooLarge(10), &ORIGINAL, route),
             Err(ReplyError::TooLarge(10))
         );
         let mut unroutable = headers(&BINARY);
         unroutable.insert("ce-type", HeaderValue::from_static("unroutable"));
-        let e = reply(&unroutable, Body::Whole(b"{}"), &ORIGINAL, route).unwrap_err();
+        let e = reply_of(&unroutable, Body::Whole(b"{}"), &ORIGINAL, route).unwrap_err();
         assert_eq!(e, ReplyError::NoTopic("unroutable".into()));
         assert_eq!(e.as_str(), "unrouted");
+    }
+
+    #[test]
+    fn a_reply_is_held_to_the_schema_its_dataschema_names() {
+        const ID: &str = "https://example.com/schemas/payment/v1";
+        let mut schemas = Schemas::default();
+        schemas
+            .add(&serde_json::json!({"$id": ID, "type": "object", "required": ["ok"]}))
+            .unwrap();
+        let mut named = headers(&BINARY);
+        named.insert("ce-dataschema", HeaderValue::from_static(ID));
+        let route = |_: &str| Some("payments".to_owned());
+        let e = reply(&named, Body::Whole(b"{}"), &ORIGINAL, route, &schemas).unwrap_err();
+        assert!(
+            matches!(&e, ReplyError::InvalidData(m) if m.contains("ok")),
+            "{e}"
+        );
+        assert_eq!(e.as_str(), "invalid");
+        let good = reply(
+            &named,
+            Body::Whole(br#"{"ok":1}"#),
+            &ORIGINAL,
+            route,
+            &schemas,
+        );
+        assert!(matches!(good, Ok(Some(_))), "{good:?}");
+        // A schema the sidecar does not know is not checked (as on ingest).
+        let other = reply(
+            &headers(&BINARY),
+            Body::Whole(b"{}"),
+            &ORIGINAL,
+            route,
+            &schemas,
+        );
+        assert!(matches!(other, Ok(Some(_))), "{other:?}");
     }
 
     #[test]
@@ -265,7 +320,7 @@ mod tests {
             tracestate: None,
             ..ORIGINAL
         };
-        let r = reply(&headers(&BINARY), Body::Whole(b"{}"), &original, route)
+        let r = reply_of(&headers(&BINARY), Body::Whole(b"{}"), &original, route)
             .unwrap()
             .unwrap();
         assert_eq!(header(&r, "ce_traceparent"), None);
@@ -273,7 +328,7 @@ mod tests {
             key: None,
             ..ORIGINAL
         };
-        let r = reply(&headers(&BINARY), Body::Whole(b"{}"), &unkeyed, route)
+        let r = reply_of(&headers(&BINARY), Body::Whole(b"{}"), &unkeyed, route)
             .unwrap()
             .unwrap();
         assert_eq!(r.key, None);

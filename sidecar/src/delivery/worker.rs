@@ -34,6 +34,7 @@ use super::request::{self, HttpDelivery};
 use crate::cloudevent::ConsumedRecord;
 use crate::metrics::{DeliveryMetrics, Metrics};
 use crate::producer::KafkaProducer;
+use crate::schema::Schemas;
 use crate::sink::OutRecord;
 use crate::trace_context::{TRACEPARENT, TraceId, TraceParent};
 use crate::{consumed, kafka_config};
@@ -69,6 +70,8 @@ pub struct Shared {
     pub fetch_wait: Duration,
     pub producer: Arc<KafkaProducer>,
     pub metrics: Arc<Metrics>,
+    /// `--schema-dir`: replies are held to the schemas ingested events are.
+    pub schemas: Arc<Schemas>,
 }
 
 /// Starts every delivery; each runs until `stop` turns true, then finishes the delivery in
@@ -97,6 +100,7 @@ struct Ctx {
     /// `max_in_flight` permits: one per POST, across the delivery's lanes.
     in_flight: tokio::sync::Semaphore,
     metrics: DeliveryMetrics,
+    schemas: Arc<Schemas>,
 }
 
 impl Ctx {
@@ -160,6 +164,7 @@ impl Ctx {
             consumer,
             producer: shared.producer.clone(),
             http,
+            schemas: shared.schemas.clone(),
         })
     }
 
@@ -640,7 +645,7 @@ async fn publish_reply(
         None => reply::Body::TooLarge(MAX_ANSWER_BYTES),
     };
     let topic_for = |ty: &str| ctx.delivery.reply_topic_for(ty).map(str::to_owned);
-    let out = match reply::reply(&answer.headers, body, &original, topic_for) {
+    let out = match reply::reply(&answer.headers, body, &original, topic_for, &ctx.schemas) {
         Ok(Some(out)) => out,
         Ok(None) => return true,
         Err(e) => {
