@@ -420,38 +420,7 @@ impl Stream {
         idx: usize,
         event: Callout<'static>,
     ) -> Flow {
-        let Some(rule) = cfg.rules.get(idx) else {
-            return Flow::Continue;
-        };
-        let sent_nanos = host.now_nanos();
-        let dispatched = host.dispatch(
-            &cfg.sidecar.upstream,
-            event.header_refs(),
-            &event.body,
-            cfg.sidecar.timeout_ms,
-        );
-        match dispatched {
-            Ok(_token) => {
-                host.bump_by(Counter::PublishedBytes, idx, event.body.len() as u64);
-                self.state = State::Ack {
-                    rule: idx,
-                    id: event.id.map(Cow::into_owned),
-                    slot: false,
-                    trace: event.trace,
-                    sent_nanos,
-                    answer_held: true,
-                };
-                Flow::Pause
-            }
-            Err(e) => {
-                let detail = format!(
-                    "the callout to sidecar upstream '{}' failed at once ({e})",
-                    cfg.sidecar.upstream
-                );
-                let e = FilterError::SidecarUnavailable { detail };
-                self.fail(host, idx, rule, e, Phase::Response)
-            }
-        }
+        self.dispatch(host, cfg, idx, event, false, Phase::Response)
     }
 
     /// The sidecar's answer to this request's own callout (or the host's word that there
@@ -690,6 +659,23 @@ impl Stream {
             }
             Coalesced::Direct { slot } => slot,
         };
+        self.dispatch(host, cfg, idx, out, slot, Phase::Request)
+    }
+
+    /// Sends one event's callout and waits for the sidecar's answer. `phase` says where the
+    /// stream stands: `Response` when the upstream's answer is held meanwhile.
+    fn dispatch(
+        &mut self,
+        host: &impl Host,
+        cfg: &Config,
+        idx: usize,
+        out: Callout<'_>,
+        slot: bool,
+        phase: Phase,
+    ) -> Flow {
+        let Some(rule) = cfg.rules.get(idx) else {
+            return Flow::Continue;
+        };
         let sent_nanos = host.now_nanos();
         let dispatched = host.dispatch(
             &cfg.sidecar.upstream,
@@ -706,7 +692,7 @@ impl Stream {
                     slot,
                     trace: out.trace,
                     sent_nanos,
-                    answer_held: false,
+                    answer_held: matches!(phase, Phase::Response),
                 };
                 Flow::Pause
             }
@@ -728,7 +714,7 @@ impl Stream {
                     format_args!("rule {} event {id} trace {trace_id}: {detail}", rule.name),
                 );
                 let e = FilterError::SidecarUnavailable { detail };
-                self.fail(host, idx, rule, e, Phase::Request)
+                self.fail(host, idx, rule, e, phase)
             }
         }
     }
