@@ -14,8 +14,6 @@ use std::time::Duration;
 const WAIT: Duration = Duration::from_secs(10);
 const ORDER_CREATED: &str = r#"{"id":"ord-77","status":"created"}"#;
 
-type Answer = (u16, Vec<(String, String)>, Vec<u8>);
-
 /// Envoy running the filter on every route with `rules` (the sidecar as shipped).
 fn config(rules: Value) -> EnvoyConfig {
     let filter = json!({
@@ -67,17 +65,6 @@ fn created(location: &str, body: &str) -> Reply {
         .body(body)
 }
 
-fn header<'a>(hdrs: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    hdrs.iter()
-        .find(|(n, _)| n == name)
-        .map(|(_, v)| v.as_str())
-}
-
-fn json_of(body: &[u8]) -> Value {
-    serde_json::from_slice(body)
-        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(body)))
-}
-
 /// Asserts the client got the scripted `reply` as the upstream sent it: status, every header
 /// it set, the body byte for byte (and a `content-length` saying so).
 fn assert_relayed(resp: &Answer, reply: &Reply) {
@@ -99,20 +86,6 @@ fn assert_relayed(resp: &Answer, reply: &Reply) {
     );
     let length = reply.body.len().to_string();
     assert_eq!(header(hdrs, "content-length"), Some(length.as_str()));
-}
-
-/// Asserts a problem+json answer with the given status and problem slug.
-fn assert_problem(resp: &Answer, status: u16, slug: &str) -> Value {
-    let (got, hdrs, body) = resp;
-    assert_eq!(*got, status, "body: {}", String::from_utf8_lossy(body));
-    assert_eq!(
-        header(hdrs, "content-type"),
-        Some("application/problem+json")
-    );
-    let p = json_of(body);
-    assert_eq!(p["type"], format!("urn:eventwire:problem:{slug}"), "{p}");
-    assert_eq!(p["status"], status);
-    p
 }
 
 /// A counter of one rule as Envoy's `/stats/prometheus` shows it (`metric{rule="..."}`).

@@ -13,31 +13,6 @@ async fn stack(cfg: EnvoyConfig, topics: &[(&str, i32)]) -> Stack {
     Stack::start(&cfg, topics, &[]).await
 }
 
-fn header<'a>(hdrs: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    hdrs.iter()
-        .find(|(n, _)| n == name)
-        .map(|(_, v)| v.as_str())
-}
-
-fn json_of(body: &[u8]) -> Value {
-    serde_json::from_slice(body)
-        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(body)))
-}
-
-/// Asserts a problem+json answer with the given status and problem slug.
-fn assert_problem(resp: &(u16, Vec<(String, String)>, Vec<u8>), status: u16, slug: &str) -> Value {
-    let (got, hdrs, body) = resp;
-    assert_eq!(*got, status, "body: {}", String::from_utf8_lossy(body));
-    assert_eq!(
-        header(hdrs, "content-type"),
-        Some("application/problem+json")
-    );
-    let p = json_of(body);
-    assert_eq!(p["type"], format!("urn:eventwire:problem:{slug}"), "{p}");
-    assert_eq!(p["status"], status);
-    p
-}
-
 /// Posts a new order to `/orders` until its answer's status is `done` (the sidecar reads
 /// its secret file again within a second); that answer.
 async fn orders_until(

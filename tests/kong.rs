@@ -14,8 +14,6 @@ const WAIT: Duration = Duration::from_secs(10);
 /// this suite exists to catch: a filter pausing where Kong never resumes it).
 const HANG: Duration = Duration::from_secs(30);
 
-type Answer = (u16, Vec<(String, String)>, Vec<u8>);
-
 struct KongStack {
     kong: KongHost,
     upstream: Upstream,
@@ -80,29 +78,6 @@ async fn raw(port: u16, request: Vec<u8>) -> Answer {
         Ok(r) => (r.status, r.headers, r.body),
         Err(e) => panic!("{e}"),
     }
-}
-
-fn header<'a>(hdrs: &'a [(String, String)], name: &str) -> Option<&'a str> {
-    hdrs.iter()
-        .find(|(n, _)| n.eq_ignore_ascii_case(name))
-        .map(|(_, v)| v.as_str())
-}
-
-fn json_of(body: &[u8]) -> Value {
-    serde_json::from_slice(body)
-        .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(body)))
-}
-
-fn assert_problem(resp: &Answer, status: u16, slug: &str) -> Value {
-    let (got, hdrs, body) = resp;
-    assert_eq!(*got, status, "body: {}", String::from_utf8_lossy(body));
-    assert_eq!(
-        header(hdrs, "content-type"),
-        Some("application/problem+json")
-    );
-    let p = json_of(body);
-    assert_eq!(p["type"], format!("urn:eventwire:problem:{slug}"), "{p}");
-    p
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -5,6 +5,7 @@
 //! a `HeldPort` keeps for them (see there), so parallel test processes never collide. Every process is stopped when its handle drops,
 //! also when the test fails (and, via PR_SET_PDEATHSIG, when the test process dies).
 
+pub mod answer;
 pub mod broker;
 pub mod envoy;
 pub mod kong;
@@ -14,6 +15,7 @@ pub mod push;
 pub mod raw_http;
 pub mod upstream;
 
+pub use answer::{Answer, assert_problem, header, json_of};
 pub use broker::{Broker, Record};
 pub use envoy::{Envoy, EnvoyConfig};
 pub use kong::{KongConfig, KongHost};
