@@ -609,6 +609,48 @@ async fn retry_after_is_waited_before_the_next_attempt() {
     );
 }
 
+// More events than a lane queues before its partition is paused (and no longer fetched): the
+// lag must come from the broker's end offset, not from what the consumer happened to fetch.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_lag_counts_every_event_not_done_with_and_falls_to_zero() {
+    const EVENTS: usize = 150;
+    let broker = Broker::start().await;
+    let topic = topic("deliver-lag");
+    broker.create_topic(&topic, 1).await;
+    let (svc, base) = Service::start(Duration::ZERO).await;
+    svc.hold("/held");
+    let dir = tempfile::tempdir().unwrap();
+    let file = deliveries_file(
+        &dir,
+        &format!("[[delivery]]\nname = \"lag\"\ntopic = \"{topic}\"\nurl = \"{base}/held\"\n"),
+    );
+    let sidecar = sidecar(&broker, &file).await;
+    let lag = || async {
+        sidecar
+            .metrics()
+            .await
+            .get("eventwire_delivery_lag", &[("delivery", "lag")])
+    };
+    let events: Vec<(String, String)> = (0..EVENTS)
+        .map(|i| (format!("k{}", i % 7), format!("lag-{i}")))
+        .collect();
+    produce_numbered(&broker.bootstrap(), &topic, &events).await;
+
+    wait_for(&svc, "the first event, held", |got| !got.is_empty()).await;
+    wait_until(
+        "a lag of every event (the one in hand too)",
+        WAIT,
+        || async { lag().await == Some(EVENTS as f64) },
+    )
+    .await;
+    svc.release();
+    wait_for(&svc, "every event delivered", |got| got.len() >= EVENTS).await;
+    wait_until("the lag back to zero", WAIT, || async {
+        lag().await == Some(0.0)
+    })
+    .await;
+}
+
 /// Polls `check` until it holds or `limit` passed; whether it held.
 async fn within(limit: Duration, check: impl Fn() -> bool) -> bool {
     let deadline = Instant::now() + limit;

@@ -82,6 +82,7 @@ pub struct DeliveryMetrics {
     events: Family<DeliveryOutcomeLabels, Counter>,
     replies: Family<DeliveryOutcomeLabels, Counter>,
     duration: Histogram,
+    lag: Gauge,
 }
 
 impl DeliveryMetrics {
@@ -108,6 +109,11 @@ impl DeliveryMetrics {
     /// A reply: `published`, `invalid` or `unrouted`.
     pub fn reply(&self, outcome: &'static str) {
         self.counter(&self.replies, outcome);
+    }
+
+    /// Events not yet done with on the partitions this sidecar owns.
+    pub fn set_lag(&self, events: i64) {
+        self.lag.set(events);
     }
 }
 
@@ -237,6 +243,7 @@ pub struct Metrics {
     delivery_events: Family<DeliveryOutcomeLabels, Counter>,
     delivery_replies: Family<DeliveryOutcomeLabels, Counter>,
     delivery_duration: Family<DeliveryLabels, Histogram, fn() -> Histogram>,
+    delivery_lag: Family<DeliveryLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -271,6 +278,7 @@ impl Metrics {
             delivery_events: Family::default(),
             delivery_replies: Family::default(),
             delivery_duration: Family::new_with_constructor(|| Histogram::new(DELIVERY_BUCKETS)),
+            delivery_lag: Family::default(),
         };
         m.register()
     }
@@ -380,13 +388,18 @@ impl Metrics {
         );
         r.register(
             "delivery_replies",
-            "Reply events of delivery services by outcome: published, invalid (not a valid CloudEvent) or unrouted (no topic for its type)",
+            "Reply events of delivery services by outcome: published, invalid (not a valid CloudEvent, or its data refused by its schema) or unrouted (no topic for its type)",
             self.delivery_replies.clone(),
         );
         r.register(
             "delivery_duration_seconds",
             "Time from sending a delivery POST to the end of its answer (or the timeout, or the connection error), by delivery",
             self.delivery_duration.clone(),
+        );
+        r.register(
+            "delivery_lag",
+            "Events a delivery has not yet done with on the partitions this sidecar owns (high watermark minus the next offset to commit), measured every 5 s",
+            self.delivery_lag.clone(),
         );
         self
     }
@@ -399,6 +412,9 @@ impl Metrics {
             events: self.delivery_events.clone(),
             replies: self.delivery_replies.clone(),
             duration: self.delivery_duration.get_or_create_owned(&DeliveryLabels {
+                delivery: name.to_owned(),
+            }),
+            lag: self.delivery_lag.get_or_create_owned(&DeliveryLabels {
                 delivery: name.to_owned(),
             }),
         }

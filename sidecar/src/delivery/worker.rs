@@ -43,6 +43,9 @@ use crate::{consumed, kafka_config};
 const LANE_CAPACITY: usize = 64;
 /// How often parked records are offered to their lanes again.
 const DRAIN_INTERVAL: Duration = Duration::from_millis(20);
+/// How often the lag is measured: a broker round trip per owned partition.
+const LAG_INTERVAL: Duration = Duration::from_secs(5);
+const LAG_TIMEOUT: Duration = Duration::from_secs(3);
 /// A failing dead-letter or reply produce is retried this often (the partition waits).
 const PRODUCE_RETRY: Duration = Duration::from_secs(1);
 /// Answer bodies are read (so the connection can be reused, or as a reply) up to this much.
@@ -235,6 +238,11 @@ impl Owned {
         finished
     }
 
+    /// The offset after the last event of `partition` done with, if any yet.
+    fn next(&self, partition: i32) -> Option<i64> {
+        self.lock().get(&partition).and_then(|claim| claim.next)
+    }
+
     fn finished(&self) -> Vec<(i32, i64)> {
         self.lock()
             .iter()
@@ -280,19 +288,23 @@ struct Lane {
     /// The highest offset handed on: a refetch after a pause repeats records the lane
     /// already has, which must not be delivered twice by this sidecar.
     last: i64,
+    /// The lane's first offset: where the partition stands until an event is done with.
+    first: i64,
 }
 
 async fn dispatch(ctx: Arc<Ctx>, mut stop: watch::Receiver<bool>) {
     let mut lanes: HashMap<i32, Lane> = HashMap::new();
     let mut tasks: HashMap<i32, JoinHandle<()>> = HashMap::new();
     let mut drain = tokio::time::interval(DRAIN_INTERVAL);
+    let mut lag_tick = tokio::time::interval(LAG_INTERVAL);
+    let mut lag_task: Option<JoinHandle<()>> = None;
     while !*stop.borrow() {
         tokio::select! {
             _ = stop.changed() => break,
             received = ctx.consumer.recv() => match received {
                 Ok(message) => {
                     let message = message.detach();
-                    let partition = message.partition();
+                    let (partition, offset) = (message.partition(), message.offset());
                     // After a rebalance the partition starts over from its committed offset.
                     if lanes.get(&partition).is_some_and(|l| l.revoked.load(Ordering::Acquire)) {
                         lanes.remove(&partition);
@@ -303,7 +315,7 @@ async fn dispatch(ctx: Arc<Ctx>, mut stop: watch::Receiver<bool>) {
                         let previous = tasks.remove(&partition);
                         let task = start_lane(ctx.clone(), previous, rx, revoked.clone(), stop.clone());
                         tasks.insert(partition, task);
-                        Lane { partition, tx, overflow: VecDeque::new(), paused: false, revoked, last: -1 }
+                        Lane { partition, tx, overflow: VecDeque::new(), paused: false, revoked, last: -1, first: offset }
                     });
                     offer(&ctx, lane, message);
                 }
@@ -316,6 +328,13 @@ async fn dispatch(ctx: Arc<Ctx>, mut stop: watch::Receiver<bool>) {
                 lanes.retain(|_, lane| !lane.revoked.load(Ordering::Acquire));
                 lanes.values_mut().for_each(|lane| flush(&ctx, lane));
                 tasks.retain(|_, task| !task.is_finished());
+            }
+            _ = lag_tick.tick() => {
+                if lag_task.as_ref().is_none_or(JoinHandle::is_finished) {
+                    let positions = positions(&ctx, &lanes);
+                    let ctx = ctx.clone();
+                    lag_task = Some(tokio::task::spawn_blocking(move || measure_lag(&ctx, &positions)));
+                }
             }
         }
     }
@@ -336,6 +355,36 @@ async fn dispatch(ctx: Arc<Ctx>, mut stop: watch::Receiver<bool>) {
         );
     }
     tracing::info!(delivery = %ctx.name(), "delivery stopped");
+}
+
+/// Each owned partition's offset to commit next (what is done with is before it).
+fn positions(ctx: &Ctx, lanes: &HashMap<i32, Lane>) -> Vec<(i32, i64)> {
+    lanes
+        .values()
+        .filter(|lane| !lane.revoked.load(Ordering::Acquire))
+        .map(|lane| {
+            let next = ctx.owned().next(lane.partition);
+            (lane.partition, next.unwrap_or(lane.first))
+        })
+        .collect()
+}
+
+/// The partitions' end offsets from the broker (not librdkafka's cached ones: a paused
+/// partition is not fetched, and its backlog is what the lag is for). Blocking.
+fn measure_lag(ctx: &Ctx, positions: &[(i32, i64)]) {
+    let topic = &ctx.delivery.topic;
+    let mut lag = 0;
+    for &(partition, next) in positions {
+        match ctx.consumer.fetch_watermarks(topic, partition, LAG_TIMEOUT) {
+            Ok((_low, high)) => lag += (high - next).max(0),
+            // The last value stays: an unreachable broker is its own alert.
+            Err(e) => {
+                tracing::debug!(delivery = %ctx.name(), partition, error = %e, "cannot measure the lag");
+                return;
+            }
+        }
+    }
+    ctx.metrics.set_lag(lag);
 }
 
 fn offer(ctx: &Ctx, lane: &mut Lane, message: OwnedMessage) {
