@@ -171,3 +171,73 @@ async fn a_compatible_version_starts_and_events_are_checked_against_the_version_
         "only the accepted events, in order"
     );
 }
+
+/// The sidecar with `schemas` and `data` (no broker needed); returns once it got past the
+/// schemas (their versions recorded) or exited, with whether it still runs and its log.
+async fn start_with_schemas(schemas: &Path, data: &Path) -> (bool, String) {
+    let held = HeldPort::new();
+    let listen = format!("127.0.0.1:{}", held.port);
+    let mut sidecar = Proc::spawn(
+        "sidecar",
+        std::process::Command::new(paths().sidecar)
+            .args(["serve", "--listen", &listen, "--brokers", "127.0.0.1:9"])
+            .arg("--data-dir")
+            .arg(data)
+            .arg("--schema-dir")
+            .arg(schemas),
+    );
+    wait_until("the schemas to be checked", WAIT, || {
+        let done = sidecar.exited() || sidecar.log_text().contains("schema versions match");
+        async move { done }
+    })
+    .await;
+    let running = !sidecar.exited();
+    let log = sidecar.log_text();
+    sidecar.stop();
+    (running, log)
+}
+
+#[tokio::test]
+async fn a_version_edited_after_its_first_load_is_refused() {
+    let v1 = order(V1, "number", json!({}), &[]);
+    let v2 = order(V2, "number", json!({"coupon": {"type": "string"}}), &[]);
+    let dir = schema_dir(&[v1.clone(), v2]);
+    let data = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
+    let (running, log) = start_with_schemas(dir.path(), data.path()).await;
+    assert!(running, "first start: {log}");
+    let record = data.path().join("schema-versions.json");
+    let recorded = || -> Value {
+        let text = std::fs::read_to_string(&record)
+            .unwrap_or_else(|e| panic!("{}: {e}", record.display()));
+        serde_json::from_str(&text).unwrap_or_else(|e| panic!("{}: {e}", record.display()))
+    };
+    let first = recorded();
+    let ids: Vec<&String> = first
+        .as_object()
+        .map(|m| m.keys().collect())
+        .unwrap_or_default();
+    assert_eq!(ids, [V1, V2], "both versions recorded: {first}");
+
+    // Re-indented: the same content, not a change.
+    let v1_path = dir.path().join("order-placed/v1.json");
+    let pretty = serde_json::to_string_pretty(&v1).unwrap_or_else(|e| panic!("{e}"));
+    std::fs::write(&v1_path, pretty).unwrap_or_else(|e| panic!("{}: {e}", v1_path.display()));
+    let (running, log) = start_with_schemas(dir.path(), data.path()).await;
+    assert!(running, "a re-indented version is the same version: {log}");
+    assert_eq!(recorded(), first, "nothing new to record");
+
+    // A bound on `id`: still compatible with v2, so only the record can tell.
+    let mut edited = v1;
+    edited["properties"]["id"]["maxLength"] = json!(8);
+    std::fs::write(&v1_path, edited.to_string())
+        .unwrap_or_else(|e| panic!("{}: {e}", v1_path.display()));
+    let (running, log) = start_with_schemas(dir.path(), data.path()).await;
+    assert!(!running, "an edited version stops the start: {log}");
+    let want = format!(
+        "error: --schema-dir {}: changed since this sidecar first loaded it (`$id` {V1}",
+        v1_path.display()
+    );
+    assert!(log.contains(&want), "{log}");
+    assert!(log.contains("Put the change in v3.json"), "{log}");
+    assert_eq!(recorded(), first, "a refused start records nothing");
+}

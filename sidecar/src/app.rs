@@ -184,13 +184,20 @@ fn schemas(args: &ServeArgs) -> Result<Arc<Schemas>, AppError> {
         };
         tracing::info!(
             subject = %subject.name,
-            versions = %format!("v{}..v{}", first.0, last.0),
-            latest = %last.1,
+            versions = %format!("v{}..v{}", first.number, last.number),
+            latest = %last.id,
             compatibility = %subject.compatibility,
             transitive = subject.transitive,
             "schema subject: each version checked against {}",
             if subject.transitive { "every earlier one" } else { "the one before it" }
         );
+    }
+    if !schemas.subjects().is_empty() {
+        let data_dir = &args.durability.data_dir;
+        std::fs::create_dir_all(data_dir)?;
+        let file = data_dir.join(crate::schema::pin::FILE);
+        let added = crate::schema::pin::check(schemas.subjects(), &file)?;
+        tracing::info!(file = %file.display(), new = added, "schema versions match their first load");
     }
     Ok(Arc::new(schemas))
 }

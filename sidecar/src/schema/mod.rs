@@ -11,6 +11,7 @@
 //! (`compat`: Confluent Schema Registry's rules for JSON Schema), or the start is refused.
 
 pub mod compat;
+pub mod pin;
 pub mod subject;
 
 use std::collections::HashMap;
@@ -94,19 +95,24 @@ impl Schemas {
     /// A subject directory: its versions added, then checked against each other.
     fn add_subject(&mut self, dir: &Path) -> Result<(), SchemaError> {
         let (name, compatibility, transitive, versions) = subject::read(dir)?;
-        let mut ids = Vec::new();
+        let mut loaded = Vec::new();
         for version in &versions {
             let id = self
                 .add(&version.schema)
                 .map_err(|e| SchemaError(format!("{}: {e}", version.path.display())))?;
-            ids.push((version.number, id));
+            loaded.push(subject::Loaded {
+                number: version.number,
+                id,
+                path: version.path.clone(),
+                digest: pin::digest(&version.schema),
+            });
         }
         subject::check(compatibility, transitive, &versions)?;
         self.subjects.push(subject::Subject {
             name,
             compatibility,
             transitive,
-            versions: ids,
+            versions: loaded,
         });
         Ok(())
     }
@@ -337,17 +343,24 @@ mod tests {
         ]);
         let s = Schemas::load_dir(dir.path()).unwrap();
         assert_eq!(s.len(), 4, "three versions and the unversioned schema");
-        assert_eq!(
-            s.subjects(),
-            [subject::Subject {
-                name: "order-placed".into(),
-                compatibility: compat::Mode::Backward,
-                transitive: false,
-                versions: (1..=3)
-                    .map(|n| (n, format!("urn:eventwire:schema:order-placed:v{n}")))
-                    .collect(),
-            }]
-        );
+        let [subject] = s.subjects() else {
+            panic!("one subject: {:?}", s.subjects());
+        };
+        assert_eq!(subject.name, "order-placed");
+        assert_eq!(subject.compatibility, compat::Mode::Backward);
+        assert!(!subject.transitive);
+        let versions: Vec<(u32, String, bool)> = subject
+            .versions
+            .iter()
+            .map(|v| {
+                let file = format!("order-placed/v{}.json", v.number);
+                (v.number, v.id.clone(), v.path.ends_with(file))
+            })
+            .collect();
+        let want: Vec<(u32, String, bool)> = (1..=3)
+            .map(|n| (n, format!("urn:eventwire:schema:order-placed:v{n}"), true))
+            .collect();
+        assert_eq!(versions, want);
         let with_coupon = br#"{"id":"o-1","coupon":"SUMMER"}"#;
         assert_eq!(
             s.check(

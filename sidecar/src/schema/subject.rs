@@ -26,8 +26,18 @@ pub struct Subject {
     pub name: String,
     pub compatibility: Mode,
     pub transitive: bool,
-    /// Each version's number and `$id`, oldest first.
-    pub versions: Vec<(u32, String)>,
+    /// Oldest first.
+    pub versions: Vec<Loaded>,
+}
+
+/// One version as loaded: what events name, and what the file said.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Loaded {
+    pub number: u32,
+    pub id: String,
+    pub path: PathBuf,
+    /// Of the schema's content, not its layout (see `pin`).
+    pub digest: String,
 }
 
 /// One version file, read and parsed.
