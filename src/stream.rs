@@ -420,7 +420,7 @@ impl Stream {
         idx: usize,
         event: Callout<'static>,
     ) -> Flow {
-        self.dispatch(host, cfg, idx, event, false, Phase::Response)
+        self.send(host, cfg, idx, event, Phase::Response)
     }
 
     /// The sidecar's answer to this request's own callout (or the host's word that there
@@ -645,6 +645,20 @@ impl Stream {
         if rule.mode == Mode::AfterUpstream {
             return self.hold_for_answer(host, idx, rule, out);
         }
+        self.send(host, cfg, idx, out, Phase::Request)
+    }
+
+    /// Sends the event in its own callout, or has it wait to go with others of its rule
+    /// while theirs is in flight (`coalesce`). `phase`: `Response` when the upstream's
+    /// answer is held meanwhile.
+    fn send(
+        &mut self,
+        host: &impl Host,
+        cfg: &Config,
+        idx: usize,
+        out: Callout<'_>,
+        phase: Phase,
+    ) -> Flow {
         let slot = match self.coalesce(host, idx, &out) {
             Coalesced::Waiting => {
                 self.state = State::Ack {
@@ -653,17 +667,16 @@ impl Stream {
                     slot: false,
                     trace: out.trace,
                     sent_nanos: 0,
-                    answer_held: false,
+                    answer_held: matches!(phase, Phase::Response),
                 };
                 return Flow::Pause;
             }
             Coalesced::Direct { slot } => slot,
         };
-        self.dispatch(host, cfg, idx, out, slot, Phase::Request)
+        self.dispatch(host, cfg, idx, out, slot, phase)
     }
 
-    /// Sends one event's callout and waits for the sidecar's answer. `phase` says where the
-    /// stream stands: `Response` when the upstream's answer is held meanwhile.
+    /// Sends one event's callout and waits for the sidecar's answer.
     fn dispatch(
         &mut self,
         host: &impl Host,

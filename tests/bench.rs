@@ -2450,12 +2450,10 @@ fn modes_report(
              backend, wrk) {:.2} ms (`tap`) and {:.2} ms (`after_upstream`, header key) against \
              the plain proxy's {:.2} ms, so {cores} cores of their own would allow at most \
              {:.0} and {:.0} req/s; they got {:.0} and {:.0}, the machine {:.2} and {:.2} of \
-             {cores} cores busy (another build on it counts there too). `tap` costs less per \
-             event because it coalesces: {:.0}% of its events at {top} connections went to the \
+             {cores} cores busy (another build on it counts there too). Both coalesce: at {top} \
+             connections {:.0}% of `tap`'s events and {:.0}% of `after_upstream`'s went to the \
              sidecar in batch callouts while the route's callouts were in flight (callouts of \
-             {} ms); `after_upstream` sends one callout per request (no batching), and they \
-             queue in the sidecar and broker ({} ms). Even at {low} connections, where neither \
-             batches, the sidecar and broker spend {:.2} ms per `after_upstream` event against \
+             {} and {} ms). Even at {low} connections, where neither batches, the sidecar and broker spend {:.2} ms per `after_upstream` event against \
              {:.2} for `tap`'s: its event carries two more attributes (status, `Location`) and \
              its keys spread over the 3 partitions, where `tap`'s one key keeps to one. Taking \
              the key from the answer's body instead of its `Location` header changed Envoy's \
@@ -2476,6 +2474,7 @@ fn modes_report(
             tap_t.machine,
             after_t.machine,
             tap_t.batched as f64 * 100.0 / (tap_t.events.max(1) as f64),
+            after_t.batched as f64 * 100.0 / (after_t.events.max(1) as f64),
             opt2(tap_t.callout_ms),
             opt2(after_t.callout_ms),
             per_event(after),

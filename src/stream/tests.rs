@@ -1496,3 +1496,72 @@ fn own_local_replies_pass_the_response_callbacks() {
     assert_eq!(s.on_response_headers(&m, false), Flow::Continue);
     assert_eq!(s.on_response_body(&m, 30, true), Flow::Continue);
 }
+
+/// Held answers under load: the events wait for the rule's callout and go as one batch,
+/// each with the values of its own answer; each answer is resumed by its share.
+#[test]
+fn after_upstream_events_wait_and_go_as_one_batch() {
+    const CFG: &str = r#"{"sidecar": {"upstream": "sidecar", "timeout_ms": 250,
+      "batching": {"max_events": 8, "max_in_flight": 1}},
+      "rules": [{"name": "created", "match": {"path": "/orders"}, "mode": "after_upstream",
+        "topic": "orders", "type": "com.example.order.created",
+        "response": {"key": {"header": "location"}, "status": "httpstatus"}}]}"#;
+    const LOCATIONS: [&str; 3] = ["/orders/ord-1", "/orders/ord-2", "/orders/ord-3"];
+    let vm = vm(CFG);
+    let host = Mock::default();
+    let mut streams: Vec<(Mock, Stream)> = (1..=3)
+        .zip(LOCATIONS)
+        .map(|(id, location)| {
+            let body = format!(r#"{{"n":{id}}}"#);
+            let mut m = post("/orders", &body);
+            let mut s = Stream::new(Some(vm.clone()), id);
+            assert_eq!(s.on_request_headers(&m, false), Flow::Pause);
+            assert_eq!(s.on_request_body(&m, body.len(), true), Flow::Continue);
+            m.response_headers = vec![(":status", "201"), ("location", location)];
+            assert_eq!(s.on_response_headers(&m, false), Flow::Pause);
+            (m, s)
+        })
+        .collect();
+    assert_eq!(dispatches(&streams[0].0).len(), 1, "the first goes alone");
+    assert!(streams[1..].iter().all(|(m, _)| dispatches(m).is_empty()));
+
+    let (m, s) = &mut streams[0];
+    answer(m, ACCEPTED, ACCEPTED_BODY);
+    s.on_callout_response(m, 3, ACCEPTED_BODY.len());
+    assert_eq!(m.actions().last(), Some(&Effect::ResumeResponse));
+    assert!(flush(&host, &vm).is_empty());
+    let sent = dispatches(&host);
+    assert_eq!(sent.len(), 1, "the two waiting went together");
+    let events: serde_json::Value = serde_json::from_slice(&sent[0].1).unwrap();
+    let keys: Vec<&str> = (0..2)
+        .filter_map(|i| events[i]["partitionkey"].as_str())
+        .collect();
+    assert_eq!(
+        keys,
+        ["/orders/ord-2", "/orders/ord-3"],
+        "each its answer's"
+    );
+    assert_eq!(events[1]["httpstatus"], "201");
+    assert_eq!(events[1]["data"]["n"], 3);
+
+    let mut root = Mock::default();
+    let batch_body = r#"{"events":[{"id":"a","source":"/s","topic":"orders","status":"published","partition":0,"offset":1},
+        {"id":"b","source":"/s","topic":"orders","status":"published","partition":0,"offset":2}]}"#;
+    answer(
+        &mut root,
+        &[(":status", "200"), ("content-type", "application/json")],
+        batch_body,
+    );
+    let answers = batch_answered(&root, &vm, last_token(&host), 2, batch_body.len());
+    assert_eq!(answers.iter().map(|(c, _)| *c).collect::<Vec<_>>(), [2, 3]);
+    for ((_, a), (m, s)) in answers.iter().zip(&mut streams[1..]) {
+        s.on_answer(m, a);
+        assert_eq!(m.actions().last(), Some(&Effect::ResumeResponse));
+        assert_eq!(m.counters(), [Counter::Accepted]);
+        assert!(
+            !m.actions()
+                .iter()
+                .any(|e| matches!(e, Effect::Reply { .. }))
+        );
+    }
+}
