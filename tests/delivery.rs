@@ -651,6 +651,99 @@ async fn the_lag_counts_every_event_not_done_with_and_falls_to_zero() {
     .await;
 }
 
+/// Waits until the sidecar's log has `line` `times` times (a reload is done when it says so).
+async fn logged(sidecar: &Sidecar, line: &str, times: usize) {
+    wait_until(&format!("{line:?} logged {times} times"), WAIT, || {
+        let n = sidecar.proc.log_text().matches(line).count();
+        async move { n >= times }
+    })
+    .await;
+}
+
+// The deliveries file is followed while the sidecar runs: a changed delivery starts again
+// with its new settings from its committed offset, a new one starts, a broken file changes
+// nothing (and says which field), a removed one stops.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_deliveries_file_is_followed_without_a_restart() {
+    let broker = Broker::start().await;
+    let (orders, payments) = (topic("reload-orders"), topic("reload-payments"));
+    for t in [&orders, &payments] {
+        broker.create_topic(t, 1).await;
+    }
+    let (svc, base) = Service::start(Duration::ZERO).await;
+    let delivery = |name: &str, topic: &str, path: &str| {
+        format!("[[delivery]]\nname = \"{name}\"\ntopic = \"{topic}\"\nurl = \"{base}{path}\"\n")
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let file = deliveries_file(&dir, &delivery("orders", &orders, "/one"));
+    let sidecar = sidecar(&broker, &file).await;
+    let bootstrap = broker.bootstrap();
+    let send = |topic: &str, id: &str| {
+        let (bootstrap, topic, id) = (bootstrap.clone(), topic.to_owned(), id.to_owned());
+        async move { produce_events(&bootstrap, &topic, &[("k", &id, "com.example.t", "s")]).await }
+    };
+    // By id: the two deliveries run side by side.
+    let paths = |svc: &Service| -> Vec<(String, String)> {
+        let mut got: Vec<_> = svc
+            .got()
+            .iter()
+            .map(|g| (g.id.clone(), g.path.clone()))
+            .collect();
+        got.sort();
+        got
+    };
+
+    send(&orders, "ev-1").await;
+    wait_for(&svc, "ev-1", |got| !got.is_empty()).await;
+
+    // `orders` moves to /two; `payments` is new.
+    let both = delivery("orders", &orders, "/two") + &delivery("payments", &payments, "/three");
+    std::fs::write(&file, &both).unwrap();
+    logged(
+        &sidecar,
+        "delivery changed: started again with its new settings",
+        1,
+    )
+    .await;
+    send(&orders, "ev-2").await;
+    send(&payments, "ev-3").await;
+    wait_for(&svc, "ev-2 and ev-3", |got| got.len() >= 3).await;
+
+    // A typo: refused whole, naming the field; both deliveries go on as they were.
+    std::fs::write(&file, both.replace("url =", "uri =")).unwrap();
+    logged(&sidecar, "deliveries file not reloaded", 1).await;
+    let log = sidecar.proc.log_text();
+    assert!(log.contains("delivery[0].uri"), "the field is named: {log}");
+    send(&orders, "ev-4").await;
+    wait_for(&svc, "ev-4", |got| got.len() >= 4).await;
+
+    // `orders` removed: it stops; `payments` goes on.
+    std::fs::write(&file, delivery("payments", &payments, "/three")).unwrap();
+    logged(&sidecar, "delivery removed from the deliveries file", 1).await;
+    send(&orders, "ev-5").await;
+    send(&payments, "ev-6").await;
+    wait_for(&svc, "ev-6", |got| got.iter().any(|g| g.id == "ev-6")).await;
+    tokio::time::sleep(QUIET).await;
+    assert_eq!(
+        paths(&svc),
+        [
+            ("ev-1", "/one"),
+            ("ev-2", "/two"),
+            ("ev-3", "/three"),
+            ("ev-4", "/two"),
+            ("ev-6", "/three"),
+        ]
+        .map(|(id, path)| (id.to_owned(), path.to_owned())),
+        "each event once, by the settings in force; none of a removed delivery"
+    );
+    let m = sidecar.metrics().await;
+    let reloads = |outcome| m.get("eventwire_delivery_reloads_total", &[("outcome", outcome)]);
+    assert_eq!(
+        (reloads("applied"), reloads("refused")),
+        (Some(2.0), Some(1.0))
+    );
+}
+
 /// Polls `check` until it holds or `limit` passed; whether it held.
 async fn within(limit: Duration, check: impl Fn() -> bool) -> bool {
     let deadline = Instant::now() + limit;

@@ -122,8 +122,8 @@ pub async fn serve(args: ServeArgs) -> Result<(), AppError> {
     })
     .await?;
     // Before the flush: a delivery giving up on its last event still dead-letters it.
-    for delivery in deliveries {
-        let _ = delivery.await;
+    if let Some(deliveries) = deliveries {
+        let _ = deliveries.await;
     }
     if producer.is_ready() {
         flush(producer.clone()).await;
@@ -138,16 +138,17 @@ pub async fn serve(args: ServeArgs) -> Result<(), AppError> {
     Ok(())
 }
 
-/// The `--deliveries-file` subscriptions, started; none without the flag.
+/// The `--deliveries-file` subscriptions, started, and the task that follows the file and
+/// ends once they all stopped; none without the flag.
 fn deliveries(
     args: &ServeArgs,
     producer: Arc<KafkaProducer>,
     metrics: &Arc<Metrics>,
     schemas: &Arc<Schemas>,
     stop: &tokio::sync::watch::Receiver<bool>,
-) -> Result<Vec<tokio::task::JoinHandle<()>>, AppError> {
+) -> Result<Option<tokio::task::JoinHandle<()>>, AppError> {
     let Some(path) = &args.deliveries_file else {
-        return Ok(Vec::new());
+        return Ok(None);
     };
     let deliveries = crate::delivery::load(path)?;
     let shared = crate::delivery::worker::Shared {
@@ -158,7 +159,8 @@ fn deliveries(
         metrics: metrics.clone(),
         schemas: schemas.clone(),
     };
-    Ok(crate::delivery::worker::spawn(deliveries, &shared, stop)?)
+    let running = crate::delivery::reload::Deliveries::start(path, deliveries, shared)?;
+    Ok(Some(tokio::spawn(running.follow(stop.clone()))))
 }
 
 fn ingest_auth(args: &ServeArgs) -> Result<Arc<IngestAuth>, AppError> {

@@ -244,6 +244,7 @@ pub struct Metrics {
     delivery_replies: Family<DeliveryOutcomeLabels, Counter>,
     delivery_duration: Family<DeliveryLabels, Histogram, fn() -> Histogram>,
     delivery_lag: Family<DeliveryLabels, Gauge>,
+    delivery_reloads: Family<OutcomeLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -279,6 +280,7 @@ impl Metrics {
             delivery_replies: Family::default(),
             delivery_duration: Family::new_with_constructor(|| Histogram::new(DELIVERY_BUCKETS)),
             delivery_lag: Family::default(),
+            delivery_reloads: Family::default(),
         };
         m.register()
     }
@@ -401,6 +403,11 @@ impl Metrics {
             "Events a delivery has not yet done with on the partitions this sidecar owns (high watermark minus the next offset to commit), measured every 5 s",
             self.delivery_lag.clone(),
         );
+        r.register(
+            "delivery_reloads",
+            "Changes of the deliveries file (or a ca_file it names) by outcome: applied, or refused (the file does not parse; the running deliveries go on)",
+            self.delivery_reloads.clone(),
+        );
         self
     }
 
@@ -418,6 +425,13 @@ impl Metrics {
                 delivery: name.to_owned(),
             }),
         }
+    }
+
+    /// A change of the deliveries file: `applied` or `refused`.
+    pub fn deliveries_reloaded(&self, outcome: &'static str) {
+        self.delivery_reloads
+            .get_or_create(&OutcomeLabels { outcome })
+            .inc();
     }
 
     /// An answered `POST /v1/events`: `None` is a 2xx, else the slug of the problem answered.

@@ -2,10 +2,12 @@
 //! its own Kafka consumer group and POSTs every event, in order per partition, to an HTTP
 //! service as a CloudEvent, committing an offset only after the service answered 2xx.
 //!
-//! `config`, `policy` and `request` decide; `worker` carries it out against Kafka and HTTP.
+//! `config`, `policy` and `request` decide; `worker` carries it out against Kafka and HTTP;
+//! `reload` follows the file while the sidecar runs.
 
 pub mod config;
 pub mod policy;
+pub mod reload;
 pub mod reply;
 pub mod request;
 pub mod worker;

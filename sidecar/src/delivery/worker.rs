@@ -77,21 +77,16 @@ pub struct Shared {
     pub schemas: Arc<Schemas>,
 }
 
-/// Starts every delivery; each runs until `stop` turns true, then finishes the delivery in
-/// flight on each partition, commits, and ends its task.
-pub fn spawn(
-    deliveries: Vec<Delivery>,
+/// Starts one delivery; it runs until `stop` turns true, then finishes the event in flight
+/// on each partition, commits, and ends its task.
+pub fn start(
+    delivery: Delivery,
     shared: &Shared,
-    stop: &watch::Receiver<bool>,
-) -> Result<Vec<JoinHandle<()>>, WorkerError> {
-    deliveries
-        .into_iter()
-        .map(|d| {
-            let ctx = Arc::new(Ctx::new(d, shared)?);
-            tracing::info!(delivery = %ctx.delivery.name, topic = %ctx.delivery.topic, url = %ctx.delivery.url, group = %ctx.delivery.group, "delivering a topic to an HTTP service");
-            Ok(tokio::spawn(dispatch(ctx, stop.clone())))
-        })
-        .collect()
+    stop: watch::Receiver<bool>,
+) -> Result<JoinHandle<()>, WorkerError> {
+    let ctx = Arc::new(Ctx::new(delivery, shared)?);
+    tracing::info!(delivery = %ctx.delivery.name, topic = %ctx.delivery.topic, url = %ctx.delivery.url, group = %ctx.delivery.group, "delivering a topic to an HTTP service");
+    Ok(tokio::spawn(dispatch(ctx, stop)))
 }
 
 struct Ctx {
@@ -354,6 +349,8 @@ async fn dispatch(ctx: Arc<Ctx>, mut stop: watch::Receiver<bool>) {
             CommitMode::Sync,
         );
     }
+    // A delivery removed by a reload leaves no stale backlog behind in the metrics.
+    ctx.metrics.set_lag(0);
     tracing::info!(delivery = %ctx.name(), "delivery stopped");
 }
 
