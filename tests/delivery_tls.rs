@@ -1,7 +1,8 @@
 //! Delivery to `https://` services against Tansu and the sidecar binary. A CA and a server
 //! certificate for 127.0.0.1 (IP SAN) are made at test time with the `openssl` CLI; an
 //! in-test HTTPS service (native-tls, the OpenSSL the sidecar links) records what it gets
-//! and counts the handshakes it refused.
+//! and counts the handshakes it refused; a second one (plain OpenSSL) requires a client
+//! certificate from a second CA.
 
 use axum::extract::{Path, State};
 use axum::http::HeaderMap;
@@ -77,6 +78,64 @@ impl Pki {
             &at("server.pem"),
         ]);
         Pki { dir }
+    }
+
+    /// `client-ca.pem` and, signed by it, `client.pem` / `client.key` (PKCS#8) with the
+    /// common name `cn`, for TLS client authentication.
+    fn client(&self, cn: &str) {
+        let at = |name: &str| self.path(name).display().to_string();
+        std::fs::write(
+            at("client.ext"),
+            "basicConstraints = critical, CA:FALSE\n\
+             keyUsage = critical, digitalSignature\n\
+             extendedKeyUsage = clientAuth\n",
+        )
+        .unwrap();
+        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"];
+        openssl(
+            &[
+                &["req", "-x509", "-nodes", "-days", "1"][..],
+                &ec,
+                &["-subj", "/CN=eventwire e2e client CA"],
+                &["-addext", "basicConstraints = critical, CA:TRUE"],
+                &["-addext", "keyUsage = critical, keyCertSign, cRLSign"],
+                &[
+                    "-keyout",
+                    &at("client-ca.key"),
+                    "-out",
+                    &at("client-ca.pem"),
+                ],
+            ]
+            .concat(),
+        );
+        let subject = format!("/CN={cn}");
+        openssl(
+            &[
+                &["req", "-nodes"][..],
+                &ec,
+                &["-subj", &subject],
+                &["-keyout", &at("client.key"), "-out", &at("client.csr")],
+            ]
+            .concat(),
+        );
+        openssl(&[
+            "x509",
+            "-req",
+            "-days",
+            "1",
+            "-set_serial",
+            "3",
+            "-in",
+            &at("client.csr"),
+            "-CA",
+            &at("client-ca.pem"),
+            "-CAkey",
+            &at("client-ca.key"),
+            "-extfile",
+            &at("client.ext"),
+            "-out",
+            &at("client.pem"),
+        ]);
     }
 
     fn path(&self, name: &str) -> PathBuf {
@@ -377,4 +436,158 @@ async fn the_system_ca_store_serves_deliveries_and_otlp_over_https() {
     assert_eq!(svc.ids("system"), ["sys-1"]);
     assert_eq!(svc.ids("merged"), ["sys-1"]);
     assert_eq!(svc.refused_handshakes.load(Ordering::Relaxed), 0);
+}
+
+/// What the mutual-TLS service saw: (client certificate CN, `ce-id`) per request, and the
+/// handshakes it refused.
+#[derive(Default)]
+struct MtlsService {
+    got: Mutex<Vec<(String, String)>>,
+    refused_handshakes: AtomicUsize,
+}
+
+/// An HTTPS service on 127.0.0.1:0 that requires a client certificate signed by
+/// `client-ca.pem`: plain OpenSSL, a thread per connection, HTTP/1.1 keep-alive, 200 to
+/// every request. Its base URL.
+fn mtls_service(pki: &Pki) -> (Arc<MtlsService>, String) {
+    use openssl::ssl::{SslAcceptor, SslFiletype, SslMethod, SslVerifyMode};
+    let mut tls = SslAcceptor::mozilla_intermediate_v5(SslMethod::tls()).unwrap();
+    tls.set_private_key_file(pki.path("server.key"), SslFiletype::PEM)
+        .unwrap();
+    tls.set_certificate_chain_file(pki.path("server.pem"))
+        .unwrap();
+    tls.set_ca_file(pki.path("client-ca.pem")).unwrap();
+    tls.set_verify(SslVerifyMode::PEER | SslVerifyMode::FAIL_IF_NO_PEER_CERT);
+    let tls = Arc::new(tls.build());
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = listener.local_addr().unwrap().port();
+    let service = Arc::new(MtlsService::default());
+    let svc = service.clone();
+    std::thread::spawn(move || {
+        for tcp in listener.incoming().flatten() {
+            let (tls, svc) = (tls.clone(), svc.clone());
+            std::thread::spawn(move || serve_mtls(&tls, &svc, tcp));
+        }
+    });
+    (service, format!("https://127.0.0.1:{port}"))
+}
+
+fn serve_mtls(tls: &openssl::ssl::SslAcceptor, svc: &MtlsService, tcp: std::net::TcpStream) {
+    use std::io::{BufRead, BufReader, Read, Write};
+    let _ = tcp.set_read_timeout(Some(Duration::from_secs(10)));
+    let Ok(stream) = tls.accept(tcp) else {
+        svc.refused_handshakes.fetch_add(1, Ordering::Relaxed);
+        return;
+    };
+    let cn = stream
+        .ssl()
+        .peer_certificate()
+        .and_then(|c| {
+            let name = c.subject_name();
+            let cn = name.entries_by_nid(openssl::nid::Nid::COMMONNAME).next()?;
+            cn.data().to_string().ok()
+        })
+        .unwrap_or_default();
+    let mut conn = BufReader::new(stream);
+    loop {
+        let (mut id, mut length) = (String::new(), 0usize);
+        let mut line = String::new();
+        if conn.read_line(&mut line).unwrap_or(0) == 0 {
+            return;
+        }
+        loop {
+            line.clear();
+            if conn.read_line(&mut line).unwrap_or(0) == 0 {
+                return;
+            }
+            let Some((name, value)) = line.trim_end().split_once(':') else {
+                break;
+            };
+            match name.to_ascii_lowercase().as_str() {
+                "ce-id" => id = value.trim().to_owned(),
+                "content-length" => length = value.trim().parse().unwrap_or(0),
+                _ => {}
+            }
+        }
+        let mut body = vec![0; length];
+        if conn.read_exact(&mut body).is_err() {
+            return;
+        }
+        svc.got.lock().unwrap().push((cn.clone(), id));
+        let answer = b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n";
+        if conn.get_mut().write_all(answer).is_err() {
+            return;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_client_certificate_is_shown_to_a_service_that_requires_one() {
+    let pki = Pki::generate();
+    pki.client("eventwire-sidecar");
+    let (svc, base) = mtls_service(&pki);
+    let broker = Broker::start().await;
+    let topic = topic("deliver-mtls");
+    broker.create_topic(&topic, 1).await;
+
+    // `anonymous` trusts the server but shows no certificate: refused at every handshake.
+    let file = pki.path("deliveries.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[[delivery]]\nname = \"mtls\"\ntopic = \"{topic}\"\nurl = \"{base}/mtls\"\n\
+             ca_file = \"ca.pem\"\nclient_cert_file = \"client.pem\"\nclient_key_file = \"client.key\"\n\n\
+             [[delivery]]\nname = \"anonymous\"\ntopic = \"{topic}\"\nurl = \"{base}/anonymous\"\n\
+             ca_file = \"ca.pem\"\nmax_attempts = 2\ninitial_backoff_ms = 50\nmax_backoff_ms = 100\n"
+        ),
+    )
+    .unwrap();
+    let file = file.display().to_string();
+    let sidecar = Sidecar::start_with(
+        &broker.bootstrap(),
+        &["--deliveries-file", &file, "--push-fetch-wait-ms", "50"],
+    )
+    .await;
+    let events = [("a", "mtls-1", "t", "s"), ("b", "mtls-2", "t", "s")];
+    produce_events(&broker.bootstrap(), &topic, &events).await;
+
+    wait_until("anonymous to give up on both events", WAIT, || {
+        let m = sidecar.metrics();
+        async move {
+            m.await.get(
+                "eventwire_delivery_events_total",
+                &[("delivery", "anonymous"), ("outcome", "dropped")],
+            ) == Some(2.0)
+        }
+    })
+    .await;
+    wait_until("both events delivered with the certificate", WAIT, || {
+        let n = svc.got.lock().unwrap().len();
+        async move { n >= 2 }
+    })
+    .await;
+    tokio::time::sleep(QUIET).await;
+    let got = svc.got.lock().unwrap().clone();
+    let want = [
+        ("eventwire-sidecar", "mtls-1"),
+        ("eventwire-sidecar", "mtls-2"),
+    ]
+    .map(|(cn, id)| (cn.to_owned(), id.to_owned()));
+    assert_eq!(
+        got, want,
+        "each event once, from the client certificate's holder"
+    );
+    let refused = svc.refused_handshakes.load(Ordering::Relaxed);
+    assert!(
+        refused >= 4,
+        "anonymous: 2 events x 2 attempts refused, got {refused}"
+    );
+    let m = sidecar.metrics().await;
+    assert_eq!(
+        m.get(
+            "eventwire_delivery_attempts_total",
+            &[("delivery", "anonymous"), ("outcome", "connection_error")]
+        ),
+        Some(4.0)
+    );
 }

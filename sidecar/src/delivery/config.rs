@@ -1,6 +1,6 @@
 //! The deliveries file (`--deliveries-file`): `[[delivery]]` tables, each a topic delivered
-//! to an HTTP service. Parsed and checked once at start (the only I/O: reading the
-//! `ca_file`s); every error names its field (`delivery[1].url: ...`) so a typo is found
+//! to an HTTP service. Parsed and checked at start and on each change (the only I/O: reading
+//! the `ca_file`s and client certificates and keys); every error names its field (`delivery[1].url: ...`) so a typo is found
 //! without reading the code.
 
 use std::collections::BTreeMap;
@@ -42,6 +42,29 @@ pub struct Delivery {
     pub reply_topic_by_type: BTreeMap<String, String>,
     /// CA certificates trusted for the `https://` url besides the system's.
     pub ca_file: Option<CaFile>,
+    /// The client certificate shown to an `https://` service that asks for one (mutual TLS).
+    pub client_identity: Option<ClientIdentity>,
+}
+
+/// `client_cert_file` and `client_key_file`, read at start and checked by the TLS stack.
+#[derive(Clone, PartialEq)]
+pub struct ClientIdentity {
+    pub cert_path: PathBuf,
+    pub key_path: PathBuf,
+    /// PEM: the certificate, then any intermediates.
+    pub cert_pem: Vec<u8>,
+    /// PEM, PKCS#8 (`-----BEGIN PRIVATE KEY-----`).
+    pub key_pem: Vec<u8>,
+}
+
+/// Never prints the key.
+impl std::fmt::Debug for ClientIdentity {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClientIdentity")
+            .field("cert_path", &self.cert_path)
+            .field("key_path", &self.key_path)
+            .finish_non_exhaustive()
+    }
 }
 
 /// A `ca_file`, read at start.
@@ -104,6 +127,8 @@ const FIELDS: &[&str] = &[
     "reply_topic",
     "reply_topic_by_type",
     "ca_file",
+    "client_cert_file",
+    "client_key_file",
 ];
 
 fn err(field: impl Into<String>, reason: impl Into<String>) -> ConfigError {
@@ -172,6 +197,7 @@ fn delivery(table: &Table, at: &str, dir: &Path) -> Result<Delivery, ConfigError
     Ok(Delivery {
         topic: topic(table, at, "topic")?.ok_or_else(|| err(format!("{at}.topic"), "missing"))?,
         ca_file: ca_file(table, at, dir, &url)?,
+        client_identity: client_identity(table, at, dir, &url)?,
         url,
         content_mode: content_mode(table, at)?,
         group,
@@ -314,6 +340,86 @@ fn ca_file(table: &Table, at: &str, dir: &Path, url: &str) -> Result<Option<CaFi
     let certificates =
         pem_certificates(&pem).map_err(|reason| err(&field, format!("{shown}: {reason}")))?;
     Ok(Some(CaFile { path, certificates }))
+}
+
+/// `client_cert_file` with `client_key_file` (both or neither), read and handed to the TLS
+/// stack now, so a wrong path, a key in the wrong format or a key that is not the
+/// certificate's stops the start rather than every delivery attempt.
+fn client_identity(
+    table: &Table,
+    at: &str,
+    dir: &Path,
+    url: &str,
+) -> Result<Option<ClientIdentity>, ConfigError> {
+    let (cert_field, key_field) = (
+        format!("{at}.client_cert_file"),
+        format!("{at}.client_key_file"),
+    );
+    let cert = string(table, at, "client_cert_file")?;
+    let key = string(table, at, "client_key_file")?;
+    let (cert, key) = match (cert, key) {
+        (None, None) => return Ok(None),
+        (Some(_), None) => return Err(err(key_field, "missing: client_cert_file needs its key")),
+        (None, Some(_)) => {
+            return Err(err(
+                cert_field,
+                "missing: client_key_file needs its certificate",
+            ));
+        }
+        (Some(cert), Some(key)) => (cert, key),
+    };
+    if !url.starts_with("https://") {
+        return Err(err(cert_field, "only used with an https:// url"));
+    }
+    let read = |field: &str, given: &str| {
+        if given.is_empty() {
+            return Err(err(field, "must not be empty"));
+        }
+        let path = dir.join(given);
+        let pem = std::fs::read(&path)
+            .map_err(|e| err(field, format!("cannot read {}: {e}", path.display())))?;
+        Ok((path, pem))
+    };
+    let (cert_path, cert_pem) = read(&cert_field, &cert)?;
+    let (key_path, key_pem) = read(&key_field, &key)?;
+    pem_certificates(&cert_pem)
+        .map_err(|reason| err(&cert_field, format!("{}: {reason}", cert_path.display())))?;
+    if !key_pem
+        .windows(PKCS8_BEGIN.len())
+        .any(|w| w == PKCS8_BEGIN.as_bytes())
+    {
+        return Err(err(
+            key_field,
+            format!(
+                "{}: no PKCS#8 key ({PKCS8_BEGIN}); convert one with `openssl pkcs8 -topk8 -nocrypt`",
+                key_path.display()
+            ),
+        ));
+    }
+    identity(&cert_pem, &key_pem).map_err(|why| {
+        err(
+            key_field,
+            format!(
+                "{} with {}: not a usable client identity ({why})",
+                key_path.display(),
+                cert_path.display()
+            ),
+        )
+    })?;
+    Ok(Some(ClientIdentity {
+        cert_path,
+        key_path,
+        cert_pem,
+        key_pem,
+    }))
+}
+
+const PKCS8_BEGIN: &str = "-----BEGIN PRIVATE KEY-----";
+
+/// The identity the HTTP client presents, as the TLS stack builds it.
+pub fn identity(cert_pem: &[u8], key_pem: &[u8]) -> Result<reqwest::Identity, String> {
+    reqwest::Identity::from_pkcs8_pem(cert_pem, key_pem)
+        .map_err(|e| std::error::Error::source(&e).map_or(e.to_string(), ToString::to_string))
 }
 
 /// The `CERTIFICATE` blocks of a PEM file as DER, each parsed by the TLS stack. Other blocks
@@ -582,6 +688,28 @@ filter = { prefix = { type = "com.example." } }"#,
             (
                 MINIMAL.replace("127.0.0.1:9000/orders", ""),
                 "delivery[0].url: not a URL with a host",
+            ),
+            (
+                MINIMAL.replace("http://", "https://") + "client_cert_file = \"c.pem\"\n",
+                "delivery[0].client_key_file: missing: client_cert_file needs its key",
+            ),
+            (
+                MINIMAL.replace("http://", "https://") + "client_key_file = \"c.key\"\n",
+                "delivery[0].client_cert_file: missing: client_key_file needs its certificate",
+            ),
+            (
+                with("client_cert_file = \"c.pem\"\nclient_key_file = \"c.key\""),
+                "delivery[0].client_cert_file: only used with an https:// url",
+            ),
+            (
+                MINIMAL.replace("http://", "https://")
+                    + "client_cert_file = \"no-such.pem\"\nclient_key_file = \"c.key\"\n",
+                "delivery[0].client_cert_file: cannot read no-such.pem",
+            ),
+            (
+                MINIMAL.replace("http://", "https://")
+                    + "client_cert_file = \"\"\nclient_key_file = \"c.key\"\n",
+                "delivery[0].client_cert_file: must not be empty",
             ),
             (
                 format!("{MINIMAL}{MINIMAL}"),

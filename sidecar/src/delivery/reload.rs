@@ -1,7 +1,8 @@
-//! The deliveries file, followed while the sidecar runs. Every second it looks at the file's
-//! and its `ca_file`s' modification time and size; on a change it reads the file again. A
+//! The deliveries file, followed while the sidecar runs. Every second it looks at the
+//! modification time and size of the file and of those it names (`ca_file`, client
+//! certificate and key); on a change it reads the file again. A
 //! delivery added starts; one removed stops after the event in hand on each partition (its
-//! offsets committed); one changed (any field, or its CA file's certificates) stops the same
+//! offsets committed); one changed (any field, or the content of a file it names) stops the same
 //! way and starts again with its new settings, from its group's committed offsets. A file
 //! that no longer parses changes nothing: the running deliveries go on, and the error names
 //! the field, as at start.
@@ -121,14 +122,16 @@ impl Deliveries {
         Ok(())
     }
 
-    /// What a change is seen by: the file's and each running `ca_file`'s time and size.
+    /// What a change is seen by: the time and size of the file and of each file it names.
     fn stamps(&self) -> Vec<Option<(SystemTime, u64)>> {
-        let cas = self
-            .running
-            .values()
-            .filter_map(|r| r.delivery.ca_file.as_ref().map(|ca| ca.path.as_path()));
+        let files = self.running.values().flat_map(|r| {
+            let d = &r.delivery;
+            let ca = d.ca_file.iter().map(|ca| ca.path.as_path());
+            let id = d.client_identity.iter();
+            ca.chain(id.flat_map(|id| [id.cert_path.as_path(), id.key_path.as_path()]))
+        });
         std::iter::once(self.path.as_path())
-            .chain(cas)
+            .chain(files)
             .map(stamp)
             .collect()
     }

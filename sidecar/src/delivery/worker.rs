@@ -58,6 +58,8 @@ pub enum WorkerError {
         name: String,
         source: rdkafka::error::KafkaError,
     },
+    #[error("delivery `{name}`: client certificate: {reason}")]
+    Identity { name: String, reason: String },
     #[error("delivery `{name}`: HTTP client: {source}")]
     Http {
         name: String,
@@ -144,12 +146,21 @@ impl Ctx {
             .map(|der| reqwest::Certificate::from_der(der))
             .collect::<Result<Vec<_>, _>>()
             .map_err(http_error)?;
-        let http = reqwest::Client::builder()
+        let mut http = reqwest::Client::builder()
             // A 3xx is the service's answer, not something to follow (policy gives up).
             .redirect(reqwest::redirect::Policy::none())
-            .tls_certs_merge(extra_cas)
-            .build()
-            .map_err(http_error)?;
+            .tls_certs_merge(extra_cas);
+        if let Some(id) = &delivery.client_identity {
+            let identity =
+                super::config::identity(&id.cert_pem, &id.key_pem).map_err(|reason| {
+                    WorkerError::Identity {
+                        name: delivery.name.clone(),
+                        reason,
+                    }
+                })?;
+            http = http.identity(identity);
+        }
+        let http = http.build().map_err(http_error)?;
         Ok(Ctx {
             policy: RetryPolicy {
                 max_attempts: delivery.max_attempts,
