@@ -28,113 +28,92 @@ impl Pki {
     /// `ca.pem` (the CA certificate), `server.pem` and `server.key` (PKCS#8) for
     /// `IP:127.0.0.1`, valid for a day; P-256 keys, which are quick to make.
     fn generate() -> Pki {
-        let dir = tempfile::tempdir().unwrap();
-        let at = |name: &str| dir.path().join(name).display().to_string();
-        std::fs::write(
-            at("server.ext"),
-            "basicConstraints = critical, CA:FALSE\n\
-             keyUsage = critical, digitalSignature\n\
-             extendedKeyUsage = serverAuth\n\
-             subjectAltName = IP:127.0.0.1\n",
-        )
-        .unwrap();
-        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"];
-        openssl(
-            &[
-                &["req", "-x509", "-nodes", "-days", "1"][..],
-                &ec,
-                &["-subj", "/CN=eventwire e2e test CA"],
-                &["-addext", "basicConstraints = critical, CA:TRUE"],
-                &["-addext", "keyUsage = critical, keyCertSign, cRLSign"],
-                &["-keyout", &at("ca.key"), "-out", &at("ca.pem")],
-            ]
-            .concat(),
+        let pki = Pki {
+            dir: tempfile::tempdir().unwrap(),
+        };
+        pki.ca("ca", "eventwire e2e test CA");
+        pki.issue(
+            "server",
+            "ca",
+            "127.0.0.1",
+            "extendedKeyUsage = serverAuth\nsubjectAltName = IP:127.0.0.1\n",
         );
-        openssl(
-            &[
-                &["req", "-nodes"][..],
-                &ec,
-                &["-subj", "/CN=127.0.0.1"],
-                &["-keyout", &at("server.key"), "-out", &at("server.csr")],
-            ]
-            .concat(),
-        );
-        openssl(&[
-            "x509",
-            "-req",
-            "-days",
-            "1",
-            "-set_serial",
-            "2",
-            "-in",
-            &at("server.csr"),
-            "-CA",
-            &at("ca.pem"),
-            "-CAkey",
-            &at("ca.key"),
-            "-extfile",
-            &at("server.ext"),
-            "-out",
-            &at("server.pem"),
-        ]);
-        Pki { dir }
+        pki
     }
 
     /// `client-ca.pem` and, signed by it, `client.pem` / `client.key` (PKCS#8) with the
     /// common name `cn`, for TLS client authentication.
     fn client(&self, cn: &str) {
-        let at = |name: &str| self.path(name).display().to_string();
-        std::fs::write(
-            at("client.ext"),
-            "basicConstraints = critical, CA:FALSE\n\
-             keyUsage = critical, digitalSignature\n\
-             extendedKeyUsage = clientAuth\n",
-        )
-        .unwrap();
-        let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"];
+        self.ca("client-ca", "eventwire e2e client CA");
+        self.issue("client", "client-ca", cn, "extendedKeyUsage = clientAuth\n");
+    }
+
+    /// A self-signed CA: `<name>.pem`, `<name>.key`.
+    fn ca(&self, name: &str, cn: &str) {
+        let at = |file: &str| self.path(file).display().to_string();
+        let subject = format!("/CN={cn}");
         openssl(
             &[
                 &["req", "-x509", "-nodes", "-days", "1"][..],
-                &ec,
-                &["-subj", "/CN=eventwire e2e client CA"],
+                &EC_KEY,
+                &["-subj", &subject],
                 &["-addext", "basicConstraints = critical, CA:TRUE"],
                 &["-addext", "keyUsage = critical, keyCertSign, cRLSign"],
                 &[
                     "-keyout",
-                    &at("client-ca.key"),
+                    &at(&format!("{name}.key")),
                     "-out",
-                    &at("client-ca.pem"),
+                    &at(&format!("{name}.pem")),
                 ],
             ]
             .concat(),
         );
+    }
+
+    /// `<name>.pem` and `<name>.key` for `cn`, signed by the CA `ca`, with `usage` (extension
+    /// lines) besides a leaf's constraints.
+    fn issue(&self, name: &str, ca: &str, cn: &str, usage: &str) {
+        let at = |file: &str| self.path(file).display().to_string();
+        let (ext, csr) = (at(&format!("{name}.ext")), at(&format!("{name}.csr")));
+        std::fs::write(
+            &ext,
+            format!(
+                "basicConstraints = critical, CA:FALSE\nkeyUsage = critical, digitalSignature\n{usage}"
+            ),
+        )
+        .unwrap();
         let subject = format!("/CN={cn}");
         openssl(
             &[
                 &["req", "-nodes"][..],
-                &ec,
+                &EC_KEY,
                 &["-subj", &subject],
-                &["-keyout", &at("client.key"), "-out", &at("client.csr")],
+                &["-keyout", &at(&format!("{name}.key")), "-out", &csr],
             ]
             .concat(),
+        );
+        let (ca_pem, ca_key, out) = (
+            at(&format!("{ca}.pem")),
+            at(&format!("{ca}.key")),
+            at(&format!("{name}.pem")),
         );
         openssl(&[
             "x509",
             "-req",
             "-days",
             "1",
-            "-set_serial",
-            "3",
+            // A random serial, kept in <ca>.srl.
+            "-CAcreateserial",
             "-in",
-            &at("client.csr"),
+            &csr,
             "-CA",
-            &at("client-ca.pem"),
+            &ca_pem,
             "-CAkey",
-            &at("client-ca.key"),
+            &ca_key,
             "-extfile",
-            &at("client.ext"),
+            &ext,
             "-out",
-            &at("client.pem"),
+            &out,
         ]);
     }
 
@@ -148,6 +127,9 @@ impl Pki {
             .unwrap_or_else(|e| panic!("server identity: {e}"))
     }
 }
+
+/// A new P-256 key: quick to make.
+const EC_KEY: [&str; 4] = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"];
 
 /// Runs `/usr/bin/openssl` (Debian's `openssl`, in the Makefile's APT_PACKAGES).
 fn openssl(args: &[&str]) {

@@ -53,24 +53,8 @@ async fn an_incompatible_version_stops_the_start_naming_the_change() {
         ),
     ]);
     let data = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
-    let held = HeldPort::new();
-    let listen = format!("127.0.0.1:{}", held.port);
-    let mut sidecar = Proc::spawn(
-        "sidecar",
-        std::process::Command::new(paths().sidecar)
-            // No broker is needed: the schemas are read before anything else.
-            .args(["serve", "--listen", &listen, "--brokers", "127.0.0.1:9"])
-            .arg("--data-dir")
-            .arg(data.path())
-            .arg("--schema-dir")
-            .arg(dir.path()),
-    );
-    wait_until("the sidecar to exit", WAIT, || {
-        let exited = sidecar.exited();
-        async move { exited }
-    })
-    .await;
-    assert_eq!(sidecar.stop(), Some(1), "exit status");
+    let (status, log) = start_with_schemas(dir.path(), data.path()).await;
+    assert_eq!(status, Some(1), "exit status: {log}");
     let v2 = dir.path().join("order-placed/v2.json");
     let want = format!(
         "error: --schema-dir {}: not backward compatible with v1.json: a consumer using v2 \
@@ -78,7 +62,6 @@ async fn an_incompatible_version_stops_the_start_naming_the_change() {
          /properties/total narrowed from number to integer)",
         v2.display()
     );
-    let log = sidecar.log_text();
     assert!(log.contains(&want), "{log}");
     assert!(
         !Path::new(&data.path().join("spool")).exists(),
@@ -172,14 +155,15 @@ async fn a_compatible_version_starts_and_events_are_checked_against_the_version_
     );
 }
 
-/// The sidecar with `schemas` and `data` (no broker needed); returns once it got past the
-/// schemas (their versions recorded) or exited, with whether it still runs and its log.
-async fn start_with_schemas(schemas: &Path, data: &Path) -> (bool, String) {
+/// The sidecar with `schemas` and `data`, until it got past the schemas (their versions
+/// recorded) or exited: its exit status (`None`: it was running) and its log.
+async fn start_with_schemas(schemas: &Path, data: &Path) -> (Option<i32>, String) {
     let held = HeldPort::new();
     let listen = format!("127.0.0.1:{}", held.port);
     let mut sidecar = Proc::spawn(
         "sidecar",
         std::process::Command::new(paths().sidecar)
+            // No broker is needed: the schemas are read before anything else.
             .args(["serve", "--listen", &listen, "--brokers", "127.0.0.1:9"])
             .arg("--data-dir")
             .arg(data)
@@ -191,10 +175,10 @@ async fn start_with_schemas(schemas: &Path, data: &Path) -> (bool, String) {
         async move { done }
     })
     .await;
-    let running = !sidecar.exited();
+    let exited = sidecar.exited();
     let log = sidecar.log_text();
-    sidecar.stop();
-    (running, log)
+    let status = sidecar.stop();
+    (status.filter(|_| exited), log)
 }
 
 #[tokio::test]
@@ -203,8 +187,8 @@ async fn a_version_edited_after_its_first_load_is_refused() {
     let v2 = order(V2, "number", json!({"coupon": {"type": "string"}}), &[]);
     let dir = schema_dir(&[v1.clone(), v2]);
     let data = tempfile::tempdir().unwrap_or_else(|e| panic!("tempdir: {e}"));
-    let (running, log) = start_with_schemas(dir.path(), data.path()).await;
-    assert!(running, "first start: {log}");
+    let (status, log) = start_with_schemas(dir.path(), data.path()).await;
+    assert_eq!(status, None, "first start: {log}");
     let record = data.path().join("schema-versions.json");
     let recorded = || -> Value {
         let text = std::fs::read_to_string(&record)
@@ -222,8 +206,11 @@ async fn a_version_edited_after_its_first_load_is_refused() {
     let v1_path = dir.path().join("order-placed/v1.json");
     let pretty = serde_json::to_string_pretty(&v1).unwrap_or_else(|e| panic!("{e}"));
     std::fs::write(&v1_path, pretty).unwrap_or_else(|e| panic!("{}: {e}", v1_path.display()));
-    let (running, log) = start_with_schemas(dir.path(), data.path()).await;
-    assert!(running, "a re-indented version is the same version: {log}");
+    let (status, log) = start_with_schemas(dir.path(), data.path()).await;
+    assert_eq!(
+        status, None,
+        "a re-indented version is the same version: {log}"
+    );
     assert_eq!(recorded(), first, "nothing new to record");
 
     // A bound on `id`: still compatible with v2, so only the record can tell.
@@ -231,8 +218,8 @@ async fn a_version_edited_after_its_first_load_is_refused() {
     edited["properties"]["id"]["maxLength"] = json!(8);
     std::fs::write(&v1_path, edited.to_string())
         .unwrap_or_else(|e| panic!("{}: {e}", v1_path.display()));
-    let (running, log) = start_with_schemas(dir.path(), data.path()).await;
-    assert!(!running, "an edited version stops the start: {log}");
+    let (status, log) = start_with_schemas(dir.path(), data.path()).await;
+    assert_eq!(status, Some(1), "an edited version stops the start: {log}");
     let want = format!(
         "error: --schema-dir {}: changed since this sidecar first loaded it (`$id` {V1}",
         v1_path.display()

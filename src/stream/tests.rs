@@ -1399,9 +1399,14 @@ fn after_upstream_publishes_with_the_answers_values_then_passes_it_on() {
     );
     answer(&mut m, ACCEPTED, ACCEPTED_BODY);
     s.on_callout_response(&m, 3, ACCEPTED_BODY.len());
+    // The answer's body callbacks while waiting kept it held; none come after.
+    assert_answer_resumed(&m);
+}
+
+/// The upstream's answer went on, unchanged, after the sidecar accepted the event.
+fn assert_answer_resumed(m: &Mock) {
     assert_eq!(m.actions().last(), Some(&Effect::ResumeResponse));
     assert_eq!(m.counters(), [Counter::Accepted]);
-    // The answer's body callbacks while waiting kept it held; none come after.
     assert!(
         !m.actions()
             .iter()
@@ -1556,12 +1561,6 @@ fn after_upstream_events_wait_and_go_as_one_batch() {
     assert_eq!(answers.iter().map(|(c, _)| *c).collect::<Vec<_>>(), [2, 3]);
     for ((_, a), (m, s)) in answers.iter().zip(&mut streams[1..]) {
         s.on_answer(m, a);
-        assert_eq!(m.actions().last(), Some(&Effect::ResumeResponse));
-        assert_eq!(m.counters(), [Counter::Accepted]);
-        assert!(
-            !m.actions()
-                .iter()
-                .any(|e| matches!(e, Effect::Reply { .. }))
-        );
+        assert_answer_resumed(m);
     }
 }
