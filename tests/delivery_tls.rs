@@ -128,6 +128,19 @@ impl Pki {
     }
 }
 
+/// The sidecar with `toml` as its deliveries file, in the PKI's directory (where a relative
+/// `ca_file` or client certificate is read from).
+async fn sidecar_delivering(broker: &Broker, pki: &Pki, toml: &str) -> Sidecar {
+    let file = pki.path("deliveries.toml");
+    std::fs::write(&file, toml).unwrap();
+    let file = file.display().to_string();
+    Sidecar::start_with(
+        &broker.bootstrap(),
+        &["--deliveries-file", &file, "--push-fetch-wait-ms", "50"],
+    )
+    .await
+}
+
 /// A new P-256 key: quick to make.
 const EC_KEY: [&str; 4] = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1"];
 
@@ -242,27 +255,17 @@ async fn https_is_delivered_with_the_ca_file_and_dead_lettered_without() {
     // the deliveries file's directory, where the CA is. `wrongname` trusts the CA but asks
     // for `localhost`, which the certificate (IP 127.0.0.1 only) does not name.
     let port = base.rsplit(':').next().unwrap();
-    let file = pki.path("deliveries.toml");
-    std::fs::write(
-        &file,
-        format!(
-            "[[delivery]]\nname = \"trusted\"\ntopic = \"{topic}\"\nurl = \"{base}/trusted\"\n\
-             ca_file = \"ca.pem\"\n\n\
-             [[delivery]]\nname = \"untrusted\"\ntopic = \"{topic}\"\nurl = \"{base}/untrusted\"\n\
-             max_attempts = 3\ninitial_backoff_ms = 50\nmax_backoff_ms = 100\n\
-             dead_letter_topic = \"{dlq}\"\n\n\
-             [[delivery]]\nname = \"wrongname\"\ntopic = \"{topic}\"\n\
-             url = \"https://localhost:{port}/wrongname\"\nca_file = \"ca.pem\"\n\
-             max_attempts = 2\ninitial_backoff_ms = 50\nmax_backoff_ms = 100\n"
-        ),
-    )
-    .unwrap();
-    let file = file.display().to_string();
-    let sidecar = Sidecar::start_with(
-        &broker.bootstrap(),
-        &["--deliveries-file", &file, "--push-fetch-wait-ms", "50"],
-    )
-    .await;
+    let toml = format!(
+        "[[delivery]]\nname = \"trusted\"\ntopic = \"{topic}\"\nurl = \"{base}/trusted\"\n\
+         ca_file = \"ca.pem\"\n\n\
+         [[delivery]]\nname = \"untrusted\"\ntopic = \"{topic}\"\nurl = \"{base}/untrusted\"\n\
+         max_attempts = 3\ninitial_backoff_ms = 50\nmax_backoff_ms = 100\n\
+         dead_letter_topic = \"{dlq}\"\n\n\
+         [[delivery]]\nname = \"wrongname\"\ntopic = \"{topic}\"\n\
+         url = \"https://localhost:{port}/wrongname\"\nca_file = \"ca.pem\"\n\
+         max_attempts = 2\ninitial_backoff_ms = 50\nmax_backoff_ms = 100\n"
+    );
+    let sidecar = sidecar_delivering(&broker, &pki, &toml).await;
 
     let events = [
         ("a", "tls-1", "t.one", "s"),
@@ -513,23 +516,13 @@ async fn a_client_certificate_is_shown_to_a_service_that_requires_one() {
     broker.create_topic(&topic, 1).await;
 
     // `anonymous` trusts the server but shows no certificate: refused at every handshake.
-    let file = pki.path("deliveries.toml");
-    std::fs::write(
-        &file,
-        format!(
-            "[[delivery]]\nname = \"mtls\"\ntopic = \"{topic}\"\nurl = \"{base}/mtls\"\n\
-             ca_file = \"ca.pem\"\nclient_cert_file = \"client.pem\"\nclient_key_file = \"client.key\"\n\n\
-             [[delivery]]\nname = \"anonymous\"\ntopic = \"{topic}\"\nurl = \"{base}/anonymous\"\n\
-             ca_file = \"ca.pem\"\nmax_attempts = 2\ninitial_backoff_ms = 50\nmax_backoff_ms = 100\n"
-        ),
-    )
-    .unwrap();
-    let file = file.display().to_string();
-    let sidecar = Sidecar::start_with(
-        &broker.bootstrap(),
-        &["--deliveries-file", &file, "--push-fetch-wait-ms", "50"],
-    )
-    .await;
+    let toml = format!(
+        "[[delivery]]\nname = \"mtls\"\ntopic = \"{topic}\"\nurl = \"{base}/mtls\"\n\
+         ca_file = \"ca.pem\"\nclient_cert_file = \"client.pem\"\nclient_key_file = \"client.key\"\n\n\
+         [[delivery]]\nname = \"anonymous\"\ntopic = \"{topic}\"\nurl = \"{base}/anonymous\"\n\
+         ca_file = \"ca.pem\"\nmax_attempts = 2\ninitial_backoff_ms = 50\nmax_backoff_ms = 100\n"
+    );
+    let sidecar = sidecar_delivering(&broker, &pki, &toml).await;
     let events = [("a", "mtls-1", "t", "s"), ("b", "mtls-2", "t", "s")];
     produce_events(&broker.bootstrap(), &topic, &events).await;
 
