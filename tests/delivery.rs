@@ -651,6 +651,61 @@ async fn the_lag_counts_every_event_not_done_with_and_falls_to_zero() {
     .await;
 }
 
+// `ordering = "key"`: a retried event holds back only its own key; the other keys of its
+// partition go past it, each key still in order, and the commit reaches the end.
+#[tokio::test(flavor = "multi_thread")]
+async fn key_ordering_lets_other_keys_pass_a_retried_event() {
+    let broker = Broker::start().await;
+    let topic = topic("deliver-by-key");
+    broker.create_topic(&topic, 1).await;
+    let (svc, url) = service(&[("a-1", &[503, 503, 503])]).await;
+    let dir = tempfile::tempdir().unwrap();
+    let file = deliveries_file(
+        &dir,
+        &format!(
+            "[[delivery]]\nname = \"bykey\"\ntopic = \"{topic}\"\nurl = \"{url}\"\n\
+             ordering = \"key\"\ninitial_backoff_ms = 300\nmax_backoff_ms = 300\n"
+        ),
+    );
+    let _sidecar = sidecar(&broker, &file).await;
+    let events = [
+        ("a", "a-1", "t", "s"),
+        ("b", "b-1", "t", "s"),
+        ("a", "a-2", "t", "s"),
+        ("b", "b-2", "t", "s"),
+        ("c", "c-1", "t", "s"),
+    ];
+    produce_events(&broker.bootstrap(), &topic, &events).await;
+    wait_for(&svc, "a-2 delivered", |got| {
+        got.iter().any(|g| g.id == "a-2")
+    })
+    .await;
+    tokio::time::sleep(QUIET).await;
+
+    let got = svc.got();
+    let at =
+        |id: &str| -> Vec<Instant> { got.iter().filter(|g| g.id == id).map(|g| g.at).collect() };
+    assert_eq!(at("a-1").len(), 4, "three 503s, then delivered");
+    for id in ["b-1", "a-2", "b-2", "c-1"] {
+        assert_eq!(at(id).len(), 1, "{id} delivered once");
+    }
+    let a1_done = at("a-1")[3];
+    for id in ["b-1", "b-2", "c-1"] {
+        assert!(at(id)[0] < a1_done, "{id} waited for a-1 of another key");
+    }
+    assert!(at("b-1")[0] < at("b-2")[0], "b in order");
+    assert!(at("a-2")[0] > a1_done, "a-2 only after a-1 was done with");
+    // Commits are async: the last one may trail the last answer a little.
+    let committed = || {
+        let offsets = broker.committed_offsets("eventwire-delivery-bykey", &topic);
+        async move { offsets.get(&0) == Some(&5) }
+    };
+    wait_until("offset 5 (after all five) committed", WAIT, || {
+        tokio::task::block_in_place(committed)
+    })
+    .await;
+}
+
 /// Waits until the sidecar's log has `line` `times` times (a reload is done when it says so).
 async fn logged(sidecar: &Sidecar, line: &str, times: usize) {
     wait_until(&format!("{line:?} logged {times} times"), WAIT, || {

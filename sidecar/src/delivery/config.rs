@@ -21,6 +21,15 @@ pub enum ContentMode {
     Structured,
 }
 
+/// What a delivery keeps in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    /// A partition's events one at a time, in offset order.
+    Partition,
+    /// A key's events one at a time, in offset order; keys of a partition side by side.
+    Key,
+}
+
 /// One delivery subscription, checked.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Delivery {
@@ -28,6 +37,7 @@ pub struct Delivery {
     pub topic: String,
     pub url: String,
     pub content_mode: ContentMode,
+    pub ordering: Order,
     pub group: String,
     pub filter: Option<Filter>,
     pub timeout: Duration,
@@ -116,6 +126,7 @@ const FIELDS: &[&str] = &[
     "topic",
     "url",
     "content_mode",
+    "ordering",
     "group",
     "filter",
     "timeout_ms",
@@ -200,6 +211,7 @@ fn delivery(table: &Table, at: &str, dir: &Path) -> Result<Delivery, ConfigError
         client_identity: client_identity(table, at, dir, &url)?,
         url,
         content_mode: content_mode(table, at)?,
+        ordering: ordering(table, at)?,
         group,
         filter: filter(table, at)?,
         timeout: Duration::from_millis(int(
@@ -277,6 +289,17 @@ fn content_mode(table: &Table, at: &str) -> Result<ContentMode, ConfigError> {
         Some(_) => Err(err(
             format!("{at}.content_mode"),
             "must be \"binary\" or \"structured\"",
+        )),
+    }
+}
+
+fn ordering(table: &Table, at: &str) -> Result<Order, ConfigError> {
+    match string(table, at, "ordering")?.as_deref() {
+        None | Some("partition") => Ok(Order::Partition),
+        Some("key") => Ok(Order::Key),
+        Some(_) => Err(err(
+            format!("{at}.ordering"),
+            "must be \"partition\" or \"key\"",
         )),
     }
 }
@@ -523,6 +546,7 @@ url = "http://127.0.0.1:9000/orders"
         assert_eq!(d.url, "http://127.0.0.1:9000/orders");
         assert_eq!(d.group, "eventwire-delivery-payments");
         assert_eq!(d.content_mode, ContentMode::Binary);
+        assert_eq!(d.ordering, Order::Partition);
         assert_eq!(d.filter, None);
         assert_eq!(d.timeout, Duration::from_millis(10_000));
         assert_eq!(d.max_attempts, 8);
@@ -558,6 +582,7 @@ reply_topic_by_type = { "com.example.payment.failed" = "payments.failed" }"#,
         let d = &parse_text(&with(
             r#"group = "g1"
 content_mode = "structured"
+ordering = "key"
 timeout_ms = 500
 max_attempts = 3
 initial_backoff_ms = 10
@@ -570,6 +595,7 @@ filter = { prefix = { type = "com.example." } }"#,
         .unwrap()[0];
         assert_eq!(d.group, "g1");
         assert_eq!(d.content_mode, ContentMode::Structured);
+        assert_eq!(d.ordering, Order::Key);
         assert_eq!(d.timeout, Duration::from_millis(500));
         assert_eq!(d.max_attempts, 3);
         assert_eq!(d.initial_backoff, Duration::from_millis(10));
@@ -696,6 +722,10 @@ filter = { prefix = { type = "com.example." } }"#,
             (
                 MINIMAL.replace("http://", "https://") + "client_key_file = \"c.key\"\n",
                 "delivery[0].client_cert_file: missing: client_key_file needs its certificate",
+            ),
+            (
+                with("ordering = \"offset\""),
+                "delivery[0].ordering: must be \"partition\" or \"key\"",
             ),
             (
                 with("client_cert_file = \"c.pem\"\nclient_key_file = \"c.key\""),

@@ -6,6 +6,7 @@
 //! `reload` follows the file while the sidecar runs.
 
 pub mod config;
+pub mod keyorder;
 pub mod policy;
 pub mod reload;
 pub mod reply;

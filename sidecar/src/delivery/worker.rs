@@ -27,7 +27,8 @@ use thiserror::Error;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 
-use super::config::Delivery;
+use super::config::{Delivery, Order};
+use super::keyorder::{Key, KeyOrder};
 use super::policy::{Outcome, RetryPolicy, Verdict, retry_after};
 use super::reply::{self, Original};
 use super::request::{self, HttpDelivery};
@@ -452,7 +453,10 @@ fn start_lane(
         if let Some(previous) = previous {
             let _ = previous.await;
         }
-        run_lane(ctx, rx, revoked, stop).await;
+        match ctx.delivery.ordering {
+            Order::Partition => run_lane(ctx, rx, revoked, stop).await,
+            Order::Key => run_lane_by_key(ctx, rx, revoked, stop).await,
+        }
     })
 }
 
@@ -479,19 +483,85 @@ async fn run_lane(
         if !handle(&ctx, &message, &mut stop).await {
             return;
         }
-        let (partition, next) = (message.partition(), message.offset() + 1);
-        // Async: a lost commit only means a redelivery; the sync commit at the end catches up.
-        if ctx.owned().done(partition, &revoked, next) {
-            let topic = &ctx.delivery.topic;
-            commit_offsets(
-                &ctx.consumer,
-                ctx.name(),
-                topic,
-                &[(partition, next)],
-                CommitMode::Async,
-            );
+        commit_done(&ctx, message.partition(), message.offset() + 1, &revoked);
+    }
+}
+
+/// Records `next` as the partition's offset to commit and commits it, unless the lane lost
+/// the partition. Async: a lost commit only means a redelivery; the sync commit at the end
+/// catches up.
+fn commit_done(ctx: &Ctx, partition: i32, next: i64, revoked: &AtomicBool) {
+    if ctx.owned().done(partition, revoked, next) {
+        let topic = &ctx.delivery.topic;
+        commit_offsets(
+            &ctx.consumer,
+            ctx.name(),
+            topic,
+            &[(partition, next)],
+            CommitMode::Async,
+        );
+    }
+}
+
+/// One partition with `ordering = "key"`: each key's events one at a time, in order, keys
+/// side by side (`keyorder`), at most a lane's capacity of events taken in at once; the
+/// commit follows the lowest offset not yet done with.
+async fn run_lane_by_key(
+    ctx: Arc<Ctx>,
+    mut rx: mpsc::Receiver<OwnedMessage>,
+    revoked: Arc<AtomicBool>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut order: KeyOrder<OwnedMessage> = KeyOrder::new();
+    let mut running: tokio::task::JoinSet<(OwnedMessage, bool)> = tokio::task::JoinSet::new();
+    let stop_tasks = stop.clone();
+    let start = |running: &mut tokio::task::JoinSet<_>, message: OwnedMessage| {
+        let (ctx, mut stop) = (ctx.clone(), stop_tasks.clone());
+        running.spawn(async move {
+            let done = handle(&ctx, &message, &mut stop).await;
+            (message, done)
+        });
+    };
+    // Once stopped, revoked or closed: nothing new starts; what runs finishes.
+    let mut ending = false;
+    loop {
+        tokio::select! {
+            biased;
+            _ = stopped(&mut stop), if !ending => ending = true,
+            joined = running.join_next(), if !running.is_empty() => {
+                let Some(Ok((message, done))) = joined else { continue };
+                // Not done (stopped while waiting to retry): left uncommitted.
+                if !done {
+                    ending = true;
+                    continue;
+                }
+                let (next, commit) = order.done(message.offset(), &key_of(&message));
+                if let Some(commit) = commit {
+                    commit_done(&ctx, message.partition(), commit, &revoked);
+                }
+                ending |= revoked.load(Ordering::Acquire);
+                if let (false, Some(next)) = (ending, next) {
+                    start(&mut running, next);
+                }
+            }
+            received = rx.recv(), if !ending && order.len() < LANE_CAPACITY => match received {
+                Some(message) if !revoked.load(Ordering::Acquire) => {
+                    let (offset, key) = (message.offset(), key_of(&message));
+                    if let Some(message) = order.admit(offset, key, message) {
+                        start(&mut running, message);
+                    }
+                }
+                _ => ending = true,
+            },
+        }
+        if ending && running.is_empty() {
+            return;
         }
     }
+}
+
+fn key_of(message: &OwnedMessage) -> Key {
+    message.key().map(<[u8]>::to_vec)
 }
 
 /// Resolves once `stop` is true (at once if it already is).
