@@ -427,10 +427,13 @@ async fn redacted_fields_never_reach_kafka_and_hashes_stay_joinable() {
         ]
         .concat();
         let raw = String::from_utf8_lossy(&raw);
+        // As they would leak (the field, a quoted value, the whole phone number): a bare
+        // "737" turns up in random trace ids and event ids now and then.
         for secret in [
             "4111111111111111",
-            "737",
-            "1234567",
+            "cvc",
+            "\"737\"",
+            "+49 30 1234567",
             "example.com",
             "birthday",
         ] {
